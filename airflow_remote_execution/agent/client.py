@@ -1,0 +1,142 @@
+"""HTTP client for the Remote Execution API: the agent's only way to talk to the plane.
+
+``requests`` with urllib3 retries for connection failures and 502/503/504, ``HTTPS_PROXY`` /
+``NO_PROXY`` from the environment, a custom CA bundle and a client certificate. The token is sent
+only in the Authorization header and never logged or shown in ``repr``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from airflow_remote_execution import config
+from airflow_remote_execution.protocol import (
+    HeartbeatRequest,
+    HeartbeatResponse,
+    Lease,
+    LeaseRequest,
+    LeaseResponse,
+    RegisterRequest,
+    RegisterResponse,
+    WorkState,
+)
+
+log = logging.getLogger(__name__)
+
+
+class PlaneError(Exception):
+    """The plane answered with an error; ``status`` is the HTTP status (0: not reachable)."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(f"{status}: {detail}" if status else detail)
+        self.status = status
+        self.detail = detail
+
+    @property
+    def retryable(self) -> bool:
+        return self.status == 0 or self.status >= 500 or self.status == 429
+
+
+class LeaseLost(PlaneError):
+    """409: the work is no longer this agent's (another lease, stale fence, revoked)."""
+
+
+class PlaneClient:
+    def __init__(
+        self,
+        api_url: str,
+        token: str,
+        *,
+        ca_bundle: str = "",
+        client_cert: str = "",
+        client_key: str = "",
+        timeout: float = 30.0,
+    ) -> None:
+        self.base = api_url.rstrip("/") + config.API_V1
+        self.timeout = timeout
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {token}"
+        self.http.headers["User-Agent"] = "airflow-remote-execution-agent"
+        if ca_bundle:
+            self.http.verify = ca_bundle
+        if client_cert:
+            self.http.cert = (client_cert, client_key) if client_key else client_cert
+        retry = Retry(
+            total=3,
+            connect=3,
+            read=0,
+            status=3,
+            status_forcelist=(502, 503, 504),
+            allowed_methods=None,
+            backoff_factor=0.2,
+            backoff_max=2.0,
+            raise_on_status=False,
+        )
+        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=32)
+        self.http.mount("http://", adapter)
+        self.http.mount("https://", adapter)
+
+    @classmethod
+    def from_config(cls) -> PlaneClient:
+        return cls(
+            config.get("api_url"),
+            config.agent_token(),
+            ca_bundle=config.get("ca_bundle"),
+            client_cert=config.get("client_cert"),
+            client_key=config.get("client_key"),
+            timeout=config.getfloat("request_timeout"),
+        )
+
+    def __repr__(self) -> str:
+        return f"PlaneClient({self.base!r})"
+
+    def _post(self, path: str, body, timeout: float | None = None) -> dict:
+        try:
+            response = self.http.post(
+                self.base + path,
+                data=body.model_dump_json() if body is not None else "{}",
+                headers={"Content-Type": "application/json"},
+                timeout=timeout or self.timeout,
+            )
+        except requests.RequestException as e:
+            raise PlaneError(0, f"Plane not reachable at {self.base}: {type(e).__name__}") from None
+        if response.status_code < 300:
+            return response.json()
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text[:500]
+        if not isinstance(detail, str):
+            detail = str(detail)
+        if response.status_code == 409:
+            raise LeaseLost(409, detail)
+        raise PlaneError(response.status_code, detail)
+
+    def register(self, req: RegisterRequest) -> RegisterResponse:
+        return RegisterResponse.model_validate(self._post("/agents/register", req))
+
+    def heartbeat(self, req: HeartbeatRequest) -> HeartbeatResponse:
+        return HeartbeatResponse.model_validate(self._post("/agents/heartbeat", req))
+
+    def lease(self, slots: int, wait: float) -> list[Lease]:
+        data = self._post("/leases", LeaseRequest(slots=slots, wait=wait), timeout=wait + self.timeout)
+        return LeaseResponse.model_validate(data).leases
+
+    def start(self, work_id: int, fence: int) -> None:
+        from airflow_remote_execution.protocol import FencedRequest
+
+        self._post(f"/work/{work_id}/start", FencedRequest(fence=fence))
+
+    def finish(self, work_id: int, fence: int, outcome: WorkState, info: str | None = None) -> None:
+        from airflow_remote_execution.protocol import FinishRequest
+
+        self._post(f"/work/{work_id}/finish", FinishRequest(fence=fence, outcome=outcome, info=info))
+
+    def release(self, work_id: int, fence: int) -> None:
+        from airflow_remote_execution.protocol import FencedRequest
+
+        self._post(f"/work/{work_id}/release", FencedRequest(fence=fence))

@@ -1,0 +1,294 @@
+"""
+The agent worker: long-polls the plane for work and runs each workload with Airflow's own
+supervisors (``BaseExecutor.run_workload`` -> Task SDK) in a forked process of its own.
+
+Threads: the *poller* leases work when slots are free and starts it only after the plane
+confirms the lease; the *heartbeater* reports running work and kills what the plane says is no
+longer ours; one *reaper* per workload reports its outcome (retrying until the plane answers).
+The main thread waits for SIGTERM/SIGINT, then drains: no new leases, running work may finish
+within ``shutdown_timeout``, the rest is terminated.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from airflow_remote_execution import __version__
+from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneError
+from airflow_remote_execution.protocol import HeartbeatRequest, Lease, RegisterRequest, WorkState
+
+log = logging.getLogger("airflow_remote_execution.agent")
+
+
+def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    """Capped exponential backoff with full jitter."""
+    return random.uniform(0, min(cap, base * 2**attempt))
+
+
+def _run_workload(workload_json: str, server: str) -> None:
+    """Body of the forked workload process."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.setpgrp()  # the agent kills the whole group: supervisor and task
+    from pydantic import TypeAdapter
+
+    from airflow.executors import workloads
+    from airflow.executors.base_executor import BaseExecutor
+
+    workload = TypeAdapter(workloads.ExecutorWorkload).validate_json(workload_json)
+    code = BaseExecutor.run_workload(
+        workload, server=server, proctitle=f"airflow remote-execution agent: {workload.display_name}"
+    )
+    sys.exit(code or 0)
+
+
+@dataclass
+class Running:
+    lease: Lease
+    process: multiprocessing.process.BaseProcess
+    started: float = field(default_factory=time.monotonic)
+    killed: bool = False
+
+
+class AgentWorker:
+    def __init__(
+        self,
+        client: PlaneClient,
+        *,
+        concurrency: int,
+        queues: list[str] | None,
+        execution_api_url: str,
+        shutdown_timeout: float = 300.0,
+        hostname: str | None = None,
+    ) -> None:
+        self.client = client
+        self.concurrency = concurrency
+        self.queues = queues or None
+        self.execution_api_url = execution_api_url
+        self.shutdown_timeout = shutdown_timeout
+        self.hostname = hostname or socket.getfqdn()
+        self.running: dict[int, Running] = {}
+        self.lock = threading.Lock()
+        self.slot_freed = threading.Event()
+        self.stopping = threading.Event()
+        self.heartbeat_interval = 5.0
+        self.long_poll_wait = 20.0
+        self.name = "?"
+        self._ctx = multiprocessing.get_context("fork")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def register(self) -> None:
+        from importlib.metadata import version
+
+        req = RegisterRequest(
+            queues=self.queues,
+            concurrency=self.concurrency,
+            hostname=self.hostname,
+            versions={
+                "airflow": version("apache-airflow-core"),
+                "airflow-remote-execution": __version__,
+                "python": sys.version.split()[0],
+            },
+        )
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                reply = self.client.register(req)
+                break
+            except PlaneError as e:
+                if not e.retryable:
+                    raise SystemExit(f"Agent registration refused: {e.detail}") from None
+                delay = backoff(attempt)
+                log.warning("Plane unreachable (%s); retrying registration in %.1fs", e.detail, delay)
+                attempt += 1
+                self.stopping.wait(delay)
+        else:
+            return
+        self.name = reply.name
+        self.queues = reply.queues
+        self.heartbeat_interval = reply.heartbeat_interval
+        self.long_poll_wait = reply.long_poll_wait
+        log.info(
+            "Agent %s registered: queues=%s concurrency=%d plane=%s",
+            self.name, ",".join(self.queues), self.concurrency, self.client.base,
+        )
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the process exit code."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        self._preload()
+        self.register()
+        threads = [
+            threading.Thread(target=self._poll_loop, name="poller", daemon=True),
+            threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        while not self.stopping.wait(0.5):
+            pass
+        return self._drain()
+
+    def _drain(self) -> int:
+        log.info("Stopping: no new work; waiting up to %ss for %d running", self.shutdown_timeout, len(self.running))
+        self._send_heartbeat(draining=True)
+        deadline = time.monotonic() + self.shutdown_timeout
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with self.lock:
+            leftover = list(self.running.values())
+        for run in leftover:
+            log.warning("Terminating work %s after shutdown timeout", run.lease.work_id)
+            self._kill(run)
+        end = time.monotonic() + 15
+        while self.running and time.monotonic() < end:
+            time.sleep(0.2)
+        self._send_heartbeat(draining=True, offline=True)
+        log.info("Agent %s stopped", self.name)
+        return 0
+
+    @staticmethod
+    def _preload() -> None:
+        """Import what workloads need before forking, so each fork starts in milliseconds."""
+        import airflow.executors.base_executor  # noqa: F401
+        import airflow.executors.workloads  # noqa: F401
+        import airflow.sdk.execution_time.supervisor  # noqa: F401
+        import airflow.sdk.execution_time.task_runner  # noqa: F401
+
+    # ------------------------------------------------------------------ leasing
+
+    def free_slots(self) -> int:
+        with self.lock:
+            return max(0, self.concurrency - len(self.running))
+
+    def _poll_loop(self) -> None:
+        attempt = 0
+        while not self.stopping.is_set():
+            free = self.free_slots()
+            if free == 0:
+                self.slot_freed.wait(1.0)
+                self.slot_freed.clear()
+                continue
+            try:
+                leases = self.client.lease(free, self.long_poll_wait)
+                attempt = 0
+            except PlaneError as e:
+                if e.status == 409:  # plane forgot us (e.g. agent row removed): register again
+                    self.register()
+                    continue
+                delay = backoff(attempt)
+                attempt += 1
+                log.warning("Lease request failed (%s); retrying in %.1fs", e.detail, delay)
+                self.stopping.wait(delay)
+                continue
+            for lease in leases:
+                self._start(lease)
+
+    def _start(self, lease: Lease) -> None:
+        if self.stopping.is_set():
+            try:
+                self.client.release(lease.work_id, lease.fence)
+            except PlaneError as e:
+                log.warning("Could not release work %s: %s", lease.work_id, e.detail)
+            return
+        try:
+            self.client.start(lease.work_id, lease.fence)
+        except PlaneError as e:
+            log.warning("Not starting work %s: %s", lease.work_id, e.detail)
+            return
+        import json
+
+        process = self._ctx.Process(
+            target=_run_workload,
+            args=(json.dumps(lease.workload), self.execution_api_url),
+            name=f"workload-{lease.work_id}",
+        )
+        process.start()
+        run = Running(lease=lease, process=process)
+        with self.lock:
+            self.running[lease.work_id] = run
+        log.info("Started work %s (%s) pid=%s", lease.work_id, lease.kind, process.pid)
+        threading.Thread(target=self._reap, args=(run,), name=f"reaper-{lease.work_id}", daemon=True).start()
+
+    def _reap(self, run: Running) -> None:
+        run.process.join()
+        code = run.process.exitcode
+        outcome = WorkState.SUCCESS if code == 0 else WorkState.FAILED
+        info = None if code == 0 else (f"killed by signal {-code}" if code and code < 0 else f"exit code {code}")
+        log.info("Work %s finished: %s%s", run.lease.work_id, outcome.value, f" ({info})" if info else "")
+        attempt = 0
+        while True:
+            try:
+                self.client.finish(run.lease.work_id, run.lease.fence, outcome, info)
+                break
+            except LeaseLost as e:
+                log.warning("Outcome of work %s not accepted: %s", run.lease.work_id, e.detail)
+                break
+            except PlaneError as e:
+                if not e.retryable:
+                    log.error("Outcome of work %s rejected: %s", run.lease.work_id, e.detail)
+                    break
+                delay = backoff(attempt)
+                attempt += 1
+                time.sleep(delay)
+        with self.lock:
+            self.running.pop(run.lease.work_id, None)
+        self.slot_freed.set()
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def _send_heartbeat(self, draining: bool = False, offline: bool = False) -> None:
+        with self.lock:
+            running = list(self.running)
+        try:
+            reply = self.client.heartbeat(
+                HeartbeatRequest(running=running, free_slots=self.free_slots(), draining=draining, offline=offline)
+            )
+        except PlaneError as e:
+            log.warning("Heartbeat failed: %s", e.detail)
+            return
+        self.heartbeat_interval = reply.heartbeat_interval
+        for work_id in reply.kill:
+            with self.lock:
+                run = self.running.get(work_id)
+            if run is not None:
+                log.warning("Plane took work %s away; killing it", work_id)
+                self._kill(run)
+        if reply.drain and not draining:
+            log.info("Plane asked this agent to drain")
+            self.stopping.set()
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stopping.wait(self.heartbeat_interval):
+            self._send_heartbeat()
+
+    @staticmethod
+    def _kill(run: Running) -> None:
+        if run.killed or run.process.pid is None:
+            return
+        run.killed = True
+        pid = run.process.pid
+
+        def _terminate() -> None:
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                return
+            run.process.join(10)
+            if run.process.exitcode is None:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+        threading.Thread(target=_terminate, daemon=True).start()

@@ -1,0 +1,101 @@
+"""Agent registry on the plane: registration, heartbeats and listing. Identity comes from the token."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from airflow.utils import timezone
+
+from airflow_remote_execution import config, leases
+from airflow_remote_execution.models import AgentModel, AgentTokenModel
+from airflow_remote_execution.protocol import (
+    AgentInfo,
+    AgentState,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    RegisterRequest,
+)
+
+
+class AgentForbidden(Exception):
+    """The token does not allow what the agent asked for (name or queues)."""
+
+
+class AgentNotRegistered(Exception):
+    """The token's agent has not registered yet."""
+
+
+def register(session: Session, token: AgentTokenModel, req: RegisterRequest) -> AgentModel:
+    if req.name is not None and req.name != token.agent_name:
+        raise AgentForbidden(
+            f"Token {token.id} belongs to agent {token.agent_name!r}, not {req.name!r}: "
+            "use that agent's own token"
+        )
+    allowed = list(token.queues)
+    queues = sorted(set(req.queues)) if req.queues else allowed
+    outside = sorted(set(queues) - set(allowed))
+    if outside:
+        raise AgentForbidden(
+            f"Queue(s) {', '.join(outside)} are outside token {token.id}'s queues ({', '.join(allowed)}); "
+            "create a token with those queues or drop them from [remote_execution] queues"
+        )
+    now = timezone.utcnow()
+    agent = session.scalar(select(AgentModel).where(AgentModel.name == token.agent_name))
+    if agent is None:
+        agent = AgentModel(name=token.agent_name, registered_at=now, versions={})
+        session.add(agent)
+    agent.state = AgentState.ACTIVE.value
+    agent.queues = queues
+    agent.concurrency = req.concurrency
+    agent.free_slots = req.concurrency
+    agent.hostname = req.hostname
+    agent.versions = dict(req.versions)
+    agent.token_id = token.id
+    agent.registered_at = now
+    agent.last_heartbeat_at = now
+    session.flush()
+    return agent
+
+
+def for_token(session: Session, token: AgentTokenModel) -> AgentModel:
+    agent = session.scalar(select(AgentModel).where(AgentModel.name == token.agent_name))
+    if agent is None:
+        raise AgentNotRegistered(f"Agent {token.agent_name!r} is not registered: POST /agents/register first")
+    return agent
+
+
+def heartbeat(session: Session, agent: AgentModel, req: HeartbeatRequest) -> HeartbeatResponse:
+    agent.last_heartbeat_at = timezone.utcnow()
+    agent.free_slots = req.free_slots
+    if agent.state == AgentState.LOST.value:
+        agent.state = AgentState.ACTIVE.value
+    if req.draining and agent.state == AgentState.ACTIVE.value:
+        agent.state = AgentState.DRAINING.value
+    if req.offline:
+        agent.state = AgentState.OFFLINE.value
+    return HeartbeatResponse(
+        heartbeat_interval=config.getfloat("heartbeat_interval"),
+        kill=leases.not_owned(session, agent, req.running),
+        drain=agent.state == AgentState.DRAINING.value,
+    )
+
+
+def list_agents(session: Session) -> list[AgentInfo]:
+    counts = leases.running_counts(session)
+    return [
+        AgentInfo(
+            id=a.id,
+            name=a.name,
+            state=a.state,
+            queues=list(a.queues),
+            concurrency=a.concurrency,
+            free_slots=a.free_slots,
+            running=counts.get(a.id, 0),
+            hostname=a.hostname,
+            versions=dict(a.versions or {}),
+            registered_at=a.registered_at,
+            last_heartbeat_at=a.last_heartbeat_at,
+        )
+        for a in session.scalars(select(AgentModel).order_by(AgentModel.name))
+    ]

@@ -1,0 +1,98 @@
+"""Admin routes for operators and the UI; guarded by Airflow's own auth manager."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from airflow.api_fastapi.auth.managers.models.resource_details import AccessView
+from airflow.api_fastapi.core_api.security import requires_access_configuration, requires_access_view
+from airflow.utils.session import create_session
+
+from airflow_remote_execution import agents, tokens
+from airflow_remote_execution.models import WorkItemModel
+from airflow_remote_execution.protocol import (
+    AgentInfo,
+    TokenCreated,
+    TokenCreateRequest,
+    TokenInfo,
+    WorkItemInfo,
+)
+
+admin_router = APIRouter(tags=["Admin"])
+_read = [Depends(requires_access_view(access_view=AccessView.JOBS))]
+_tokens_read = [Depends(requires_access_configuration("GET"))]
+_tokens_write = [Depends(requires_access_configuration("PUT"))]
+
+
+@admin_router.get("/agents", response_model=list[AgentInfo], dependencies=_read)
+async def list_agents() -> list[AgentInfo]:
+    def run():
+        with create_session() as session:
+            return agents.list_agents(session)
+
+    return await run_in_threadpool(run)
+
+
+@admin_router.get("/work", response_model=list[WorkItemInfo], dependencies=_read)
+async def list_work(
+    state: str | None = None,
+    dag_id: str | None = None,
+    run_id: str | None = None,
+    limit: int = Query(default=500, ge=1, le=10_000),
+) -> list[WorkItemInfo]:
+    """Work items, newest first; ``key`` is ``["ti", dag_id, task_id, run_id, map_index, try]`` for tasks."""
+
+    def run():
+        with create_session() as session:
+            query = select(WorkItemModel).order_by(WorkItemModel.id.desc()).limit(limit)
+            if state:
+                query = query.where(WorkItemModel.state == state)
+            rows = list(session.scalars(query))
+            out = []
+            for r in rows:
+                if dag_id and (r.key[0] != "ti" or r.key[1] != dag_id):
+                    continue
+                if run_id and (r.key[0] != "ti" or r.key[3] != run_id):
+                    continue
+                out.append(WorkItemInfo.model_validate(r, from_attributes=True))
+            return out
+
+    return await run_in_threadpool(run)
+
+
+@admin_router.get("/tokens", response_model=list[TokenInfo], dependencies=_tokens_read)
+async def list_tokens(agent_name: str | None = None) -> list[TokenInfo]:
+    def run():
+        with create_session() as session:
+            return [tokens.to_info(t) for t in tokens.list_tokens(session, agent_name)]
+
+    return await run_in_threadpool(run)
+
+
+@admin_router.post("/tokens", response_model=TokenCreated, status_code=201, dependencies=_tokens_write)
+async def create_token(body: TokenCreateRequest) -> TokenCreated:
+    """Create an agent token. The clear token is in this response only."""
+
+    def run():
+        with create_session() as session:
+            clear, row = tokens.create(
+                session,
+                agent_name=body.agent_name,
+                queues=body.queues,
+                expires_in=body.expires_in,
+                description=body.description,
+            )
+            return TokenCreated(token=clear, info=tokens.to_info(row))
+
+    return await run_in_threadpool(run)
+
+
+@admin_router.delete("/tokens/{token_id}", response_model=TokenInfo, dependencies=_tokens_write)
+async def revoke_token(token_id: str) -> TokenInfo:
+    def run():
+        with create_session() as session:
+            return tokens.to_info(tokens.revoke(session, token_id))
+
+    return await run_in_threadpool(run)

@@ -1,0 +1,166 @@
+"""Routes agents call. Each resolves the agent from its bearer token; nothing else identifies it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+from fastapi import APIRouter, Header, Request
+from starlette.concurrency import run_in_threadpool
+
+from airflow.utils.session import create_session
+
+from airflow_remote_execution import agents, config, leases, tokens
+from airflow_remote_execution.models import AgentModel, AgentTokenModel, WorkItemModel
+from airflow_remote_execution.protocol import (
+    FencedRequest,
+    FinishRequest,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    Lease,
+    LeaseRequest,
+    LeaseResponse,
+    Problem,
+    RegisterRequest,
+    RegisterResponse,
+    WorkStateResponse,
+)
+from airflow_remote_execution.wakeup import waker
+
+T = TypeVar("T")
+Authorization = Annotated[str | None, Header(description="Bearer <agent token>")]
+ERRORS = {
+    401: {"model": Problem, "description": "Token missing, malformed, unknown, expired or revoked"},
+    403: {"model": Problem, "description": "The token does not allow this"},
+    409: {"model": Problem, "description": "Not this agent's lease, stale fence, or not registered"},
+}
+agent_router = APIRouter(tags=["Agent"], responses=ERRORS)
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise tokens.TokenError("Malformed Authorization header: expected 'Bearer <agent token>'")
+    return value.strip()
+
+
+def _as_agent(authorization: str | None, fn: Callable[..., T]) -> Callable[[], T]:
+    """Run ``fn(session, token_row, agent_row)`` in one transaction for the token's agent."""
+
+    def run() -> T:
+        with create_session() as session:
+            token = tokens.verify(session, _bearer(authorization))
+            agent = agents.for_token(session, token)
+            return fn(session, token, agent)
+
+    return run
+
+
+def _lease_view(item: WorkItemModel) -> Lease:
+    import json
+
+    return Lease(work_id=item.id, fence=item.fence, kind=item.kind, queue=item.queue, workload=json.loads(item.workload))
+
+
+@agent_router.post("/agents/register", response_model=RegisterResponse)
+async def register(body: RegisterRequest, authorization: Authorization = None) -> RegisterResponse:
+    """Register (or re-register) the token's agent with its queues, concurrency and versions."""
+
+    def run() -> RegisterResponse:
+        with create_session() as session:
+            token = tokens.verify(session, _bearer(authorization))
+            agent = agents.register(session, token, body)
+            return RegisterResponse(
+                agent_id=agent.id,
+                name=agent.name,
+                queues=list(agent.queues),
+                heartbeat_interval=config.getfloat("heartbeat_interval"),
+                long_poll_wait=config.getfloat("long_poll_wait"),
+            )
+
+    return await run_in_threadpool(run)
+
+
+@agent_router.post("/agents/heartbeat", response_model=HeartbeatResponse)
+async def heartbeat(body: HeartbeatRequest, authorization: Authorization = None) -> HeartbeatResponse:
+    """Report liveness and running work; the answer lists work to kill and whether to drain."""
+    return await run_in_threadpool(_as_agent(authorization, lambda s, _t, a: agents.heartbeat(s, a, body)))
+
+
+@agent_router.post("/leases", response_model=LeaseResponse)
+async def lease(body: LeaseRequest, request: Request, authorization: Authorization = None) -> LeaseResponse:
+    """
+    Long-poll for work: returns as soon as work for the agent's queues is queued (up to ``slots``
+    items), or empty after ``wait`` seconds (capped by ``[remote_execution] long_poll_wait``).
+    """
+    wait = min(body.wait, config.getfloat("long_poll_wait"))
+    confirm_timeout = config.getfloat("lease_confirm_timeout")
+
+    def who(_s, token: AgentTokenModel, agent: AgentModel) -> list[str]:
+        return [q for q in agent.queues if q in token.queues]
+
+    queues = await run_in_threadpool(_as_agent(authorization, who))
+
+    def take(session, _t, agent: AgentModel) -> list[Lease]:
+        if agent.state != "active":
+            return []
+        return [_lease_view(i) for i in leases.lease(session, agent, queues, body.slots, confirm_timeout)]
+
+    deadline = time.monotonic() + wait
+    while True:
+        event = waker.arm(queues)
+        try:
+            if await request.is_disconnected():
+                return LeaseResponse(leases=[])
+            found = await run_in_threadpool(_as_agent(authorization, take))
+            remaining = deadline - time.monotonic()
+            if found or remaining <= 0:
+                return LeaseResponse(leases=found)
+            try:
+                await _wait(event, min(remaining, 1.0))
+            except TimeoutError:
+                pass
+        finally:
+            waker.disarm(event)
+
+
+async def _wait(event, timeout: float) -> None:
+    import asyncio
+
+    await asyncio.wait_for(event.wait(), timeout)
+
+
+@agent_router.post("/work/{work_id}/start", response_model=WorkStateResponse)
+async def start(work_id: int, body: FencedRequest, authorization: Authorization = None) -> WorkStateResponse:
+    """Confirm the lease is still this agent's before starting; 409 means: do not start."""
+
+    def run(session, _t, agent):
+        item = leases.confirm_start(session, agent, work_id, body.fence)
+        return WorkStateResponse(work_id=item.id, state=item.state, fence=item.fence)
+
+    return await run_in_threadpool(_as_agent(authorization, run))
+
+
+@agent_router.post("/work/{work_id}/finish", response_model=WorkStateResponse)
+async def finish(work_id: int, body: FinishRequest, authorization: Authorization = None) -> WorkStateResponse:
+    """Report the outcome of work this agent ran under the given fence."""
+
+    def run(session, _t, agent):
+        item = leases.finish(session, agent, work_id, body.fence, body.outcome, body.info)
+        return WorkStateResponse(work_id=item.id, state=item.state, fence=item.fence)
+
+    return await run_in_threadpool(_as_agent(authorization, run))
+
+
+@agent_router.post("/work/{work_id}/release", response_model=WorkStateResponse)
+async def release(work_id: int, body: FencedRequest, authorization: Authorization = None) -> WorkStateResponse:
+    """Hand back leased work the agent will not start; it is queued for other agents at once."""
+
+    def run(session, _t, agent):
+        item = leases.release(session, agent, work_id, body.fence)
+        return WorkStateResponse(work_id=item.id, state=item.state, fence=item.fence)
+
+    return await run_in_threadpool(_as_agent(authorization, run))

@@ -1,0 +1,92 @@
+"""Plane-side CLI commands: they use the metadata DB directly, like ``airflow users`` does."""
+
+from __future__ import annotations
+
+import sys
+
+from airflow.cli.simple_table import AirflowConsole
+from airflow.utils.providers_configuration_loader import providers_configuration_loaded
+from airflow.utils.session import create_session
+
+from airflow_remote_execution import agents, config, tokens
+
+
+def _print(rows: list[dict], output: str | None) -> None:
+    AirflowConsole().print_as(data=rows, output=output or "table")
+
+
+@providers_configuration_loaded
+def tokens_create(args) -> None:
+    try:
+        with create_session() as session:
+            clear, row = tokens.create(
+                session,
+                agent_name=args.name,
+                queues=config.split_list(args.queues),
+                expires_in=args.expires_in,
+                description=args.description,
+            )
+            info = tokens.to_info(row)
+    except ValueError as e:
+        raise SystemExit(f"Error: {e}")
+    if args.output == "json":
+        import json
+
+        print(json.dumps({"token": clear, **info.model_dump(mode="json")}))
+        return
+    print(clear)
+    print(
+        f"Token {info.id} for agent {info.agent_name!r}, queues {','.join(info.queues)}, "
+        f"expires {info.expires_at.isoformat() if info.expires_at else 'never'}. "
+        "It is shown only now: store it in the agent's secret store.",
+        file=sys.stderr,
+    )
+
+
+@providers_configuration_loaded
+def tokens_list(args) -> None:
+    with create_session() as session:
+        rows = [tokens.to_info(t).model_dump(mode="json") for t in tokens.list_tokens(session, args.agent_name)]
+    for row in rows:
+        row["queues"] = ",".join(row["queues"])
+    _print(rows, args.output)
+
+
+@providers_configuration_loaded
+def tokens_revoke(args) -> None:
+    try:
+        with create_session() as session:
+            row = tokens.revoke(session, args.token_id)
+            print(f"Token {row.id} of agent {row.agent_name!r} revoked at {row.revoked_at.isoformat()}")
+    except LookupError as e:
+        raise SystemExit(f"Error: {e.args[0]}")
+
+
+@providers_configuration_loaded
+def agents_list(args) -> None:
+    with create_session() as session:
+        rows = [a.model_dump(mode="json") for a in agents.list_agents(session)]
+    for row in rows:
+        row["queues"] = ",".join(row["queues"])
+        row.pop("versions", None)
+    _print(rows, args.output)
+
+
+@providers_configuration_loaded
+def work_list(args) -> None:
+    from sqlalchemy import select
+
+    from airflow_remote_execution.models import WorkItemModel
+    from airflow_remote_execution.protocol import WorkItemInfo
+
+    with create_session() as session:
+        query = select(WorkItemModel).order_by(WorkItemModel.id.desc()).limit(args.limit)
+        if args.state:
+            query = query.where(WorkItemModel.state == args.state)
+        rows = [
+            WorkItemInfo.model_validate(r, from_attributes=True).model_dump(mode="json")
+            for r in session.scalars(query)
+        ]
+    for row in rows:
+        row["key"] = "/".join(str(k) for k in row["key"][1:])
+    _print(rows, args.output)

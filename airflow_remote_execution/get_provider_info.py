@@ -1,0 +1,134 @@
+"""Provider info: how Airflow discovers our executor, plugin, CLI, DB manager and config section."""
+
+from __future__ import annotations
+
+
+def _opt(description: str, type_: str, default: str | None, example: str | None = None) -> dict:
+    return {
+        "description": description,
+        "version_added": "0.1.0",
+        "type": type_,
+        "example": example,
+        "default": default,
+    }
+
+
+def get_provider_info() -> dict:
+    return {
+        "package-name": "airflow-remote-execution",
+        "name": "Remote Execution",
+        "description": "Run Airflow tasks on outbound-only agents inside your own infrastructure.",
+        "versions": ["0.1.0"],
+        "executors": ["airflow_remote_execution.executors.RemoteExecutor"],
+        "plugins": [
+            {
+                "name": "remote_execution",
+                "plugin-class": "airflow_remote_execution.plugins.remote_execution_plugin.RemoteExecutionPlugin",
+            }
+        ],
+        "cli": ["airflow_remote_execution.cli.definition.get_cli_commands"],
+        "db-managers": ["airflow_remote_execution.models.db.RemoteExecutionDBManager"],
+        "config": {
+            "remote_execution": {
+                "description": "Remote Execution: the orchestration plane's API and the agents that call it.",
+                "options": {
+                    # --- orchestration plane ---
+                    "api_enabled": _opt(
+                        "Mount the Remote Execution API in ``airflow api-server`` (orchestration plane).",
+                        "boolean",
+                        "True",
+                    ),
+                    "heartbeat_interval": _opt(
+                        "Seconds between agent heartbeats. The plane returns it in every heartbeat "
+                        "response, so agents follow the plane's value.",
+                        "integer",
+                        "5",
+                    ),
+                    "lost_agent_threshold": _opt(
+                        "Missed heartbeat intervals after which an agent counts as lost.",
+                        "integer",
+                        "3",
+                    ),
+                    "long_poll_wait": _opt(
+                        "Longest time in seconds a lease request waits for work before it returns empty.",
+                        "float",
+                        "20",
+                    ),
+                    "lease_confirm_timeout": _opt(
+                        "Seconds an agent has to confirm the start of leased work; unconfirmed work "
+                        "goes back to the queue after this.",
+                        "integer",
+                        "30",
+                    ),
+                    "wakeup_poll_interval": _opt(
+                        "On databases without LISTEN/NOTIFY (SQLite), how often in seconds the API "
+                        "server looks for newly queued work to wake waiting agents.",
+                        "float",
+                        "0.02",
+                    ),
+                    "finished_retention": _opt(
+                        "Seconds finished work items are kept (for ``work list`` and audits) before "
+                        "the executor purges them.",
+                        "integer",
+                        "86400",
+                    ),
+                    # --- agent ---
+                    "api_url": _opt(
+                        "Base URL of the orchestration plane's api-server, as the agent reaches it.",
+                        "string",
+                        "http://127.0.0.1:8080",
+                        "https://airflow.example.com",
+                    ),
+                    "execution_api_url": _opt(
+                        "Execution API URL for the Task SDK on the agent. Empty means "
+                        "``<api_url>/execution/``.",
+                        "string",
+                        "",
+                    ),
+                    "token": _opt(
+                        "The agent token. Prefer ``token_file`` or the "
+                        "``AIRFLOW__REMOTE_EXECUTION__TOKEN`` environment variable.",
+                        "string",
+                        "",
+                    ),
+                    "token_file": _opt(
+                        "Path of a file holding the agent token (read at start).",
+                        "string",
+                        "",
+                        "/var/run/secrets/airflow-agent/token",
+                    ),
+                    "queues": _opt(
+                        "Comma-separated queues this agent serves; must be within the token's queues. "
+                        "Empty means all the token's queues.",
+                        "string",
+                        "",
+                        "default,gpu",
+                    ),
+                    "concurrency": _opt("Tasks this agent runs at once.", "integer", "4"),
+                    "ca_bundle": _opt(
+                        "CA bundle file used to verify the plane's TLS certificate. Empty uses the "
+                        "system store (or ``REQUESTS_CA_BUNDLE``).",
+                        "string",
+                        "",
+                    ),
+                    "client_cert": _opt(
+                        "Client certificate file for mutual TLS (PEM).", "string", ""
+                    ),
+                    "client_key": _opt(
+                        "Private key of ``client_cert`` if not in the same file.", "string", ""
+                    ),
+                    "request_timeout": _opt(
+                        "Seconds an ordinary API request may take (long-polls add their wait).",
+                        "float",
+                        "30",
+                    ),
+                    "shutdown_timeout": _opt(
+                        "On SIGTERM the agent stops leasing and waits this many seconds for running "
+                        "tasks before it terminates them.",
+                        "integer",
+                        "300",
+                    ),
+                },
+            }
+        },
+    }

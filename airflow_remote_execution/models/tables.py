@@ -1,0 +1,90 @@
+"""SQLAlchemy tables. Their own metadata, migrated by :mod:`.db` through Airflow's DB manager hook."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from airflow.models.base import _get_schema, naming_convention
+from airflow.utils.sqlalchemy import UtcDateTime
+
+metadata = MetaData(schema=_get_schema(), naming_convention=naming_convention)
+
+
+class Base(DeclarativeBase):
+    metadata = metadata
+
+
+class AgentTokenModel(Base):
+    """An agent token. Only a SHA-256 of the secret part is stored; the token names one agent."""
+
+    __tablename__ = "remote_agent_token"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # public part of the token
+    agent_name: Mapped[str] = mapped_column(String(250), nullable=False)
+    queues: Mapped[list] = mapped_column(JSON, nullable=False)
+    secret_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    description: Mapped[str | None] = mapped_column(String(1000))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+    __table_args__ = (Index("ix_remote_agent_token_agent_name", "agent_name"),)
+
+
+class AgentModel(Base):
+    """An agent as last registered and heard from."""
+
+    __tablename__ = "remote_agent"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(250), nullable=False, unique=True)
+    state: Mapped[str] = mapped_column(String(20), nullable=False)
+    queues: Mapped[list] = mapped_column(JSON, nullable=False)
+    concurrency: Mapped[int] = mapped_column(Integer, nullable=False)
+    free_slots: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    hostname: Mapped[str | None] = mapped_column(String(250))
+    versions: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    token_id: Mapped[str | None] = mapped_column(String(32))
+    registered_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_lease_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class WorkItemModel(Base):
+    """
+    One workload handed to agents: a task try, a callback or a connection test.
+
+    State changes only through :mod:`airflow_remote_execution.leases`. ``fence`` grows on every
+    lease; a report must carry the fence it was leased with.
+    """
+
+    __tablename__ = "remote_work_item"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(20), nullable=False)
+    key_digest: Mapped[str] = mapped_column(String(40), nullable=False)
+    key: Mapped[list] = mapped_column(JSON, nullable=False)
+    queue: Mapped[str] = mapped_column(String(256), nullable=False)
+    priority_weight: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    workload: Mapped[str] = mapped_column(Text, nullable=False)
+    state: Mapped[str] = mapped_column(String(20), nullable=False)
+    reported_state: Mapped[str | None] = mapped_column(String(20))
+    fence: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    agent_id: Mapped[int | None] = mapped_column(ForeignKey("remote_agent.id", ondelete="SET NULL"))
+    agent_name: Mapped[str | None] = mapped_column(String(250))
+    info: Mapped[str | None] = mapped_column(Text)
+    queued_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    leased_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+    __table_args__ = (
+        Index("idx_remote_work_item_lease", "state", "queue", "priority_weight", "id"),
+        Index("idx_remote_work_item_key", "key_digest"),
+        Index("idx_remote_work_item_agent", "agent_id", "state"),
+    )

@@ -1,0 +1,158 @@
+"""Wire schemas of the Remote Execution API, shared by the plane (FastAPI) and the agent (requests)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorkState(str, Enum):
+    """States of a work item; transitions live in :mod:`airflow_remote_execution.leases`."""
+
+    QUEUED = "queued"  # waiting for an agent
+    LEASED = "leased"  # handed to an agent, start not yet confirmed
+    RUNNING = "running"  # agent confirmed the start
+    SUCCESS = "success"
+    FAILED = "failed"
+    REVOKED = "revoked"  # taken back by the executor; the agent must not run (or must kill) it
+
+    @property
+    def finished(self) -> bool:
+        return self in (WorkState.SUCCESS, WorkState.FAILED, WorkState.REVOKED)
+
+
+class AgentState(str, Enum):
+    ACTIVE = "active"
+    DRAINING = "draining"
+    OFFLINE = "offline"  # stopped cleanly
+    LOST = "lost"
+
+
+class RegisterRequest(Strict):
+    name: str | None = Field(
+        default=None, max_length=250, description="Must match the token's agent name if given."
+    )
+    queues: list[str] | None = Field(
+        default=None, description="Queues to serve; a subset of the token's queues. Default: all of them."
+    )
+    concurrency: int = Field(ge=1, le=10_000)
+    hostname: str = Field(default="", max_length=250)
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
+class RegisterResponse(BaseModel):
+    agent_id: int
+    name: str
+    queues: list[str]
+    heartbeat_interval: float
+    long_poll_wait: float
+
+
+class HeartbeatRequest(Strict):
+    running: list[int] = Field(default_factory=list, description="Work item ids the agent runs now.")
+    free_slots: int = Field(ge=0)
+    draining: bool = False
+    offline: bool = Field(default=False, description="The agent is stopping now (clean shutdown).")
+
+
+class HeartbeatResponse(BaseModel):
+    heartbeat_interval: float
+    kill: list[int] = Field(description="Work item ids that are no longer this agent's: stop them.")
+    drain: bool = False
+
+
+class LeaseRequest(Strict):
+    slots: int = Field(ge=1, le=1000, description="How many workloads the agent can take now.")
+    wait: float = Field(default=20.0, ge=0, le=120, description="Seconds to wait for work if none is queued.")
+
+
+class Lease(BaseModel):
+    work_id: int
+    fence: int
+    kind: str
+    queue: str
+    workload: dict[str, Any]
+
+
+class LeaseResponse(BaseModel):
+    leases: list[Lease]
+
+
+class FencedRequest(Strict):
+    fence: int = Field(ge=1, description="The fencing token the work was leased with.")
+
+
+class FinishRequest(FencedRequest):
+    outcome: WorkState = Field(description="success or failed")
+    info: str | None = Field(default=None, max_length=10_000)
+
+
+class WorkStateResponse(BaseModel):
+    work_id: int
+    state: WorkState
+    fence: int
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+class AgentInfo(BaseModel):
+    id: int
+    name: str
+    state: str
+    queues: list[str]
+    concurrency: int
+    free_slots: int
+    running: int
+    hostname: str | None
+    versions: dict[str, str]
+    registered_at: datetime
+    last_heartbeat_at: datetime | None
+
+
+class TokenInfo(BaseModel):
+    id: str
+    agent_name: str
+    queues: list[str]
+    description: str | None
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    status: str
+
+
+class TokenCreateRequest(Strict):
+    agent_name: str = Field(min_length=1, max_length=250, pattern=r"^[\w.\-@]+$")
+    queues: list[str] = Field(min_length=1)
+    expires_in: str | None = Field(default=None, description="Lifetime such as 30d, 12h, 90m; none = never.")
+    description: str | None = Field(default=None, max_length=1000)
+
+
+class TokenCreated(BaseModel):
+    token: str = Field(description="Shown once; store it in the agent's secret store.")
+    info: TokenInfo
+
+
+class WorkItemInfo(BaseModel):
+    id: int
+    kind: str
+    key: list[Any]
+    queue: str
+    state: WorkState
+    fence: int
+    agent_name: str | None
+    queued_at: datetime
+    leased_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    info: str | None

@@ -1,0 +1,130 @@
+"""
+Wake long-polling lease requests the moment work is queued, within and across API servers.
+
+PostgreSQL: :func:`notify` issues ``pg_notify`` inside the queuing transaction, so it is delivered
+on commit; every API server LISTENs on one dedicated connection. Other databases (SQLite): each
+API server watches a cheap per-queue signature of queued work every ``wakeup_poll_interval``.
+Waiters re-check the table at least once a second anyway, so a lost wake-up costs at most that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import select as select_mod
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+CHANNEL = "remote_execution_work"
+log = logging.getLogger(__name__)
+
+
+def notify(session: Session, queue: str) -> None:
+    """Announce queued work on ``queue``; delivered when the caller's transaction commits."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_notify(:channel, :queue)"), {"channel": CHANNEL, "queue": queue})
+
+
+class Waker:
+    """In-process registry of waiting lease requests, fed by a LISTEN or polling thread."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = defaultdict(set)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, queues: Iterable[str]) -> asyncio.Event:
+        """Register interest before looking for work, so a notify in between is not missed."""
+        self._ensure_listener()
+        event = asyncio.Event()
+        entry = (asyncio.get_running_loop(), event)
+        with self._lock:
+            for queue in queues:
+                self._waiters[queue].add(entry)
+        event._remote_entry = (entry, tuple(queues))  # type: ignore[attr-defined]
+        return event
+
+    def disarm(self, event: asyncio.Event) -> None:
+        entry, queues = event._remote_entry  # type: ignore[attr-defined]
+        with self._lock:
+            for queue in queues:
+                self._waiters[queue].discard(entry)
+
+    def wake(self, queues: Iterable[str]) -> None:
+        with self._lock:
+            entries = {entry for q in queues for entry in self._waiters.get(q, ())}
+        for loop, event in entries:
+            loop.call_soon_threadsafe(event.set)
+
+    # ------------------------------------------------------------ listener thread
+
+    def _ensure_listener(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._thread = threading.Thread(target=self._run, name="remote-execution-waker", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        from airflow import settings
+
+        while True:
+            try:
+                if settings.engine.dialect.name == "postgresql":
+                    self._listen_postgres(settings.engine)
+                else:
+                    self._poll(settings.engine)
+            except Exception:
+                log.exception("Remote execution waker failed; restarting in 1s")
+                time.sleep(1)
+
+    def _listen_postgres(self, engine) -> None:
+        raw = engine.raw_connection()
+        try:
+            conn = raw.driver_connection
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(f"LISTEN {CHANNEL}")
+            while True:
+                if select_mod.select([conn], [], [], 5.0) == ([], [], []):
+                    continue
+                conn.poll()
+                queues = {n.payload for n in conn.notifies}
+                conn.notifies.clear()
+                if queues:
+                    self.wake(queues)
+        finally:
+            raw.invalidate()
+
+    def _poll(self, engine) -> None:
+        from airflow_remote_execution import config
+        from airflow_remote_execution.models import WorkItemModel
+
+        interval = config.getfloat("wakeup_poll_interval")
+        seen: dict[str, tuple] = {}
+        query = (
+            select(WorkItemModel.queue, func.count(), func.max(WorkItemModel.id), func.max(WorkItemModel.fence))
+            .where(WorkItemModel.state == "queued")
+            .group_by(WorkItemModel.queue)
+        )
+        while True:
+            with self._lock:
+                waiting = any(self._waiters.values())
+            if waiting:
+                with engine.connect() as conn:
+                    current = {row[0]: tuple(row[1:]) for row in conn.execute(query)}
+                changed = [q for q, sig in current.items() if seen.get(q) != sig]
+                seen = current
+                if changed:
+                    self.wake(changed)
+            time.sleep(interval)
+
+
+waker = Waker()
