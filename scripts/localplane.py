@@ -313,3 +313,17 @@ class Agent:
 
     def stop(self) -> int | None:
         return self.proc.stop(60) if self.proc else None
+
+
+def fresh_pg_database(server_url: str, name: str) -> str:
+    """Create (or recreate) database ``name`` on the server of ``server_url``; return its URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    url = make_url(server_url)
+    engine = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return url.set(database=name).render_as_string(hide_password=False)
