@@ -54,6 +54,7 @@ class RegisterResponse(BaseModel):
     queues: list[str]
     heartbeat_interval: float
     long_poll_wait: float
+    core_executor: str = Field(default="", description="The plane's [core] executor setting.")
 
 
 class HeartbeatRequest(Strict):

@@ -136,6 +136,7 @@ class Plane:
     executor: str = "airflow_remote_execution.executors.RemoteExecutor"
     dags_folder: Path = EXAMPLE_DAGS
     extra_env: dict[str, str] = field(default_factory=dict)
+    tls: tuple[Path, Path] | None = None  # (certificate, key): serve the api-server over HTTPS
     port: int = field(default_factory=free_port)
     procs: dict[str, Proc] = field(default_factory=dict)
 
@@ -179,11 +180,14 @@ class Plane:
             "AIRFLOW__REMOTE_EXECUTION__HEARTBEAT_INTERVAL": "5",
             **self.extra_env,
         }
+        if self.tls:
+            self.env["AIRFLOW__API__SSL_CERT"], self.env["AIRFLOW__API__SSL_KEY"] = map(str, self.tls)
+        self.verify: str | bool = str(self.tls[0]) if self.tls else True
         self._token: str | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def airflow(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         result = subprocess.run([AIRFLOW, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -215,7 +219,7 @@ class Plane:
             api = self.procs.get("api-server")
             if api and not api.alive():
                 raise RuntimeError(f"api-server exited:\n{api.tail()}")
-            return requests.get(f"{self.url}/api/v2/monitor/health", timeout=2).status_code == 200
+            return requests.get(f"{self.url}/api/v2/monitor/health", timeout=2, verify=self.verify).status_code == 200
 
         wait_for(ok, timeout, "api-server health")
 
@@ -227,14 +231,18 @@ class Plane:
 
     def token(self) -> str:
         if self._token is None:
-            r = requests.post(f"{self.url}/auth/token", json={"username": "admin", "password": "admin"}, timeout=10)
+            r = requests.post(
+                f"{self.url}/auth/token", json={"username": "admin", "password": "admin"}, timeout=10, verify=self.verify
+            )
             r.raise_for_status()
             self._token = r.json()["access_token"]
         return self._token
 
     def api(self, method: str, path: str, **kwargs) -> requests.Response:
         headers = {"Authorization": f"Bearer {self.token()}", **kwargs.pop("headers", {})}
-        return requests.request(method, f"{self.url}{path}", headers=headers, timeout=kwargs.pop("timeout", 30), **kwargs)
+        return requests.request(
+            method, f"{self.url}{path}", headers=headers, timeout=kwargs.pop("timeout", 30), verify=self.verify, **kwargs
+        )
 
     def create_agent_token(self, name: str, queues: str, *extra: str) -> str:
         out = self.airflow("remote-execution", "tokens", "create", "--name", name, "--queues", queues, "--output", "json", *extra)
@@ -327,3 +335,37 @@ def fresh_pg_database(server_url: str, name: str) -> str:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     engine.dispose()
     return url.set(database=name).render_as_string(hide_password=False)
+
+
+def self_signed_cert(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate (its own CA) for ``host``; returns (cert, key) PEM paths."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "plane.crt", directory / "plane.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path

@@ -15,6 +15,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from localplane import PostgresCluster  # noqa: E402
 
+# In-process tests: a throwaway AIRFLOW_HOME and SQLite DB, set before anything imports airflow.
+from unit_db import airflow_db, db, pg_engine, pytest_configure, sqlite_db, sqlite_engine  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def pg_url():

@@ -31,18 +31,24 @@ log = logging.getLogger(__name__)
 class PlaneError(Exception):
     """The plane answered with an error; ``status`` is the HTTP status (0: not reachable)."""
 
-    def __init__(self, status: int, detail: str):
+    def __init__(self, status: int, detail: str, retryable: bool | None = None):
         super().__init__(f"{status}: {detail}" if status else detail)
         self.status = status
         self.detail = detail
-
-    @property
-    def retryable(self) -> bool:
-        return self.status == 0 or self.status >= 500 or self.status == 429
+        self.retryable = (status == 0 or status >= 500 or status == 429) if retryable is None else retryable
 
 
 class LeaseLost(PlaneError):
     """409: the work is no longer this agent's (another lease, stale fence, revoked)."""
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    for marker in ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "WRONG_VERSION_NUMBER", "handshake"):
+        if marker in text:
+            start = text.find(marker)
+            return text[start : start + 80].split("(_ssl")[0].strip(" ')")
+    return type(exc).__name__
 
 
 class PlaneClient:
@@ -61,8 +67,9 @@ class PlaneClient:
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {token}"
         self.http.headers["User-Agent"] = "airflow-remote-execution-agent"
-        if ca_bundle:
-            self.http.verify = ca_bundle
+        # Passed on every request: a session-level ``verify`` loses to REQUESTS_CA_BUNDLE in requests.
+        self.verify: str | bool = ca_bundle or True
+        self.tls = (ca_bundle, client_cert, client_key)
         if client_cert:
             self.http.cert = (client_cert, client_key) if client_key else client_cert
         retry = Retry(
@@ -101,7 +108,15 @@ class PlaneClient:
                 data=body.model_dump_json() if body is not None else "{}",
                 headers={"Content-Type": "application/json"},
                 timeout=timeout or self.timeout,
+                verify=self.verify,
             )
+        except requests.exceptions.SSLError as e:
+            raise PlaneError(
+                0,
+                f"TLS with {self.base} failed ({_reason(e)}): check [remote_execution] ca_bundle "
+                "(the CA that signed the plane's certificate) and client_cert/client_key",
+                retryable=False,
+            ) from None
         except requests.RequestException as e:
             raise PlaneError(0, f"Plane not reachable at {self.base}: {type(e).__name__}") from None
         if response.status_code < 300:

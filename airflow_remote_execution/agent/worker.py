@@ -34,11 +34,33 @@ def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
     return random.uniform(0, min(cap, base * 2**attempt))
 
 
-def _run_workload(workload_json: str, server: str) -> None:
+def share_tls_with_task_sdk(ca_bundle: str, client_cert: str, client_key: str) -> None:
+    """Give the Task SDK's execution-API client the agent's TLS setup (explicit ``[api]`` settings win).
+
+    The SDK reads ``[api] ssl_ca_file``, ``client_ssl_cert`` and ``client_ssl_key`` into module
+    constants at import, which happens in the agent before our settings are known; so the forked
+    workload process sets both the options (for the task process it spawns) and the constants.
+    """
+    from airflow.configuration import conf
+    from airflow.sdk.api import client as sdk_client
+
+    key = client_key or client_cert
+    for option, constant, value in (
+        ("ssl_ca_file", "API_SSL_CA_FILE_PATH", ca_bundle),
+        ("client_ssl_cert", "API_CLIENT_SSL_CERT", client_cert),
+        ("client_ssl_key", "API_CLIENT_SSL_KEY", key),
+    ):
+        if value and not conf.get("api", option, fallback=None):
+            os.environ[f"AIRFLOW__API__{option.upper()}"] = value
+            setattr(sdk_client, constant, value)
+
+
+def _run_workload(workload_json: str, server: str, tls: tuple[str, str, str]) -> None:
     """Body of the forked workload process."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.setpgrp()  # the agent kills the whole group: supervisor and task
+    share_tls_with_task_sdk(*tls)
     from pydantic import TypeAdapter
 
     from airflow.executors import workloads
@@ -122,6 +144,20 @@ class AgentWorker:
             "Agent %s registered: queues=%s concurrency=%d plane=%s",
             self.name, ",".join(self.queues), self.concurrency, self.client.base,
         )
+        self._check_executor_config(reply.core_executor)
+
+    @staticmethod
+    def _check_executor_config(plane_executors: str) -> None:
+        """DAGs naming ``executor=`` only parse where ``[core] executor`` lists that executor."""
+        from airflow.configuration import conf
+
+        mine = conf.get("core", "executor", fallback="")
+        if plane_executors and mine.replace(" ", "") != plane_executors.replace(" ", ""):
+            log.warning(
+                "[core] executor here is %r but on the plane it is %r: tasks of DAGs that set "
+                "executor=... will fail to load on this agent. Set AIRFLOW__CORE__EXECUTOR=%r for the agent.",
+                mine, plane_executors, plane_executors,
+            )
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code."""
@@ -210,7 +246,7 @@ class AgentWorker:
 
         process = self._ctx.Process(
             target=_run_workload,
-            args=(json.dumps(lease.workload), self.execution_api_url),
+            args=(json.dumps(lease.workload), self.execution_api_url, self.client.tls),
             name=f"workload-{lease.work_id}",
         )
         process.start()

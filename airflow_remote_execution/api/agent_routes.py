@@ -9,6 +9,7 @@ from typing import Annotated, TypeVar
 from fastapi import APIRouter, Header, Request
 from starlette.concurrency import run_in_threadpool
 
+from airflow.configuration import conf
 from airflow.utils.session import create_session
 
 from airflow_remote_execution import agents, config, leases, tokens
@@ -79,6 +80,7 @@ async def register(body: RegisterRequest, authorization: Authorization = None) -
                 queues=list(agent.queues),
                 heartbeat_interval=config.getfloat("heartbeat_interval"),
                 long_poll_wait=config.getfloat("long_poll_wait"),
+                core_executor=conf.get("core", "executor", fallback=""),
             )
 
     return await run_in_threadpool(run)

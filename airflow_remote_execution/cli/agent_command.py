@@ -23,3 +23,4 @@ def agent_start(args) -> None:
         shutdown_timeout=config.getint("shutdown_timeout"),
     )
     raise SystemExit(worker.run())
+

@@ -1,0 +1,149 @@
+"""Agent registry: registration rules (identity from the token) and heartbeats."""
+
+from __future__ import annotations
+
+import pytest
+
+from airflow.utils import timezone
+
+from airflow_remote_execution import agents, leases, tokens
+from airflow_remote_execution.agents import AgentForbidden, AgentNotRegistered
+from airflow_remote_execution.models import AgentModel, AgentTokenModel
+from airflow_remote_execution.protocol import AgentState, HeartbeatRequest, RegisterRequest
+
+
+def new_token(db, name: str = "agent-1", queues=("default", "gpu")) -> AgentTokenModel:
+    with db.session() as s:
+        return tokens.create(s, agent_name=name, queues=list(queues))[1]
+
+
+def register(db, token: AgentTokenModel, **fields) -> AgentModel:
+    with db.session() as s:
+        return agents.register(s, s.get(AgentTokenModel, token.id), RegisterRequest(**{"concurrency": 2, **fields}))
+
+
+def heartbeat(db, agent: AgentModel, **fields):
+    with db.session() as s:
+        row = s.get(AgentModel, agent.id)
+        reply = agents.heartbeat(s, row, HeartbeatRequest(**{"free_slots": 1, **fields}))
+    with db.session() as s:
+        return reply, s.get(AgentModel, agent.id)
+
+
+def test_register_defaults_to_all_token_queues(db):
+    token = new_token(db)
+    before = timezone.utcnow()
+    agent = register(db, token, hostname="h1", versions={"airflow": "3.3.2"}, concurrency=3)
+    assert agent.id is not None and agent.name == "agent-1" and agent.state == "active"
+    assert agent.queues == ["default", "gpu"] and agent.concurrency == 3 and agent.free_slots == 3
+    assert agent.hostname == "h1" and agent.versions == {"airflow": "3.3.2"} and agent.token_id == token.id
+    assert agent.registered_at >= before and agent.last_heartbeat_at >= before
+
+
+def test_register_with_a_subset_of_queues_and_name(db):
+    token = new_token(db)
+    agent = register(db, token, name="agent-1", queues=["gpu", "gpu"])
+    assert agent.queues == ["gpu"]
+
+
+def test_register_outside_the_token_queues_is_forbidden(db):
+    token = new_token(db)
+    with pytest.raises(AgentForbidden) as exc:
+        register(db, token, queues=["gpu", "analytics", "bi"])
+    msg = str(exc.value)
+    assert msg.startswith(f"Queue(s) analytics, bi are outside token {token.id}'s queues (default, gpu)")
+    assert "create a token with those queues" in msg
+    with db.session() as s:
+        assert s.query(AgentModel).count() == 0
+
+
+def test_register_under_another_name_is_forbidden(db):
+    token = new_token(db, name="agent-1")
+    with pytest.raises(AgentForbidden, match=rf"Token {token.id} belongs to agent 'agent-1', not 'agent-2'"):
+        register(db, token, name="agent-2")
+
+
+def test_reregistration_updates_the_same_row(db):
+    first_token = new_token(db)
+    agent = register(db, first_token, concurrency=2)
+    heartbeat(db, agent, offline=True)
+    second_token = new_token(db)  # e.g. a rotated token for the same agent
+    again = register(db, second_token, concurrency=8, queues=["default"], hostname="h2")
+    assert again.id == agent.id
+    assert again.state == "active" and again.concurrency == 8 and again.free_slots == 8
+    assert again.queues == ["default"] and again.hostname == "h2" and again.token_id == second_token.id
+    with db.session() as s:
+        assert s.query(AgentModel).count() == 1
+
+
+def test_for_token(db):
+    token = new_token(db)
+    with db.session() as s, pytest.raises(AgentNotRegistered, match="Agent 'agent-1' is not registered: POST /agents/register first"):
+        agents.for_token(s, s.get(AgentTokenModel, token.id))
+    agent = register(db, token)
+    with db.session() as s:
+        assert agents.for_token(s, s.get(AgentTokenModel, token.id)).id == agent.id
+
+
+def test_heartbeat_records_liveness_and_returns_kill_list(db):
+    agent = register(db, new_token(db))
+    other = register(db, new_token(db, name="agent-2"))
+    with db.session() as s:
+        for name in ("mine", "theirs", "revoked"):
+            leases.enqueue(s, key=name_key(name), kind="task", queue="default", priority_weight=1, workload="{}")
+    with db.session() as s:
+        (mine,) = leases.lease(s, s.get(AgentModel, agent.id), ["default"], 1, 30)
+        (theirs,) = leases.lease(s, s.get(AgentModel, other.id), ["default"], 1, 30)
+        (revoked,) = leases.lease(s, s.get(AgentModel, agent.id), ["default"], 1, 30)
+        leases.revoke(s, name_key("revoked"))
+
+    before = timezone.utcnow()
+    reply, row = heartbeat(db, agent, running=[mine.id, theirs.id, revoked.id, 987654], free_slots=0)
+    assert reply.kill == [theirs.id, revoked.id, 987654]
+    assert reply.drain is False and reply.heartbeat_interval == 5.0
+    assert row.free_slots == 0 and row.last_heartbeat_at >= before and row.state == "active"
+
+
+def test_heartbeat_drain_and_offline(db):
+    agent = register(db, new_token(db))
+    reply, row = heartbeat(db, agent, draining=True)
+    assert reply.drain is True and row.state == AgentState.DRAINING.value
+    reply, row = heartbeat(db, agent)  # stays draining until it registers again
+    assert reply.drain is True and row.state == "draining"
+    reply, row = heartbeat(db, agent, draining=True, offline=True)
+    assert reply.drain is False and row.state == AgentState.OFFLINE.value
+
+
+def test_heartbeat_revives_a_lost_agent(db):
+    agent = register(db, new_token(db))
+    with db.session() as s:
+        s.get(AgentModel, agent.id).state = AgentState.LOST.value
+    reply, row = heartbeat(db, agent)
+    assert row.state == "active" and reply.drain is False
+
+
+def test_plane_sets_the_heartbeat_interval(db, monkeypatch):
+    agent = register(db, new_token(db))
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__HEARTBEAT_INTERVAL", "17")
+    reply, _ = heartbeat(db, agent)
+    assert reply.heartbeat_interval == 17.0
+
+
+def test_list_agents(db):
+    a = register(db, new_token(db, name="b-agent"), hostname="hb", versions={"python": "3.11"})
+    register(db, new_token(db, name="a-agent", queues=["default"]))
+    with db.session() as s:
+        leases.enqueue(s, key=name_key("x"), kind="task", queue="default", priority_weight=1, workload="{}")
+    with db.session() as s:
+        leases.lease(s, s.get(AgentModel, a.id), ["default"], 1, 30)
+    with db.session() as s:
+        listed = agents.list_agents(s)
+    assert [i.name for i in listed] == ["a-agent", "b-agent"]
+    assert [i.running for i in listed] == [0, 1]
+    assert listed[1].hostname == "hb" and listed[1].versions == {"python": "3.11"} and listed[1].queues == ["default", "gpu"]
+
+
+def name_key(name: str):
+    from airflow.models.taskinstancekey import TaskInstanceKey
+
+    return TaskInstanceKey(dag_id="d", task_id=name, run_id="r", try_number=1, map_index=-1)
