@@ -6,6 +6,7 @@ on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from localplane import EXAMPLE_DAGS, Agent, Plane, fresh_pg_database
+from localplane import EXAMPLE_DAGS, Agent, Plane, fresh_pg_database, wait_for
 
 pytestmark = pytest.mark.e2e
 TEST_DAGS = Path(__file__).parent / "dags"
@@ -27,7 +28,9 @@ def cluster(request, tmp_path_factory):
     shutil.copytree(EXAMPLE_DAGS, dags, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(TEST_DAGS / "remote_probe.py", dags)
     db_url = fresh_pg_database(request.getfixturevalue("pg_url"), "e2e") if request.param == "postgres" else None
-    plane = Plane(base / "plane", db_url=db_url, dags_folder=dags)
+    plane = Plane(
+        base / "plane", db_url=db_url, dags_folder=dags, extra_env={"AIRFLOW__CORE__TEST_CONNECTION": "Enabled"}
+    )
     agents: list[Agent] = []
     try:
         plane.start()
@@ -107,6 +110,43 @@ def test_failed_try_is_retried_on_agent(cluster):
     # outcome is about the process, the task state comes from the Task SDK.
     states = {w["key"][5]: w["state"] for w in plane.work_items(dag_id="remote_retry", run_id=run_id)}
     assert states == {1: "success", 2: "success"}
+
+
+def test_deadline_callback_runs_on_agent(cluster):
+    plane, agents = cluster
+    run_id, _ = _run(plane, "remote_deadline_callback")
+    callbacks = wait_for(
+        lambda: [w for w in plane.work_items() if w["kind"] == "callback" and w["state"] != "running"],
+        60,
+        "the deadline callback to finish",
+    )
+    assert [(w["agent_name"], w["state"]) for w in callbacks] == [("agent-a", "success")]
+    (log,) = (agents["agent-a"].home / "logs" / "executor_callbacks" / "remote_deadline_callback" / run_id).iterdir()
+    assert "Deadline missed: slow run" in log.read_text()
+
+
+def test_connection_test_runs_on_agent(cluster):
+    plane, agents = cluster
+    agent_home = str(agents["agent-b"].home)
+    body = {
+        "connection_id": "agent_files",
+        "conn_type": "fs",
+        "extra": json.dumps({"path": agent_home}),
+        "queue": "analytics",
+    }
+    r = plane.api("POST", "/api/v2/connections/enqueue-test", json=body)
+    assert r.status_code in (200, 201, 202), r.text
+    token = r.json()["token"]
+
+    def finished():
+        got = plane.api("GET", "/api/v2/connections/enqueue-test", headers={"Airflow-Connection-Test-Token": token}).json()
+        return got if got["state"] in ("success", "failed") else None
+
+    result = wait_for(finished, 90, "the connection test")
+    assert result["state"] == "success", result
+    assert result["result_message"] == f"Path {agent_home} is existing."
+    tests_run = [w for w in plane.work_items() if w["kind"] == "connection_test"]
+    assert [(w["agent_name"], w["queue"], w["state"]) for w in tests_run] == [("agent-b", "analytics", "success")]
 
 
 # ------------------------------------------------------------------------- bad input
