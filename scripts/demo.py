@@ -19,7 +19,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from localplane import ROOT, Agent, Plane  # noqa: E402
 
-EXAMPLES = ["remote_fan_out_fan_in", "remote_two_queues", "remote_variable_and_connection", "remote_retry"]
+EXAMPLES = [
+    "remote_fan_out_fan_in",
+    "remote_two_queues",
+    "remote_variable_and_connection",
+    "remote_retry",
+    "remote_deadline_callback",
+]
 AGENTS = {"agent-default": "default", "agent-analytics": "analytics"}
 
 

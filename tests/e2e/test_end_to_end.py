@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -26,7 +27,8 @@ def cluster(request, tmp_path_factory):
     base = tmp_path_factory.mktemp(f"plane-{request.param}")
     dags = base / "dags"
     shutil.copytree(EXAMPLE_DAGS, dags, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(TEST_DAGS / "remote_probe.py", dags)
+    for test_dag in ("remote_probe.py", "remote_sleepy.py"):
+        shutil.copy(TEST_DAGS / test_dag, dags)
     db_url = fresh_pg_database(request.getfixturevalue("pg_url"), "e2e") if request.param == "postgres" else None
     plane = Plane(
         base / "plane", db_url=db_url, dags_folder=dags, extra_env={"AIRFLOW__CORE__TEST_CONNECTION": "Enabled"}
@@ -147,6 +149,35 @@ def test_connection_test_runs_on_agent(cluster):
     assert result["result_message"] == f"Path {agent_home} is existing."
     tests_run = [w for w in plane.work_items() if w["kind"] == "connection_test"]
     assert [(w["agent_name"], w["queue"], w["state"]) for w in tests_run] == [("agent-b", "analytics", "success")]
+
+
+def test_sigterm_drains_agent(cluster, tmp_path):
+    """SIGTERM: the agent leases nothing new, lets its running task finish, then exits 0."""
+    plane, _ = cluster
+    token = plane.create_agent_token("drainer", "drain")
+    drainer = Agent("drainer", tmp_path / "drainer", plane.url, token, dags_folder=plane.dags_folder).start()
+    drainer.wait_registered()
+    first = plane.trigger("remote_sleepy")
+    wait_for(
+        lambda: [w for w in plane.work_items(dag_id="remote_sleepy", run_id=first) if w["state"] == "running"],
+        120,
+        "the first nap to start",
+    )
+    drainer.proc.signal(signal.SIGTERM)
+    second = plane.trigger("remote_sleepy")
+    assert drainer.proc.popen.wait(60) == 0
+    assert plane.wait_run("remote_sleepy", first, timeout=30) == "success"
+    (late,) = plane.work_items(dag_id="remote_sleepy", run_id=second)
+    assert late["state"] == "queued" and late["agent_name"] is None
+    agents = {a["name"]: a for a in plane.api("GET", f"{V1}/admin/agents").json()}
+    assert agents["drainer"]["state"] == "offline"
+    # Not stuck: the next agent for the queue runs it.
+    again = Agent("drainer", tmp_path / "drainer2", plane.url, token, dags_folder=plane.dags_folder).start()
+    try:
+        assert plane.wait_run("remote_sleepy", second) == "success"
+    finally:
+        again.stop()
+        drainer.stop()
 
 
 # ------------------------------------------------------------------------- bad input
