@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.utils import timezone
 
 from airflow_remote_execution import agents, leases, tokens
@@ -20,6 +21,10 @@ def new_token(db, name: str = "agent-1", queues=("default", "gpu")) -> AgentToke
 def register(db, token: AgentTokenModel, **fields) -> AgentModel:
     with db.session() as s:
         return agents.register(s, s.get(AgentTokenModel, token.id), RegisterRequest(**{"concurrency": 2, **fields}))
+
+
+def name_key(name: str) -> TaskInstanceKey:
+    return TaskInstanceKey(dag_id="d", task_id=name, run_id="r", try_number=1, map_index=-1)
 
 
 def heartbeat(db, agent: AgentModel, **fields):
@@ -142,8 +147,3 @@ def test_list_agents(db):
     assert [i.running for i in listed] == [0, 1]
     assert listed[1].hostname == "hb" and listed[1].versions == {"python": "3.11"} and listed[1].queues == ["default", "gpu"]
 
-
-def name_key(name: str):
-    from airflow.models.taskinstancekey import TaskInstanceKey
-
-    return TaskInstanceKey(dag_id="d", task_id=name, run_id="r", try_number=1, map_index=-1)

@@ -119,11 +119,12 @@ def test_enqueue_same_key_again_replaces_the_lease_and_bumps_the_fence(db, progr
     assert again.agent_id is None and again.agent_name is None
     assert again.leased_at is None and again.lease_expires_at is None and again.started_at is None
     assert again.reported_state is None
-    if fence:
-        # The old lessee is fenced out.
-        with pytest.raises(LeaseConflict):
-            call(db, leases.confirm_start if progress == "leased" else leases.finish, agent, first.id, fence,
-                 *(() if progress == "leased" else (WorkState.SUCCESS, None)))
+    if progress == "leased":  # the old lessee is fenced out
+        with pytest.raises(LeaseConflict, match="not leased to agent 'a'"):
+            call(db, leases.confirm_start, agent, first.id, fence)
+    if progress == "running":
+        with pytest.raises(LeaseConflict, match="not leased to agent 'a'"):
+            call(db, leases.finish, agent, first.id, fence, WorkState.SUCCESS, None)
     (new_lease,) = lease(db, agent, queues=["other"])
     assert new_lease.id == first.id and new_lease.fence == fence + 2
 
@@ -175,7 +176,7 @@ def test_lease_order_queues_and_slots(db):
 
 def test_confirm_start_and_finish(db):
     agent = make_agent(db, "a", ["default"])
-    (item,) = [enqueue(db, ti_key())]
+    item = enqueue(db, ti_key())
     (leased,) = lease(db, agent)
     running = call(db, leases.confirm_start, agent, item.id, leased.fence)
     assert running.state == "running" and running.started_at is not None and running.lease_expires_at is None

@@ -141,32 +141,47 @@ def test_notify_is_a_no_op_on_sqlite(sqlite_db):
 # ------------------------------------------------------------------ PostgreSQL: LISTEN/NOTIFY
 
 
+class PgListener:
+    """A Waker whose listener thread LISTENs on the given PostgreSQL engine (what ``Waker._run`` does for Airflow's)."""
+
+    LISTENING = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query = 'LISTEN {}'"
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.waker = Waker()
+        self.errors: list[BaseException] = []
+        self.done = threading.Event()
+        self.waker._thread = threading.Thread(target=self._listen, name="test-pg-listener", daemon=True)
+        self.waker._thread.start()
+
+    def _listen(self):
+        try:
+            self.waker._listen_postgres(self.engine)
+        except Exception as e:  # noqa: BLE001 - the connection is killed at teardown
+            self.errors.append(e)
+        finally:
+            self.done.set()
+
+    def wait_listening(self, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        with self.engine.connect() as conn:
+            while not conn.execute(text(self.LISTENING.format(wakeup.CHANNEL))).all():
+                assert not self.done.is_set(), f"listener failed: {self.errors!r}"
+                assert time.monotonic() < deadline, "listener did not start"
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text(self.LISTENING.format(wakeup.CHANNEL).replace("SELECT pid", "SELECT pg_terminate_backend(pid)")))
+        assert self.done.wait(10), "listener thread did not stop"
+
+
 @pytest.fixture
 def pg_waker(pg_engine):
-    """A Waker whose listener thread LISTENs on the test PostgreSQL database."""
-    w = Waker()
-    done = threading.Event()
-
-    def listen():
-        try:
-            w._listen_postgres(pg_engine)
-        except Exception:  # noqa: BLE001 - the connection is killed at teardown
-            pass
-        finally:
-            done.set()
-
-    w._thread = threading.Thread(target=listen, name="test-pg-listener", daemon=True)
-    w._thread.start()
-    listening = f"SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query = 'LISTEN {wakeup.CHANNEL}'"
-    deadline = time.monotonic() + 10
-    with pg_engine.connect() as conn:
-        while not conn.execute(text(listening)).all():
-            assert time.monotonic() < deadline, "listener did not start"
-            time.sleep(0.02)
-    yield w
-    with pg_engine.connect() as conn:
-        conn.execute(text(listening.replace("SELECT pid", "SELECT pg_terminate_backend(pid)")))
-    assert done.wait(10), "listener thread did not stop"
+    listener = PgListener(pg_engine)
+    listener.wait_listening()
+    yield listener.waker
+    listener.stop()
 
 
 @pytest.mark.postgres
@@ -187,8 +202,10 @@ def test_pg_notify_on_commit_wakes_a_waiter_quickly(pg_engine, pg_waker):
         event = pg_waker.arm(["pg-q"])
         try:
             thread = later(0, enqueue_and_commit)
-            assert not await woken(event, 0.3), "NOTIFY must be delivered on commit, not before"
-            hold.set()
+            try:
+                assert not await woken(event, 0.3), "NOTIFY must be delivered on commit, not before"
+            finally:
+                hold.set()
             assert await woken(event, 2.0)
             woke = time.monotonic()
             thread.join(5)
@@ -222,3 +239,34 @@ def test_pg_notify_rolled_back_is_never_delivered(pg_engine, pg_waker):
             pg_waker.disarm(event)
 
     asyncio.run(main())
+
+
+@pytest.mark.postgres
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: Waker._listen_postgres uses psycopg2-only APIs (conn.poll(), conn.notifies list); with Airflow on "
+    "psycopg 3 (sql_alchemy_conn postgresql+psycopg://, supported by Airflow) it raises AttributeError on the first "
+    "notification, restarts every second and wake-ups fall back to the 1 s re-check",
+)
+def test_pg_listener_works_with_psycopg3(pg_engine):
+    from sqlalchemy import create_engine
+
+    engine = create_engine(pg_engine.url.set(drivername="postgresql+psycopg"))
+    listener = PgListener(engine)
+    try:
+        listener.wait_listening()
+
+        async def main():
+            event = listener.waker.arm(["pg3"])
+            try:
+                with engine.begin() as conn:
+                    conn.execute(text("SELECT pg_notify(:c, 'pg3')"), {"c": wakeup.CHANNEL})
+                return await woken(event, 1.0)
+            finally:
+                listener.waker.disarm(event)
+
+        assert asyncio.run(main()), f"not woken; listener errors: {listener.errors!r}"
+    finally:
+        if not listener.done.is_set():
+            listener.stop()
+        engine.dispose()
