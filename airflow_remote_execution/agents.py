@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from airflow.utils import timezone
+from airflow.sdk import timezone
 
 from airflow_remote_execution import config, leases
 from airflow_remote_execution.models import AgentModel, AgentTokenModel

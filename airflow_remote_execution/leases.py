@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import and_, delete, select, update
 from sqlalchemy.orm import Session
 
-from airflow.utils import timezone
+from airflow.sdk import timezone
 
 from airflow_remote_execution import wakeup
 from airflow_remote_execution.models import AgentModel, WorkItemModel
@@ -182,7 +182,6 @@ def purge_finished(session: Session, older_than: timedelta) -> int:
     result = session.execute(
         delete(WorkItemModel)
         .where(WorkItemModel.state.in_(finished), WorkItemModel.finished_at < cutoff)
-        .where((WorkItemModel.reported_state == WorkItemModel.state))
         .execution_options(synchronize_session=False)
     )
     return result.rowcount

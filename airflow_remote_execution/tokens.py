@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from airflow.utils import timezone
+from airflow.sdk import timezone
 
 from airflow_remote_execution.models import AgentTokenModel
 from airflow_remote_execution.protocol import TokenInfo
@@ -35,7 +35,12 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION_RE.match(text.strip().lower())
     if not match or int(match.group(1)) == 0:
         raise ValueError(f"Invalid duration {text!r}: use a positive number and a unit s, m, h, d or w (e.g. 30d)")
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        delta = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        timezone.utcnow() + delta
+    except OverflowError:
+        raise ValueError(f"Invalid duration {text!r}: too long; use at most a few thousand days") from None
+    return delta
 
 
 def _hash(secret: str) -> str:

@@ -40,13 +40,14 @@ class Waker:
 
     def arm(self, queues: Iterable[str]) -> asyncio.Event:
         """Register interest before looking for work, so a notify in between is not missed."""
+        queues = tuple(queues)
         self._ensure_listener()
         event = asyncio.Event()
         entry = (asyncio.get_running_loop(), event)
         with self._lock:
             for queue in queues:
                 self._waiters[queue].add(entry)
-        event._remote_entry = (entry, tuple(queues))  # type: ignore[attr-defined]
+        event._remote_entry = (entry, queues)  # type: ignore[attr-defined]
         return event
 
     def disarm(self, event: asyncio.Event) -> None:
@@ -90,16 +91,20 @@ class Waker:
         try:
             conn = raw.driver_connection
             conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(f"LISTEN {CHANNEL}")
-            while True:
-                if select_mod.select([conn], [], [], 5.0) == ([], [], []):
-                    continue
-                conn.poll()
-                queues = {n.payload for n in conn.notifies}
-                conn.notifies.clear()
-                if queues:
-                    self.wake(queues)
+            conn.cursor().execute(f"LISTEN {CHANNEL}")
+            if hasattr(conn, "poll"):  # psycopg2
+                while True:
+                    if select_mod.select([conn], [], [], 5.0) == ([], [], []):
+                        continue
+                    conn.poll()
+                    queues = {n.payload for n in conn.notifies}
+                    conn.notifies.clear()
+                    if queues:
+                        self.wake(queues)
+            else:  # psycopg 3
+                while True:
+                    for notify in conn.notifies(timeout=5.0):
+                        self.wake([notify.payload])
         finally:
             raw.invalidate()
 

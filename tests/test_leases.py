@@ -374,11 +374,12 @@ def test_purge_finished(db):
             .values(finished_at=old)
         )
     with db.session() as s:
-        assert leases.purge_finished(s, timedelta(hours=1)) == 2
+        assert leases.purge_finished(s, timedelta(hours=1)) == 3
     with db.session() as s:
         left = {s.get(WorkItemModel, i).key[2] for i in ids.values() if s.get(WorkItemModel, i) is not None}
-    # Finished and reported (or revoked) before the cutoff: gone. Unreported, recent or unfinished: kept.
-    assert left == {"old-unreported", "new-reported", "running", "queued"}
+    # Finished before the cutoff: gone, reported or not (no scheduler may ever adopt an unreported
+    # one). Recent or unfinished: kept.
+    assert left == {"new-reported", "running", "queued"}
 
 
 def test_not_owned_and_running_counts(db):

@@ -45,11 +45,6 @@ def test_parse_duration_rejects_bad_input_with_a_hint(bad):
         tokens.parse_duration(bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: tokens.create lets OverflowError escape for huge --expires-in values "
-    "(now + timedelta overflows); callers (CLI, admin API) only handle ValueError",
-)
 def test_huge_expiry_is_a_value_error(sqlite_db):
     with sqlite_db.session() as s, pytest.raises(ValueError):
         tokens.create(s, agent_name="a", queues=["q"], expires_in="99999999d")

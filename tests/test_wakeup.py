@@ -88,11 +88,6 @@ def test_wake_reaches_waiters_in_several_loops(airflow_db):
     assert results == [True, True]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Waker.arm iterates `queues` twice; a one-shot iterable (generator) is consumed by the first "
-    "loop, so disarm() removes nothing and the event keeps being woken (and the poller keeps polling)",
-)
 def test_arm_with_a_generator_can_be_disarmed(airflow_db):
     w = Waker()
 
@@ -242,12 +237,6 @@ def test_pg_notify_rolled_back_is_never_delivered(pg_engine, pg_waker):
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Waker._listen_postgres uses psycopg2-only APIs (conn.poll(), conn.notifies list); with Airflow on "
-    "psycopg 3 (sql_alchemy_conn postgresql+psycopg://, supported by Airflow) it raises AttributeError on the first "
-    "notification, restarts every second and wake-ups fall back to the 1 s re-check",
-)
 def test_pg_listener_works_with_psycopg3(pg_engine):
     from sqlalchemy import create_engine
 

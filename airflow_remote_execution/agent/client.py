@@ -101,7 +101,8 @@ class PlaneClient:
     def __repr__(self) -> str:
         return f"PlaneClient({self.base!r})"
 
-    def _post(self, path: str, body, timeout: float | None = None) -> dict:
+    def _post(self, path: str, body, model=None, timeout: float | None = None):
+        """POST ``body``; return the answer validated as ``model`` (or raw), or raise PlaneError."""
         try:
             response = self.http.post(
                 self.base + path,
@@ -117,10 +118,19 @@ class PlaneClient:
                 "(the CA that signed the plane's certificate) and client_cert/client_key",
                 retryable=False,
             ) from None
+        except requests.Timeout:
+            raise PlaneError(0, f"Request to {self.base} timed out") from None
         except requests.RequestException as e:
             raise PlaneError(0, f"Plane not reachable at {self.base}: {type(e).__name__}") from None
         if response.status_code < 300:
-            return response.json()
+            try:
+                data = response.json()
+                return model.model_validate(data) if model else data
+            except ValueError:  # not JSON, or not the expected schema (pydantic errors are ValueErrors)
+                raise PlaneError(
+                    response.status_code,
+                    f"Unexpected answer from {self.base}{path} (a proxy page? check [remote_execution] api_url)",
+                ) from None
         try:
             detail = response.json().get("detail", response.text)
         except ValueError:
@@ -132,14 +142,13 @@ class PlaneClient:
         raise PlaneError(response.status_code, detail)
 
     def register(self, req: RegisterRequest) -> RegisterResponse:
-        return RegisterResponse.model_validate(self._post("/agents/register", req))
+        return self._post("/agents/register", req, RegisterResponse)
 
     def heartbeat(self, req: HeartbeatRequest) -> HeartbeatResponse:
-        return HeartbeatResponse.model_validate(self._post("/agents/heartbeat", req))
+        return self._post("/agents/heartbeat", req, HeartbeatResponse)
 
     def lease(self, slots: int, wait: float) -> list[Lease]:
-        data = self._post("/leases", LeaseRequest(slots=slots, wait=wait), timeout=wait + self.timeout)
-        return LeaseResponse.model_validate(data).leases
+        return self._post("/leases", LeaseRequest(slots=slots, wait=wait), LeaseResponse, wait + self.timeout).leases
 
     def start(self, work_id: int, fence: int) -> None:
         from airflow_remote_execution.protocol import FencedRequest

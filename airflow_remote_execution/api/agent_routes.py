@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Annotated, TypeVar
@@ -123,15 +124,13 @@ async def lease(body: LeaseRequest, request: Request, authorization: Authorizati
                 return LeaseResponse(leases=found)
             try:
                 await _wait(event, min(remaining, 1.0))
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 pass
         finally:
             waker.disarm(event)
 
 
 async def _wait(event, timeout: float) -> None:
-    import asyncio
-
     await asyncio.wait_for(event.wait(), timeout)
 
 

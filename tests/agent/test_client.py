@@ -245,12 +245,6 @@ def test_read_timeout_and_long_poll_timeout(plane):
     assert client.lease(1, wait=0.6) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: PlaneClient._post calls response.json() on 2xx answers outside any error handling, so a "
-    "non-JSON 2xx (e.g. an HTML page from a proxy or a wrong api_url) raises requests' JSONDecodeError instead of "
-    "PlaneError; the worker threads only catch PlaneError and the poller thread dies",
-)
 def test_non_json_success_is_a_plane_error(plane):
     plane.reply("/leases", Reply(200, "<html>Welcome to the corporate proxy</html>"))
     with pytest.raises(PlaneError):

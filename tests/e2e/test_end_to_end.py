@@ -50,6 +50,23 @@ def cluster(request, tmp_path_factory):
             print(f"--- {proc.name}\n{proc.tail(30)}")
 
 
+def test_installed_as_provider_with_documented_api(cluster):
+    plane, _ = cluster
+    assert "airflow-remote-execution" in plane.airflow("providers", "list").stdout
+    config = plane.airflow("config", "list", "--section", "remote_execution", "--include-descriptions").stdout
+    for option in ("api_url", "token_file", "heartbeat_interval", "lost_agent_threshold", "long_poll_wait",
+                   "concurrency", "queues", "ca_bundle", "client_cert"):
+        assert f"{option} =" in config
+    spec = requests.get(f"{plane.url}/remote_execution/openapi.json", timeout=10).json()
+    assert {"/v1/agents/register", "/v1/agents/heartbeat", "/v1/leases", "/v1/work/{work_id}/start",
+            "/v1/work/{work_id}/finish", "/v1/admin/agents", "/v1/admin/tokens"} <= set(spec["paths"])
+    listed = plane.airflow("remote-execution", "agents", "list", "--output", "json").stdout
+    states = {a["name"]: a["state"] for a in json.loads(listed)}
+    assert states.items() >= {"agent-a": "active", "agent-b": "active"}.items()
+    # Admin routes use Airflow's auth: no JWT, no answer.
+    assert requests.get(f"{plane.url}{V1}/admin/agents", timeout=10).status_code == 401
+
+
 def _run(plane: Plane, dag_id: str) -> tuple[str, list[dict]]:
     run_id = plane.trigger(dag_id)
     state = plane.wait_run(dag_id, run_id)
