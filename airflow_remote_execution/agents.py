@@ -81,6 +81,33 @@ def heartbeat(session: Session, agent: AgentModel, req: HeartbeatRequest) -> Hea
     )
 
 
+def mark_lost(session: Session) -> list[AgentModel]:
+    """Agents silent for ``lost_agent_threshold`` heartbeat intervals become LOST (their work is reclaimed).
+
+    When *no* agent has been heard from within that window the plane itself (api-server, network)
+    is the likelier culprit, so nobody is declared lost: an API outage must not fail running tasks.
+    """
+    from datetime import timedelta
+
+    from sqlalchemy import func
+
+    window = timedelta(seconds=config.getfloat("heartbeat_interval") * config.getint("lost_agent_threshold"))
+    cutoff = timezone.utcnow() - window
+    newest = session.scalar(select(func.max(AgentModel.last_heartbeat_at)))
+    if newest is None or newest < cutoff:
+        return []
+    query = select(AgentModel).where(
+        AgentModel.state.in_([AgentState.ACTIVE.value, AgentState.DRAINING.value]),
+        AgentModel.last_heartbeat_at < cutoff,
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    lost = list(session.scalars(query))
+    for agent in lost:
+        agent.state = AgentState.LOST.value
+    return lost
+
+
 def list_agents(session: Session) -> list[AgentInfo]:
     counts = leases.running_counts(session)
     return [

@@ -141,6 +141,31 @@ def requeue_expired_leases(session: Session) -> int:
     return len(rows)
 
 
+def reclaim_from_lost(session: Session, agent: AgentModel) -> tuple[int, int]:
+    """A lost agent's unstarted leases go back to the queue; its running work fails (so retries apply).
+
+    Its fence on each item is dead from now on: any later report gets 409, and its next heartbeat
+    tells it to kill what it still runs.
+    """
+    now = timezone.utcnow()
+    requeued = session.execute(
+        update(WorkItemModel)
+        .where(WorkItemModel.agent_id == agent.id, WorkItemModel.state == WorkState.LEASED.value)
+        .values(state=WorkState.QUEUED.value, agent_id=None, agent_name=None, leased_at=None, lease_expires_at=None)
+        .returning(WorkItemModel.queue)
+        .execution_options(synchronize_session=False)
+    ).all()
+    for queue in {r.queue for r in requeued}:
+        wakeup.notify(session, queue)
+    failed = session.execute(
+        update(WorkItemModel)
+        .where(WorkItemModel.agent_id == agent.id, WorkItemModel.state == WorkState.RUNNING.value)
+        .values(state=WorkState.FAILED.value, finished_at=now, info=f"agent {agent.name} lost (no heartbeat)")
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    return len(requeued), failed
+
+
 def pending_reports(session: Session) -> list[WorkItemModel]:
     """Items whose state changed since the executor last reported it to the scheduler."""
     return list(

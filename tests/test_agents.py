@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from airflow.models.taskinstancekey import TaskInstanceKey
-from airflow.utils import timezone
+from airflow.sdk import timezone
 
 from airflow_remote_execution import agents, leases, tokens
 from airflow_remote_execution.agents import AgentForbidden, AgentNotRegistered
@@ -147,3 +147,55 @@ def test_list_agents(db):
     assert [i.running for i in listed] == [0, 1]
     assert listed[1].hostname == "hb" and listed[1].versions == {"python": "3.11"} and listed[1].queues == ["default", "gpu"]
 
+
+
+def _age_heartbeat(db, agent: AgentModel, seconds: float) -> None:
+    from datetime import timedelta
+
+    with db.session() as s:
+        s.get(AgentModel, agent.id).last_heartbeat_at = timezone.utcnow() - timedelta(seconds=seconds)
+
+
+def test_silent_agent_is_lost_and_its_work_reclaimed(db):
+    silent = register(db, new_token(db, "silent", ["default"]))
+    alive = register(db, new_token(db, "alive", ["default"]))
+    with db.session() as s:
+        for name in ("unstarted", "started"):
+            leases.enqueue(s, key=name_key(name), kind="task", queue="default", priority_weight=1, workload="{}")
+    with db.session() as s:
+        leased = {i.key[2]: (i.id, i.fence) for i in leases.lease(s, s.get(AgentModel, silent.id), ["default"], 2, 30)}
+    with db.session() as s:
+        leases.confirm_start(s, s.get(AgentModel, silent.id), *leased["started"])
+    _age_heartbeat(db, silent, 16)  # default: 3 intervals of 5 s
+
+    with db.session() as s:
+        lost = agents.mark_lost(s)
+        assert [a.name for a in lost] == ["silent"]
+        assert leases.reclaim_from_lost(s, lost[0]) == (1, 1)
+    with db.session() as s:
+        assert s.get(AgentModel, silent.id).state == "lost" and s.get(AgentModel, alive.id).state == "active"
+        unstarted = s.get(leases.WorkItemModel, leased["unstarted"][0])
+        started = s.get(leases.WorkItemModel, leased["started"][0])
+        assert (unstarted.state, unstarted.agent_id) == ("queued", None)
+        assert (started.state, started.info) == ("failed", "agent silent lost (no heartbeat)")
+        # The requeued item is leased by the live agent next; the lost agent's reports are fenced out.
+        (again,) = leases.lease(s, s.get(AgentModel, alive.id), ["default"], 5, 30)
+        assert again.id == unstarted.id and again.fence == leased["unstarted"][1] + 1
+    with db.session() as s, pytest.raises(leases.LeaseConflict):
+        leases.finish(s, s.get(AgentModel, silent.id), *leased["started"], leases.WorkState.SUCCESS, None)
+    # When it comes back it is told to kill what was taken away.
+    reply, row = heartbeat(db, silent, running=[leased["started"][0]])
+    assert reply.kill == [leased["started"][0]] and row.state == "active"
+
+
+def test_no_agent_is_lost_when_every_agent_is_silent(db):
+    """All heartbeats stale at once means the plane (not every agent) was away: fail nothing."""
+    a = register(db, new_token(db, "a", ["default"]))
+    b = register(db, new_token(db, "b", ["default"]))
+    _age_heartbeat(db, a, 60)
+    _age_heartbeat(db, b, 60)
+    with db.session() as s:
+        assert agents.mark_lost(s) == []
+    _age_heartbeat(db, b, 0)
+    with db.session() as s:
+        assert [x.name for x in agents.mark_lost(s)] == ["a"]

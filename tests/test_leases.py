@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from airflow.models.callback import CallbackKey
 from airflow.models.connection_test import ConnectionTestKey
 from airflow.models.taskinstancekey import TaskInstanceKey
-from airflow.utils import timezone
+from airflow.sdk import timezone
 
 from airflow_remote_execution import agents, leases, tokens
 from airflow_remote_execution.leases import LeaseConflict

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from airflow.utils import timezone
+from airflow.sdk import timezone
 
 from airflow_remote_execution import tokens
 from airflow_remote_execution.models import AgentTokenModel

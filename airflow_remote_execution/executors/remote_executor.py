@@ -18,7 +18,7 @@ from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
 from airflow.utils.session import create_session
 
-from airflow_remote_execution import config, leases
+from airflow_remote_execution import agents, config, leases
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -75,6 +75,12 @@ class RemoteExecutor(BaseExecutor):
         import time
 
         with create_session() as session:
+            for agent in agents.mark_lost(session):
+                requeued, failed = leases.reclaim_from_lost(session, agent)
+                self.log.warning(
+                    "Agent %s is lost: %d unstarted workloads requeued, %d running ones failed",
+                    agent.name, requeued, failed,
+                )
             leases.requeue_expired_leases(session)
             for item in leases.pending_reports(session):
                 key = leases.key_from_json(item.key)

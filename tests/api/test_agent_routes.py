@@ -10,7 +10,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from airflow.models.taskinstancekey import TaskInstanceKey
-from airflow.utils import timezone
+from airflow.sdk import timezone
 from airflow.utils.session import create_session
 
 from airflow_remote_execution import leases, tokens
