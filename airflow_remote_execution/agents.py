@@ -43,7 +43,7 @@ def register(session: Session, token: AgentTokenModel, req: RegisterRequest) -> 
     now = timezone.utcnow()
     agent = session.scalar(select(AgentModel).where(AgentModel.name == token.agent_name))
     if agent is None:
-        agent = AgentModel(name=token.agent_name, registered_at=now, versions={})
+        agent = AgentModel(name=token.agent_name, registered_at=now, versions={}, drained=False)
         session.add(agent)
     agent.state = AgentState.ACTIVE.value
     agent.queues = queues
@@ -68,17 +68,48 @@ def for_token(session: Session, token: AgentTokenModel) -> AgentModel:
 def heartbeat(session: Session, agent: AgentModel, req: HeartbeatRequest) -> HeartbeatResponse:
     agent.last_heartbeat_at = timezone.utcnow()
     agent.free_slots = req.free_slots
-    if agent.state == AgentState.LOST.value:
-        agent.state = AgentState.ACTIVE.value
-    if req.draining and agent.state == AgentState.ACTIVE.value:
-        agent.state = AgentState.DRAINING.value
     if req.offline:
         agent.state = AgentState.OFFLINE.value
+    elif req.draining:
+        agent.state = AgentState.STOPPING.value
+    else:
+        agent.state = AgentState.ACTIVE.value  # back from LOST, too
     return HeartbeatResponse(
         heartbeat_interval=config.getfloat("heartbeat_interval"),
         kill=leases.not_owned(session, agent, req.running),
-        drain=agent.state == AgentState.DRAINING.value,
+        drain=agent.drained,
     )
+
+
+def accepts_work(agent: AgentModel) -> bool:
+    return agent.state == AgentState.ACTIVE.value and not agent.drained
+
+
+def _by_name(session: Session, name: str) -> AgentModel:
+    agent = session.scalar(select(AgentModel).where(AgentModel.name == name))
+    if agent is None:
+        raise LookupError(f"No agent named {name!r} (see `airflow remote-execution agents list`)")
+    return agent
+
+
+def set_drained(session: Session, name: str, drained: bool) -> AgentModel:
+    """Drain: the agent finishes what it runs and leases nothing new until resumed; it stays up."""
+    agent = _by_name(session, name)
+    agent.drained = drained
+    return agent
+
+
+def remove(session: Session, name: str, force: bool = False) -> None:
+    """Forget an agent that is gone. A live one would just register again, so that needs ``force``."""
+    agent = _by_name(session, name)
+    busy = leases.running_counts(session).get(agent.id, 0)
+    if not force and (agent.state in (AgentState.ACTIVE.value, AgentState.STOPPING.value) or busy):
+        raise AgentForbidden(
+            f"Agent {name!r} is {agent.state} with {busy} workload(s): stop it first (or drain it and wait), "
+            "or pass force; revoke its tokens to keep it from coming back"
+        )
+    session.delete(agent)
+    session.flush()
 
 
 def mark_lost(session: Session) -> list[AgentModel]:
@@ -97,7 +128,7 @@ def mark_lost(session: Session) -> list[AgentModel]:
     if newest is None or newest < cutoff:
         return []
     query = select(AgentModel).where(
-        AgentModel.state.in_([AgentState.ACTIVE.value, AgentState.DRAINING.value]),
+        AgentModel.state.in_([AgentState.ACTIVE.value, AgentState.STOPPING.value]),
         AgentModel.last_heartbeat_at < cutoff,
     )
     if session.get_bind().dialect.name == "postgresql":
@@ -115,6 +146,7 @@ def list_agents(session: Session) -> list[AgentInfo]:
             id=a.id,
             name=a.name,
             state=a.state,
+            drained=a.drained,
             queues=list(a.queues),
             concurrency=a.concurrency,
             free_slots=a.free_slots,

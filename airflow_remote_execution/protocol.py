@@ -30,10 +30,12 @@ class WorkState(str, Enum):
 
 
 class AgentState(str, Enum):
+    """Liveness of an agent. Whether an operator drained it is a separate flag (``drained``)."""
+
     ACTIVE = "active"
-    DRAINING = "draining"
+    STOPPING = "stopping"  # shutting down (SIGTERM): finishing its work, leasing nothing
     OFFLINE = "offline"  # stopped cleanly
-    LOST = "lost"
+    LOST = "lost"  # missed lost_agent_threshold heartbeats
 
 
 class RegisterRequest(Strict):
@@ -60,14 +62,14 @@ class RegisterResponse(BaseModel):
 class HeartbeatRequest(Strict):
     running: list[int] = Field(default_factory=list, description="Work item ids the agent runs now.")
     free_slots: int = Field(ge=0)
-    draining: bool = False
+    draining: bool = Field(default=False, description="The agent is shutting down: lease it nothing.")
     offline: bool = Field(default=False, description="The agent is stopping now (clean shutdown).")
 
 
 class HeartbeatResponse(BaseModel):
     heartbeat_interval: float
     kill: list[int] = Field(description="Work item ids that are no longer this agent's: stop them.")
-    drain: bool = False
+    drain: bool = Field(default=False, description="An operator drained this agent: lease nothing until resumed.")
 
 
 class LeaseRequest(Strict):
@@ -110,6 +112,7 @@ class AgentInfo(BaseModel):
     id: int
     name: str
     state: str
+    drained: bool
     queues: list[str]
     concurrency: int
     free_slots: int
@@ -137,6 +140,13 @@ class TokenCreateRequest(Strict):
     queues: list[str] = Field(min_length=1)
     expires_in: str | None = Field(default=None, description="Lifetime such as 30d, 12h, 90m; none = never.")
     description: str | None = Field(default=None, max_length=1000)
+
+
+class TokenRotateRequest(Strict):
+    expires_in: str | None = Field(default=None, description="Lifetime of the new token; none = never.")
+    old_valid_for: str | None = Field(
+        default=None, description="Overlap: the old token expires this long from now (e.g. 1h); none = until revoked."
+    )
 
 
 class TokenCreated(BaseModel):

@@ -128,6 +128,27 @@ def list_tokens(session: Session, agent_name: str | None = None) -> list[AgentTo
     return list(session.scalars(query))
 
 
+def rotate(
+    session: Session, token_id: str, *, expires_in: str | None = None, old_valid_for: str | None = None
+) -> tuple[str, AgentTokenModel]:
+    """A new token for the same agent and queues. The old one stays valid (the overlap window) until
+    revoked, its own expiry, or ``old_valid_for`` from now, so agents can be rolled without downtime."""
+    old = session.get(AgentTokenModel, token_id)
+    if old is None:
+        raise LookupError(f"No agent token with id {token_id!r} (see `tokens list`)")
+    if token_status(old) != "active":
+        raise ValueError(f"Token {token_id} is {token_status(old)}: create a new one with `tokens create` instead")
+    clear, new = create(
+        session, agent_name=old.agent_name, queues=list(old.queues), expires_in=expires_in,
+        description=f"rotated from {old.id}",
+    )
+    if old_valid_for:
+        ends = timezone.utcnow() + parse_duration(old_valid_for)
+        if old.expires_at is None or ends < old.expires_at:
+            old.expires_at = ends
+    return clear, new
+
+
 def revoke(session: Session, token_id: str) -> AgentTokenModel:
     row = session.get(AgentTokenModel, token_id)
     if row is None:

@@ -109,14 +109,47 @@ def test_heartbeat_records_liveness_and_returns_kill_list(db):
     assert row.free_slots == 0 and row.last_heartbeat_at >= before and row.state == "active"
 
 
-def test_heartbeat_drain_and_offline(db):
+def test_heartbeat_stopping_and_offline(db):
+    """An agent shutting down says so (STOPPING: no new work); its last heartbeat says OFFLINE."""
     agent = register(db, new_token(db))
     reply, row = heartbeat(db, agent, draining=True)
-    assert reply.drain is True and row.state == AgentState.DRAINING.value
-    reply, row = heartbeat(db, agent)  # stays draining until it registers again
-    assert reply.drain is True and row.state == "draining"
+    assert reply.drain is False and row.state == AgentState.STOPPING.value
+    assert not agents.accepts_work(row)
     reply, row = heartbeat(db, agent, draining=True, offline=True)
-    assert reply.drain is False and row.state == AgentState.OFFLINE.value
+    assert row.state == AgentState.OFFLINE.value
+
+
+def test_operator_drain_survives_restarts_until_resumed(db):
+    token = new_token(db)
+    agent = register(db, token)
+    with db.session() as s:
+        assert agents.set_drained(s, "agent-1", True).drained is True
+    reply, row = heartbeat(db, agent)
+    assert reply.drain is True and row.state == "active" and not agents.accepts_work(row)
+    agent = register(db, token)  # the agent restarts: still drained
+    reply, row = heartbeat(db, agent)
+    assert reply.drain is True and agent.drained is True
+    with db.session() as s:
+        agents.set_drained(s, "agent-1", False)
+    reply, row = heartbeat(db, agent)
+    assert reply.drain is False and agents.accepts_work(row)
+    with db.session() as s, pytest.raises(LookupError, match="No agent named 'nobody'"):
+        agents.set_drained(s, "nobody", True)
+
+
+def test_remove_only_forgets_agents_that_are_gone(db):
+    agent = register(db, new_token(db))
+    with db.session() as s, pytest.raises(AgentForbidden, match="is active with 0 workload"):
+        agents.remove(s, "agent-1")
+    heartbeat(db, agent, draining=True, offline=True)
+    with db.session() as s:
+        agents.remove(s, "agent-1")
+    with db.session() as s:
+        assert agents.list_agents(s) == []
+    agent = register(db, new_token(db, "agent-2"))
+    with db.session() as s:
+        agents.remove(s, "agent-2", force=True)
+        assert agents.list_agents(s) == []
 
 
 def test_heartbeat_revives_a_lost_agent(db):

@@ -185,3 +185,25 @@ def test_list_and_info(db):
         info = tokens.to_info(only_a)
     assert info.status == "active" and info.queues == ["q1", "q2"] and info.description == "first of a"
     assert "secret" not in info.model_dump()
+
+
+def test_rotate_keeps_the_old_token_valid_for_the_overlap(db):
+    with db.session() as s:
+        old_clear, old = tokens.create(s, agent_name="edge-1", queues=["a", "b"])
+    with db.session() as s:
+        new_clear, new = tokens.rotate(s, old.id, expires_in="30d", old_valid_for="1h")
+        assert (new.agent_name, new.queues, new.description) == ("edge-1", ["a", "b"], f"rotated from {old.id}")
+    with db.session() as s:
+        # Both work during the overlap, for the same agent identity.
+        assert tokens.verify(s, old_clear).agent_name == tokens.verify(s, new_clear).agent_name == "edge-1"
+        old_row = s.get(AgentTokenModel, old.id)
+        assert timedelta(minutes=59) < old_row.expires_at - timezone.utcnow() <= timedelta(hours=1)
+        tokens.revoke(s, old.id)
+    with db.session() as s:
+        with pytest.raises(tokens.TokenError, match="revoked"):
+            tokens.verify(s, old_clear)
+        assert tokens.verify(s, new_clear).id == new.id
+        with pytest.raises(ValueError, match="is revoked: create a new one"):
+            tokens.rotate(s, old.id)
+        with pytest.raises(LookupError, match="No agent token with id 'nope'"):
+            tokens.rotate(s, "nope")

@@ -101,7 +101,9 @@ class AgentWorker:
         self.running: dict[int, Running] = {}
         self.lock = threading.Lock()
         self.slot_freed = threading.Event()
-        self.stopping = threading.Event()
+        self.stopping = threading.Event()  # local shutdown (SIGTERM/SIGINT): drain, then exit
+        self.exited = threading.Event()
+        self.paused = False  # drained by an operator on the plane: lease nothing, keep running
         self.heartbeat_interval = 5.0
         self.long_poll_wait = 20.0
         self.name = "?"
@@ -177,7 +179,7 @@ class AgentWorker:
 
     def _drain(self) -> int:
         log.info("Stopping: no new work; waiting up to %ss for %d running", self.shutdown_timeout, len(self.running))
-        self._send_heartbeat(draining=True)
+        self._send_heartbeat()  # says draining: an in-flight lease request returns empty within a second
         deadline = time.monotonic() + self.shutdown_timeout
         while self.running and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -189,7 +191,8 @@ class AgentWorker:
         end = time.monotonic() + 15
         while self.running and time.monotonic() < end:
             time.sleep(0.2)
-        self._send_heartbeat(draining=True, offline=True)
+        self.exited.set()
+        self._send_heartbeat(offline=True)
         log.info("Agent %s stopped", self.name)
         return 0
 
@@ -211,6 +214,9 @@ class AgentWorker:
         attempt = 0
         while not self.stopping.is_set():
             free = self.free_slots()
+            if self.paused:
+                self.stopping.wait(1.0)
+                continue
             if free == 0:
                 self.slot_freed.wait(1.0)
                 self.slot_freed.clear()
@@ -283,13 +289,14 @@ class AgentWorker:
 
     # ------------------------------------------------------------------ heartbeats
 
-    def _send_heartbeat(self, draining: bool = False, offline: bool = False) -> None:
+    def _send_heartbeat(self, offline: bool = False) -> None:
         with self.lock:
             running = list(self.running)
+        request = HeartbeatRequest(
+            running=running, free_slots=self.free_slots(), draining=self.stopping.is_set(), offline=offline
+        )
         try:
-            reply = self.client.heartbeat(
-                HeartbeatRequest(running=running, free_slots=self.free_slots(), draining=draining, offline=offline)
-            )
+            reply = self.client.heartbeat(request)
         except PlaneError as e:
             log.warning("Heartbeat failed: %s", e.detail)
             return
@@ -300,12 +307,13 @@ class AgentWorker:
             if run is not None:
                 log.warning("Plane took work %s away; killing it", work_id)
                 self._kill(run)
-        if reply.drain and not draining:
-            log.info("Plane asked this agent to drain")
-            self.stopping.set()
+        if reply.drain != self.paused:
+            log.info("Drained on the plane: leasing nothing new" if reply.drain else "Resumed: leasing again")
+            self.paused = reply.drain
 
     def _heartbeat_loop(self) -> None:
-        while not self.stopping.wait(self.heartbeat_interval):
+        """Heartbeats continue while draining, so running work is not taken for lost."""
+        while not self.exited.wait(self.heartbeat_interval):
             self._send_heartbeat()
 
     @staticmethod

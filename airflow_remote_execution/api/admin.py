@@ -17,6 +17,7 @@ from airflow_remote_execution.protocol import (
     TokenCreated,
     TokenCreateRequest,
     TokenInfo,
+    TokenRotateRequest,
     WorkItemInfo,
 )
 
@@ -24,6 +25,7 @@ admin_router = APIRouter(tags=["Admin"])
 _read = [Depends(requires_access_view(access_view=AccessView.JOBS))]
 _tokens_read = [Depends(requires_access_configuration("GET"))]
 _tokens_write = [Depends(requires_access_configuration("PUT"))]
+_write = _tokens_write  # changing agents is an operator's configuration change too
 
 
 @admin_router.get("/agents", response_model=list[AgentInfo], dependencies=_read)
@@ -33,6 +35,35 @@ async def list_agents() -> list[AgentInfo]:
             return agents.list_agents(session)
 
     return await run_in_threadpool(run)
+
+
+@admin_router.post("/agents/{name}/drain", response_model=AgentInfo, dependencies=_write)
+async def drain_agent(name: str) -> AgentInfo:
+    """The agent finishes what it runs and leases nothing new until resumed."""
+    return await run_in_threadpool(_set_drained, name, True)
+
+
+@admin_router.post("/agents/{name}/resume", response_model=AgentInfo, dependencies=_write)
+async def resume_agent(name: str) -> AgentInfo:
+    return await run_in_threadpool(_set_drained, name, False)
+
+
+@admin_router.delete("/agents/{name}", status_code=204, dependencies=_write)
+async def remove_agent(name: str, force: bool = False) -> None:
+    """Forget a stopped or lost agent (``force`` for a live one; revoke its tokens too)."""
+
+    def run():
+        with create_session() as session:
+            agents.remove(session, name, force=force)
+
+    await run_in_threadpool(run)
+
+
+def _set_drained(name: str, drained: bool) -> AgentInfo:
+    with create_session() as session:
+        agents.set_drained(session, name, drained)
+        session.flush()
+        return next(a for a in agents.list_agents(session) if a.name == name)
 
 
 @admin_router.get("/work", response_model=list[WorkItemInfo], dependencies=_read)
@@ -83,6 +114,20 @@ async def create_token(body: TokenCreateRequest) -> TokenCreated:
                 queues=body.queues,
                 expires_in=body.expires_in,
                 description=body.description,
+            )
+            return TokenCreated(token=clear, info=tokens.to_info(row))
+
+    return await run_in_threadpool(run)
+
+
+@admin_router.post("/tokens/{token_id}/rotate", response_model=TokenCreated, status_code=201, dependencies=_tokens_write)
+async def rotate_token(token_id: str, body: TokenRotateRequest) -> TokenCreated:
+    """A new token for the same agent; the old one stays valid for ``old_valid_for`` (or until revoked)."""
+
+    def run():
+        with create_session() as session:
+            clear, row = tokens.rotate(
+                session, token_id, expires_in=body.expires_in, old_valid_for=body.old_valid_for
             )
             return TokenCreated(token=clear, info=tokens.to_info(row))
 

@@ -108,7 +108,7 @@ async def lease(body: LeaseRequest, request: Request, authorization: Authorizati
     queues = await run_in_threadpool(_as_agent(authorization, who))
 
     def take(session, _t, agent: AgentModel) -> list[Lease]:
-        if agent.state != "active":
+        if not agents.accepts_work(agent):
             return []
         return [_lease_view(i) for i in leases.lease(session, agent, queues, body.slots, confirm_timeout)]
 

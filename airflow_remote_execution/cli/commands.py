@@ -15,6 +15,10 @@ def _print(rows: list[dict], output: str | None) -> None:
     AirflowConsole().print_as(data=rows, output=output or "table")
 
 
+def _fail(e: Exception) -> SystemExit:
+    return SystemExit(f"Error: {e.args[0] if e.args else e}")
+
+
 @providers_configuration_loaded
 def tokens_create(args) -> None:
     try:
@@ -28,8 +32,25 @@ def tokens_create(args) -> None:
             )
             info = tokens.to_info(row)
     except ValueError as e:
-        raise SystemExit(f"Error: {e}")
-    if args.output == "json":
+        raise _fail(e)
+    _print_new_token(clear, info, args.output)
+
+
+@providers_configuration_loaded
+def tokens_rotate(args) -> None:
+    try:
+        with create_session() as session:
+            clear, row = tokens.rotate(
+                session, args.token_id, expires_in=args.expires_in, old_valid_for=args.old_valid_for
+            )
+            info = tokens.to_info(row)
+    except (ValueError, LookupError) as e:
+        raise _fail(e)
+    _print_new_token(clear, info, args.output)
+
+
+def _print_new_token(clear: str, info, output: str | None) -> None:
+    if output == "json":
         import json
 
         print(json.dumps({"token": clear, **info.model_dump(mode="json")}))
@@ -59,7 +80,7 @@ def tokens_revoke(args) -> None:
             row = tokens.revoke(session, args.token_id)
             print(f"Token {row.id} of agent {row.agent_name!r} revoked at {row.revoked_at.isoformat()}")
     except LookupError as e:
-        raise SystemExit(f"Error: {e.args[0]}")
+        raise _fail(e)
 
 
 @providers_configuration_loaded
@@ -70,6 +91,36 @@ def agents_list(args) -> None:
         row["queues"] = ",".join(row["queues"])
         row.pop("versions", None)
     _print(rows, args.output)
+
+
+@providers_configuration_loaded
+def agents_drain(args) -> None:
+    _set_drained(args.name, True)
+    print(f"Agent {args.name!r} drained: it finishes its running work and leases nothing new until resumed")
+
+
+@providers_configuration_loaded
+def agents_resume(args) -> None:
+    _set_drained(args.name, False)
+    print(f"Agent {args.name!r} resumed")
+
+
+def _set_drained(name: str, drained: bool) -> None:
+    try:
+        with create_session() as session:
+            agents.set_drained(session, name, drained)
+    except LookupError as e:
+        raise _fail(e)
+
+
+@providers_configuration_loaded
+def agents_remove(args) -> None:
+    try:
+        with create_session() as session:
+            agents.remove(session, args.name, force=args.force)
+    except (LookupError, agents.AgentForbidden) as e:
+        raise _fail(e)
+    print(f"Agent {args.name!r} removed")
 
 
 @providers_configuration_loaded

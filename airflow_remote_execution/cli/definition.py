@@ -15,6 +15,11 @@ ARG_AGENT_FILTER = Arg(("--agent-name",), help="Only this agent's tokens")
 ARG_STATE = Arg(("--state",), help="Only work items in this state")
 ARG_LIMIT = Arg(("--limit",), help="At most this many rows", type=int, default=100)
 ARG_AGENT_QUEUES = Arg(("--queues",), help="Override [remote_execution] queues for this agent")
+ARG_AGENT_NAME = Arg(("name",), help="Agent name (see `agents list`)")
+ARG_FORCE = Arg(("--force",), help="Remove even if the agent looks alive", action="store_true")
+ARG_OLD_VALID_FOR = Arg(
+    ("--old-valid-for",), help="Overlap: the old token expires this long from now (e.g. 1h); default: until revoked"
+)
 ARG_CONCURRENCY = Arg(("--concurrency",), help="Override [remote_execution] concurrency", type=int)
 
 TOKEN_COMMANDS = (
@@ -31,6 +36,12 @@ TOKEN_COMMANDS = (
         args=(ARG_AGENT_FILTER, ARG_OUTPUT),
     ),
     ActionCommand(
+        name="rotate",
+        help="Create a new token for the same agent and queues; the old one stays valid for the overlap",
+        func=lazy_load_command(_CMD + "tokens_rotate"),
+        args=(ARG_TOKEN_ID, ARG_EXPIRES_IN, ARG_OLD_VALID_FOR, ARG_OUTPUT),
+    ),
+    ActionCommand(
         name="revoke",
         help="Revoke an agent token",
         func=lazy_load_command(_CMD + "tokens_revoke"),
@@ -44,6 +55,24 @@ AGENTS_COMMANDS = (
         help="List registered agents",
         func=lazy_load_command(_CMD + "agents_list"),
         args=(ARG_OUTPUT,),
+    ),
+    ActionCommand(
+        name="drain",
+        help="Let an agent finish its work and lease nothing new (it stays up) until resumed",
+        func=lazy_load_command(_CMD + "agents_drain"),
+        args=(ARG_AGENT_NAME,),
+    ),
+    ActionCommand(
+        name="resume",
+        help="Let a drained agent lease work again",
+        func=lazy_load_command(_CMD + "agents_resume"),
+        args=(ARG_AGENT_NAME,),
+    ),
+    ActionCommand(
+        name="remove",
+        help="Forget a stopped or lost agent",
+        func=lazy_load_command(_CMD + "agents_remove"),
+        args=(ARG_AGENT_NAME, ARG_FORCE),
     ),
 )
 

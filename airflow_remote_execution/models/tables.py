@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from airflow.models.base import _get_schema, naming_convention
@@ -43,6 +43,7 @@ class AgentModel(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(250), nullable=False, unique=True)
     state: Mapped[str] = mapped_column(String(20), nullable=False)
+    drained: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)  # by an operator
     queues: Mapped[list] = mapped_column(JSON, nullable=False)
     concurrency: Mapped[int] = mapped_column(Integer, nullable=False)
     free_slots: Mapped[int] = mapped_column(Integer, nullable=False, default=0)

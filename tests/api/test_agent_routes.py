@@ -156,8 +156,8 @@ def test_heartbeat(client, monkeypatch):
     assert r.json() == {"heartbeat_interval": 7.0, "kill": [theirs, 31337], "drain": False}
 
     r = post(client, "/agents/heartbeat", token, {"running": [mine], "free_slots": 1, "draining": True})
-    assert r.json()["drain"] is True and r.json()["kill"] == []
-    # A draining agent is handed no new work.
+    assert r.json()["drain"] is False and r.json()["kill"] == []
+    # An agent that is shutting down is handed no new work.
     enqueue("more")
     r = post(client, "/leases", token, {"slots": 5, "wait": 0})
     assert r.status_code == 200 and r.json() == {"leases": []}

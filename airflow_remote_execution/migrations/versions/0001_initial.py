@@ -37,6 +37,7 @@ def upgrade():
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
         sa.Column("name", sa.String(250), nullable=False, unique=True),
         sa.Column("state", sa.String(20), nullable=False),
+        sa.Column("drained", sa.Boolean(), nullable=False),
         sa.Column("queues", sa.JSON(), nullable=False),
         sa.Column("concurrency", sa.Integer(), nullable=False),
         sa.Column("free_slots", sa.Integer(), nullable=False),
