@@ -7,9 +7,10 @@ Each executor gets its own real plane (api-server, scheduler, dag-processor from
 other. For each executor the benchmark runs a short warm-up chain (not measured), then
 ``--runs`` runs of a ``--length``-task linear chain of trivial Python tasks. Defaults: 2 runs of
 100 tasks = 200 dispatch samples and 2 chain wall times per executor. In a chain exactly one task
-is queued at a time, and it goes to an idle slot (agent with ``--concurrency`` slots / LocalExecutor
-with ``[core] parallelism`` workers), so ``start_date - queued_dttm`` is pure dispatch, never slot
-waiting. See bench/README.md for the exact definitions.
+is queued at a time, after its predecessor ended, so ``start_date - queued_dttm`` measures dispatch
+to an idle slot, not waiting for one. (Agent slots can still all be held by supervisors of tasks
+that already ended; such samples are flagged and reported apart.) See bench/README.md for the
+exact definitions.
 
 Prints one JSON document on stdout at the end (progress goes to stderr)::
 
@@ -151,17 +152,14 @@ def bench_executor(name: str, executor: str, args, base: Path, dags: Path, pg_se
     db_url = fresh_pg_database(pg_server, f"bench_{name.lower()}") if pg_server else None
     plane = Plane(base / name / "plane", db_url=db_url, executor=executor, dags_folder=dags, extra_env={**COMMON_ENV, **args.plane_env})
     agent: Agent | None = None
-    procs = []
     try:
         t0 = time.monotonic()
         log(f"{name}: starting plane ({executor}, {'postgres' if pg_server else 'sqlite'})")
         plane.start()
-        procs = list(plane.procs.values())
         if remote:
             token = plane.create_agent_token("bench-agent", "default")
             agent = Agent("bench-agent", base / name / "agent", plane.url, token, concurrency=args.concurrency, dags_folder=dags, extra_env=args.agent_env)
             agent.start()
-            procs.append(agent.proc)
             agent.wait_registered()
         plane.wait_dag(CHAIN_DAG, timeout=240)
         plane.wait_dag(WARMUP_DAG, timeout=240)
@@ -171,6 +169,7 @@ def bench_executor(name: str, executor: str, args, base: Path, dags: Path, pg_se
             raise RuntimeError(f"warm-up run {warm} did not succeed")
         time.sleep(2)  # let the plane settle (executor events, agent slot release) before measuring
         runs = []
+        load_start = os.getloadavg()
         for i in range(args.runs):
             run_id = plane.trigger(CHAIN_DAG)
             t_run = time.monotonic()
@@ -184,10 +183,12 @@ def bench_executor(name: str, executor: str, args, base: Path, dags: Path, pg_se
         if remote:
             mark_busy_agent(runs, plane.work_items(limit=10_000), args.concurrency)
         result = summarize(name, executor, runs, remote, args)
-        result["settings"] = _settings(plane.env, agent.env if agent else None)
+        result["settings"] = _settings(plane.env, agent.env if agent else None, args)
+        # Other processes on the host skew the figures: the 1-minute load before and after measuring.
+        result["loadavg_1m"] = {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)}
         return result
     except BaseException:
-        for proc in procs:
+        for proc in [*plane.procs.values(), *([agent.proc] if agent and agent.proc else [])]:
             log(f"--- {proc.name} (last lines)\n{proc.tail(40)}")
         raise
     finally:
@@ -196,15 +197,16 @@ def bench_executor(name: str, executor: str, args, base: Path, dags: Path, pg_se
         plane.stop()
 
 
-_SETTING_PREFIXES = ("AIRFLOW__SCHEDULER__", "AIRFLOW__REMOTE_EXECUTION__", "AIRFLOW__DAG_PROCESSOR__")
+_SETTING_PREFIXES = ("AIRFLOW__SCHEDULER__", "AIRFLOW__REMOTE_EXECUTION__", "AIRFLOW__DAG_PROCESSOR__", "AIRFLOW__WORKERS__")
 _SETTING_KEYS = ("AIRFLOW__CORE__EXECUTOR", "AIRFLOW__CORE__PARALLELISM", "AIRFLOW__API__WORKERS")
 
 
-def _settings(plane_env: dict, agent_env: dict | None) -> dict:
-    """The performance-relevant settings each component ran with (no secrets, no ports)."""
+def _settings(plane_env: dict, agent_env: dict | None, args) -> dict:
+    """The performance-relevant settings each component ran with (no secrets)."""
+    extra = {*args.plane_env, *args.agent_env}
     pick = lambda env: {  # noqa: E731
         k: v for k, v in sorted(env.items())
-        if (k in _SETTING_KEYS or k.startswith(_SETTING_PREFIXES)) and "TOKEN" not in k
+        if (k in _SETTING_KEYS or k in extra or k.startswith(_SETTING_PREFIXES)) and "TOKEN" not in k
     }
     out = {"plane": pick(plane_env)}
     if agent_env is not None:
@@ -234,6 +236,7 @@ def mark_busy_agent(runs: list[dict], items: list[dict], concurrency: int) -> No
 def summarize(name: str, executor: str, runs: list[dict], remote: bool, args) -> dict:
     tasks = [t for r in runs for t in r["tasks"]]
     col = lambda key, only=None: [t.get(key) for t in (only if only is not None else tasks)]  # noqa: E731
+    total = lambda key: sum(v for v in col(key) if v is not None)  # noqa: E731
     out = {
         "executor": executor,
         "dispatch_ms": {
@@ -280,10 +283,10 @@ def summarize(name: str, executor: str, runs: list[dict], remote: bool, args) ->
         # Where a chain's wall time goes, mean per task (ms); react + sched_to_queued + dispatch + run
         # summed over the tasks, plus the tail, equals the wall time.
         "per_task_mean_ms": {
-            "react (prev end -> scheduled)": round(sum(col("react_ms")) / n, 1),
-            "scheduled -> queued": round(sum(col("sched_to_queued_ms")) / n, 1),
-            "dispatch (queued -> start)": round(sum(col("dispatch_ms")) / n, 1),
-            "run (start -> end)": round(sum(col("run_ms")) / n, 1),
+            "react (prev end -> scheduled)": round(total("react_ms") / n, 1),
+            "scheduled -> queued": round(total("sched_to_queued_ms") / n, 1),
+            "dispatch (queued -> start)": round(total("dispatch_ms") / n, 1),
+            "run (start -> end)": round(total("run_ms") / n, 1),
             "total": round(sum(walls) * 1000 / n, 1),
         },
         "tail_ms_mean": round(statistics.fmean(r["tail_ms"] for r in runs), 1),
@@ -338,6 +341,7 @@ def main() -> int:
     cluster: PostgresCluster | None = None
     started = time.monotonic()
     load_before = os.getloadavg()
+    git_state = _git_state()  # before the planes import the product code
     results: dict[str, dict] = {}
     try:
         pg_server = None
@@ -367,7 +371,7 @@ def main() -> int:
             "warmup": f"{WARMUP_DAG}: 3-task chain, not measured",
             "extra_env_both_planes": {**COMMON_ENV, **args.plane_env},
             "extra_env_agent": args.agent_env,
-            "git_commit": _git_commit(),
+            "git": git_state,
             "host": {"loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
             "airflow": _version("apache-airflow-core"),
             "airflow_remote_execution": _version("airflow-remote-execution"),
@@ -384,11 +388,16 @@ def main() -> int:
     return 0
 
 
-def _git_commit() -> str | None:
+def _git_state() -> dict | None:
+    """The product code the planes ran: commit, and files changed in the working tree (not bench/)."""
     import subprocess
 
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, check=True).stdout
+
     try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+        return {"commit": git("rev-parse", "--short", "HEAD").strip(), "modified": [f for f in dirty if not f.startswith("bench/")]}
     except (OSError, subprocess.CalledProcessError):
         return None
 
