@@ -129,9 +129,14 @@ def revoke(session: Session, key: Any) -> int:
 def requeue_expired_leases(session: Session) -> int:
     """Leases whose start was never confirmed go back to the queue."""
     now = timezone.utcnow()
+    expired = (WorkItemModel.state == WorkState.LEASED.value) & (WorkItemModel.lease_expires_at < now)
+    # Read first: this runs every scheduler loop, and on SQLite even an UPDATE that matches
+    # nothing takes the database write lock.
+    if session.scalar(select(WorkItemModel.id).where(expired).limit(1)) is None:
+        return 0
     rows = session.execute(
         update(WorkItemModel)
-        .where(WorkItemModel.state == WorkState.LEASED.value, WorkItemModel.lease_expires_at < now)
+        .where(expired)
         .values(state=WorkState.QUEUED.value, agent_id=None, agent_name=None, leased_at=None, lease_expires_at=None)
         .returning(WorkItemModel.queue)
         .execution_options(synchronize_session=False)

@@ -239,10 +239,18 @@ class Plane:
         return self._token
 
     def api(self, method: str, path: str, **kwargs) -> requests.Response:
+        """Call the plane's REST API as admin. A 500 is retried a few times: on SQLite, Airflow's
+        api-server answers "database is locked" that way while the scheduler writes."""
         headers = {"Authorization": f"Bearer {self.token()}", **kwargs.pop("headers", {})}
-        return requests.request(
-            method, f"{self.url}{path}", headers=headers, timeout=kwargs.pop("timeout", 30), verify=self.verify, **kwargs
-        )
+        timeout = kwargs.pop("timeout", 30)
+        for attempt in range(5):
+            response = requests.request(
+                method, f"{self.url}{path}", headers=headers, timeout=timeout, verify=self.verify, **kwargs
+            )
+            if response.status_code != 500:
+                break
+            time.sleep(0.5 * (attempt + 1))
+        return response
 
     def create_agent_token(self, name: str, queues: str, *extra: str) -> str:
         out = self.airflow("remote-execution", "tokens", "create", "--name", name, "--queues", queues, "--output", "json", *extra)

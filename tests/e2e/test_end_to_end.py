@@ -127,7 +127,11 @@ def test_failed_try_is_retried_on_agent(cluster):
     assert tries == {("flaky", -1, 1): "agent-a", ("flaky", -1, 2): "agent-a"}
     # The first try's process exited cleanly after marking itself up_for_retry: the executor
     # outcome is about the process, the task state comes from the Task SDK.
-    states = {w["key"][5]: w["state"] for w in plane.work_items(dag_id="remote_retry", run_id=run_id)}
+    def settled():
+        items = plane.work_items(dag_id="remote_retry", run_id=run_id)
+        return items if all(w["state"] != "running" for w in items) else None  # reports follow the task
+
+    states = {w["key"][5]: w["state"] for w in wait_for(settled, 30, "the agent's reports")}
     assert states == {1: "success", 2: "success"}
 
 
