@@ -134,9 +134,14 @@ def requeue_expired_leases(session: Session) -> int:
     # nothing takes the database write lock.
     if session.scalar(select(WorkItemModel.id).where(expired).limit(1)) is None:
         return 0
+    return _requeue_where(session, expired)
+
+
+def _requeue_where(session: Session, condition) -> int:
+    """Put matching leased items back in the queue and wake the agents serving those queues."""
     rows = session.execute(
         update(WorkItemModel)
-        .where(expired)
+        .where(WorkItemModel.state == WorkState.LEASED.value, condition)
         .values(state=WorkState.QUEUED.value, agent_id=None, agent_name=None, leased_at=None, lease_expires_at=None)
         .returning(WorkItemModel.queue)
         .execution_options(synchronize_session=False)
@@ -153,22 +158,14 @@ def reclaim_from_lost(session: Session, agent: AgentModel) -> tuple[int, int]:
     tells it to kill what it still runs.
     """
     now = timezone.utcnow()
-    requeued = session.execute(
-        update(WorkItemModel)
-        .where(WorkItemModel.agent_id == agent.id, WorkItemModel.state == WorkState.LEASED.value)
-        .values(state=WorkState.QUEUED.value, agent_id=None, agent_name=None, leased_at=None, lease_expires_at=None)
-        .returning(WorkItemModel.queue)
-        .execution_options(synchronize_session=False)
-    ).all()
-    for queue in {r.queue for r in requeued}:
-        wakeup.notify(session, queue)
+    requeued = _requeue_where(session, WorkItemModel.agent_id == agent.id)
     failed = session.execute(
         update(WorkItemModel)
         .where(WorkItemModel.agent_id == agent.id, WorkItemModel.state == WorkState.RUNNING.value)
         .values(state=WorkState.FAILED.value, finished_at=now, info=f"agent {agent.name} lost (no heartbeat)")
         .execution_options(synchronize_session=False)
     ).rowcount
-    return len(requeued), failed
+    return requeued, failed
 
 
 def pending_reports(session: Session) -> list[WorkItemModel]:

@@ -137,31 +137,26 @@ async def _wait(event, timeout: float) -> None:
 @agent_router.post("/work/{work_id}/start", response_model=WorkStateResponse)
 async def start(work_id: int, body: FencedRequest, authorization: Authorization = None) -> WorkStateResponse:
     """Confirm the lease is still this agent's before starting; 409 means: do not start."""
-
-    def run(session, _t, agent):
-        item = leases.confirm_start(session, agent, work_id, body.fence)
-        return WorkStateResponse(work_id=item.id, state=item.state, fence=item.fence)
-
-    return await run_in_threadpool(_as_agent(authorization, run))
+    return await _report(authorization, lambda s, a: leases.confirm_start(s, a, work_id, body.fence))
 
 
 @agent_router.post("/work/{work_id}/finish", response_model=WorkStateResponse)
 async def finish(work_id: int, body: FinishRequest, authorization: Authorization = None) -> WorkStateResponse:
     """Report the outcome of work this agent ran under the given fence."""
-
-    def run(session, _t, agent):
-        item = leases.finish(session, agent, work_id, body.fence, body.outcome, body.info)
-        return WorkStateResponse(work_id=item.id, state=item.state, fence=item.fence)
-
-    return await run_in_threadpool(_as_agent(authorization, run))
+    return await _report(
+        authorization, lambda s, a: leases.finish(s, a, work_id, body.fence, body.outcome, body.info)
+    )
 
 
 @agent_router.post("/work/{work_id}/release", response_model=WorkStateResponse)
 async def release(work_id: int, body: FencedRequest, authorization: Authorization = None) -> WorkStateResponse:
     """Hand back leased work the agent will not start; it is queued for other agents at once."""
+    return await _report(authorization, lambda s, a: leases.release(s, a, work_id, body.fence))
 
+
+async def _report(authorization: str | None, transition) -> WorkStateResponse:
     def run(session, _t, agent):
-        item = leases.release(session, agent, work_id, body.fence)
+        item = transition(session, agent)
         return WorkStateResponse(work_id=item.id, state=item.state, fence=item.fence)
 
     return await run_in_threadpool(_as_agent(authorization, run))

@@ -30,28 +30,26 @@ def create_app() -> FastAPI:
     app.include_router(agent_router, prefix="/v1")
     app.include_router(admin_router, prefix="/v1/admin")
 
-    @app.exception_handler(TokenError)
-    async def _unauthorized(_: Request, exc: TokenError):
-        return _problem(401, exc, {"WWW-Authenticate": "Bearer"})
-
-    @app.exception_handler(AgentForbidden)
-    async def _forbidden(_: Request, exc: AgentForbidden):
-        return _problem(403, exc)
-
-    @app.exception_handler(LeaseConflict)
-    async def _conflict(_: Request, exc: LeaseConflict):
-        return _problem(409, exc)
-
-    @app.exception_handler(AgentNotRegistered)
-    async def _not_registered(_: Request, exc: AgentNotRegistered):
-        return _problem(409, exc)
-
-    @app.exception_handler(LookupError)
-    async def _not_found(_: Request, exc: LookupError):
-        return _problem(404, exc)
-
-    @app.exception_handler(ValueError)
-    async def _bad_value(_: Request, exc: ValueError):
-        return _problem(422, exc)
-
+    for exc_class, status in _STATUS.items():
+        app.add_exception_handler(exc_class, _handler(status))
     return app
+
+
+# Domain errors -> HTTP answers; each message says what is wrong and what to do.
+_STATUS: dict[type[Exception], int] = {
+    TokenError: 401,
+    AgentForbidden: 403,
+    LeaseConflict: 409,
+    AgentNotRegistered: 409,
+    LookupError: 404,
+    ValueError: 422,
+}
+
+
+def _handler(status: int):
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+
+    async def handle(_: Request, exc: Exception) -> JSONResponse:
+        return _problem(status, exc, headers)
+
+    return handle
