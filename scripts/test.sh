@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
+.venv/bin/ruff check --no-cache airflow_remote_execution scripts bench tests
 exec .venv/bin/python -m pytest "$@"

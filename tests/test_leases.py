@@ -76,7 +76,7 @@ def test_keys_round_trip_and_digests_differ():
     as_json = [leases.key_to_json(k) for k in keys]
     assert as_json[0] == ["ti", "dag", "t", "run-1", -1, 1]
     assert as_json[3][0] == "callback" and as_json[4][0] == "connection_test"
-    for key, data in zip(keys, as_json):
+    for key, data in zip(keys, as_json, strict=True):
         back = leases.key_from_json(json.loads(json.dumps(data)))
         assert back == key and type(back) is type(key) and hash(back) == hash(key)
     digests = [leases.key_digest(d) for d in as_json]

@@ -32,7 +32,7 @@ def tokens_create(args) -> None:
             )
             info = tokens.to_info(row)
     except ValueError as e:
-        raise _fail(e)
+        raise _fail(e) from None
     _print_new_token(clear, info, args.output)
 
 
@@ -45,7 +45,7 @@ def tokens_rotate(args) -> None:
             )
             info = tokens.to_info(row)
     except (ValueError, LookupError) as e:
-        raise _fail(e)
+        raise _fail(e) from None
     _print_new_token(clear, info, args.output)
 
 
@@ -80,7 +80,7 @@ def tokens_revoke(args) -> None:
             row = tokens.revoke(session, args.token_id)
             print(f"Token {row.id} of agent {row.agent_name!r} revoked at {row.revoked_at.isoformat()}")
     except LookupError as e:
-        raise _fail(e)
+        raise _fail(e) from None
 
 
 @providers_configuration_loaded
@@ -110,7 +110,7 @@ def _set_drained(name: str, drained: bool) -> None:
         with create_session() as session:
             agents.set_drained(session, name, drained)
     except LookupError as e:
-        raise _fail(e)
+        raise _fail(e) from None
 
 
 @providers_configuration_loaded
@@ -119,7 +119,7 @@ def agents_remove(args) -> None:
         with create_session() as session:
             agents.remove(session, args.name, force=args.force)
     except (LookupError, agents.AgentForbidden) as e:
-        raise _fail(e)
+        raise _fail(e) from None
     print(f"Agent {args.name!r} removed")
 
 
