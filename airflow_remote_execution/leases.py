@@ -97,6 +97,7 @@ def enqueue(session: Session, *, key: Any, kind: str, queue: str, priority_weigh
         existing.queued_at = now
         existing.leased_at = existing.lease_expires_at = existing.started_at = None
         existing.reported_state = None
+        existing.report_pending = False
     else:
         session.add(
             WorkItemModel(
@@ -108,6 +109,7 @@ def enqueue(session: Session, *, key: Any, kind: str, queue: str, priority_weigh
                 workload=workload,
                 state=WorkState.QUEUED.value,
                 fence=0,
+                report_pending=False,
                 queued_at=now,
             )
         )
@@ -120,7 +122,12 @@ def revoke(session: Session, key: Any) -> int:
     result = session.execute(
         update(WorkItemModel)
         .where(WorkItemModel.key_digest == digest, WorkItemModel.state.in_(UNFINISHED))
-        .values(state=WorkState.REVOKED.value, reported_state=WorkState.REVOKED.value, finished_at=timezone.utcnow())
+        .values(
+            state=WorkState.REVOKED.value,
+            reported_state=WorkState.REVOKED.value,
+            report_pending=False,
+            finished_at=timezone.utcnow(),
+        )
         .execution_options(synchronize_session=False)
     )
     return result.rowcount
@@ -162,7 +169,12 @@ def reclaim_from_lost(session: Session, agent: AgentModel) -> tuple[int, int]:
     failed = session.execute(
         update(WorkItemModel)
         .where(WorkItemModel.agent_id == agent.id, WorkItemModel.state == WorkState.RUNNING.value)
-        .values(state=WorkState.FAILED.value, finished_at=now, info=f"agent {agent.name} lost (no heartbeat)")
+        .values(
+            state=WorkState.FAILED.value,
+            report_pending=True,
+            finished_at=now,
+            info=f"agent {agent.name} lost (no heartbeat)",
+        )
         .execution_options(synchronize_session=False)
     ).rowcount
     return requeued, failed
@@ -172,10 +184,7 @@ def pending_reports(session: Session) -> list[WorkItemModel]:
     """Items whose state changed since the executor last reported it to the scheduler."""
     return list(
         session.scalars(
-            select(WorkItemModel).where(
-                WorkItemModel.state.in_(REPORTABLE),
-                (WorkItemModel.reported_state.is_(None)) | (WorkItemModel.reported_state != WorkItemModel.state),
-            )
+            select(WorkItemModel).where(WorkItemModel.report_pending.is_(True), WorkItemModel.state.in_(REPORTABLE))
         )
     )
 
@@ -184,7 +193,7 @@ def mark_reported(session: Session, item: WorkItemModel, state: str) -> None:
     session.execute(
         update(WorkItemModel)
         .where(WorkItemModel.id == item.id, WorkItemModel.state == state)
-        .values(reported_state=state)
+        .values(reported_state=state, report_pending=False)
         .execution_options(synchronize_session=False)
     )
 
@@ -282,7 +291,7 @@ def confirm_start(session: Session, agent: AgentModel, work_id: int, fence: int)
     """The agent may start the work only if this succeeds."""
     return _fenced_update(
         session, agent, work_id, fence, [WorkState.LEASED.value],
-        state=WorkState.RUNNING.value, started_at=timezone.utcnow(), lease_expires_at=None,
+        state=WorkState.RUNNING.value, report_pending=True, started_at=timezone.utcnow(), lease_expires_at=None,
     )
 
 
@@ -291,7 +300,7 @@ def finish(session: Session, agent: AgentModel, work_id: int, fence: int, outcom
         raise ValueError("outcome must be 'success' or 'failed'")
     return _fenced_update(
         session, agent, work_id, fence, [WorkState.RUNNING.value],
-        state=outcome.value, finished_at=timezone.utcnow(), info=info,
+        state=outcome.value, report_pending=True, finished_at=timezone.utcnow(), info=info,
     )
 
 

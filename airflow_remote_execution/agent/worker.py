@@ -308,7 +308,10 @@ class AgentWorker:
         while run.process.exitcode is None:
             run.process.join(0.05)
             try:
-                children = psutil.Process(run.process.pid).children()
+                # An exited task stays a zombie until the supervisor reaps it, which is what lingers.
+                children = [c for c in psutil.Process(run.process.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
+            except psutil.NoSuchProcess:
+                continue  # a child went away between listing and asking: look again
             except psutil.Error:
                 return
             if children:

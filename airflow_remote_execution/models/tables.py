@@ -74,6 +74,9 @@ class WorkItemModel(Base):
     workload: Mapped[str] = mapped_column(Text, nullable=False)
     state: Mapped[str] = mapped_column(String(20), nullable=False)
     reported_state: Mapped[str | None] = mapped_column(String(20))
+    # Set by every transition the executor must report; indexed so each scheduler loop reads
+    # only what changed, not every finished item kept for ``finished_retention``.
+    report_pending: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     fence: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     agent_id: Mapped[int | None] = mapped_column(ForeignKey("remote_agent.id", ondelete="SET NULL"))
     agent_name: Mapped[str | None] = mapped_column(String(250))
@@ -88,4 +91,5 @@ class WorkItemModel(Base):
         Index("idx_remote_work_item_lease", "state", "queue", "priority_weight", "id"),
         Index("idx_remote_work_item_key", "key_digest"),
         Index("idx_remote_work_item_agent", "agent_id", "state"),
+        Index("idx_remote_work_item_report", "report_pending"),
     )

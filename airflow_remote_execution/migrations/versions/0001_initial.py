@@ -59,6 +59,7 @@ def upgrade():
         sa.Column("workload", sa.Text(), nullable=False),
         sa.Column("state", sa.String(20), nullable=False),
         sa.Column("reported_state", sa.String(20)),
+        sa.Column("report_pending", sa.Boolean(), nullable=False),
         sa.Column("fence", sa.Integer(), nullable=False),
         sa.Column("agent_id", sa.Integer(), sa.ForeignKey("remote_agent.id", ondelete="SET NULL")),
         sa.Column("agent_name", sa.String(250)),
@@ -74,6 +75,7 @@ def upgrade():
     )
     op.create_index("idx_remote_work_item_key", "remote_work_item", ["key_digest"])
     op.create_index("idx_remote_work_item_agent", "remote_work_item", ["agent_id", "state"])
+    op.create_index("idx_remote_work_item_report", "remote_work_item", ["report_pending"])
 
 
 def downgrade():
