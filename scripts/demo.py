@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from localplane import ROOT, Agent, Plane  # noqa: E402
+from localplane import ROOT, Agent, Plane, free_port  # noqa: E402
 
 EXAMPLES = [
     "remote_fan_out_fan_in",
@@ -29,6 +29,18 @@ EXAMPLES = [
 AGENTS = {"agent-default": "default", "agent-analytics": "analytics"}
 
 
+def _port(preferred: int) -> int:
+    """The usual Airflow port if it is free, else any free one."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            return free_port()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--exit", action="store_true", help="stop everything once the example DAGs are done")
@@ -37,7 +49,7 @@ def main() -> int:
 
     base = Path(args.dir)
     shutil.rmtree(base, ignore_errors=True)
-    plane = Plane(base / "plane")
+    plane = Plane(base / "plane", port=_port(8080))
     agents: list[Agent] = []
     try:
         print(f"Starting the orchestration plane (api-server, scheduler, dag-processor) in {plane.home} ...", flush=True)
@@ -66,7 +78,7 @@ def main() -> int:
         print(
             f"\nAirflow UI: {plane.url}  (login admin / admin)\n"
             f"Remote Execution API docs: {plane.url}/remote_execution/docs\n"
-            f"Agents: AIRFLOW_HOME={plane.home} airflow remote-execution agents list\n"
+            f"Agents: AIRFLOW_HOME={plane.home} .venv/bin/airflow remote-execution agents list\n"
             f"Logs: {plane.logs} and the agents' homes under {base}",
             flush=True,
         )
