@@ -104,6 +104,8 @@ def enqueue(session: Session, *, key: Any, kind: str, queue: str, priority_weigh
                 kind=kind,
                 key=key_json,
                 key_digest=digest,
+                dag_id=key_json[1] if key_json[0] == "ti" else None,
+                run_id=key_json[3] if key_json[0] == "ti" else None,
                 queue=queue,
                 priority_weight=priority_weight,
                 workload=workload,

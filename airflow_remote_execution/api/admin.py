@@ -78,17 +78,10 @@ async def list_work(
     def run():
         with create_session() as session:
             query = select(WorkItemModel).order_by(WorkItemModel.id.desc()).limit(limit)
-            if state:
-                query = query.where(WorkItemModel.state == state)
-            rows = list(session.scalars(query))
-            out = []
-            for r in rows:
-                if dag_id and (r.key[0] != "ti" or r.key[1] != dag_id):
-                    continue
-                if run_id and (r.key[0] != "ti" or r.key[3] != run_id):
-                    continue
-                out.append(WorkItemInfo.model_validate(r, from_attributes=True))
-            return out
+            for column, value in ((WorkItemModel.state, state), (WorkItemModel.dag_id, dag_id), (WorkItemModel.run_id, run_id)):
+                if value:
+                    query = query.where(column == value)
+            return [WorkItemInfo.model_validate(r, from_attributes=True) for r in session.scalars(query)]
 
     return await run_in_threadpool(run)
 

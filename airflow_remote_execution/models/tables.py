@@ -69,6 +69,8 @@ class WorkItemModel(Base):
     kind: Mapped[str] = mapped_column(String(20), nullable=False)
     key_digest: Mapped[str] = mapped_column(String(40), nullable=False)
     key: Mapped[list] = mapped_column(JSON, nullable=False)
+    dag_id: Mapped[str | None] = mapped_column(String(250))  # tasks only: for filtering
+    run_id: Mapped[str | None] = mapped_column(String(250))
     queue: Mapped[str] = mapped_column(String(256), nullable=False)
     priority_weight: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
     workload: Mapped[str] = mapped_column(Text, nullable=False)
@@ -92,4 +94,5 @@ class WorkItemModel(Base):
         Index("idx_remote_work_item_key", "key_digest"),
         Index("idx_remote_work_item_agent", "agent_id", "state"),
         Index("idx_remote_work_item_report", "report_pending"),
+        Index("idx_remote_work_item_run", "dag_id", "run_id"),
     )

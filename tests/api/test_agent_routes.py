@@ -403,3 +403,9 @@ def test_admin_agents_and_work(client, jwt_for):
     assert client.get("/v1/admin/work", headers=viewer, params={"dag_id": "other"}).json() == []
     assert len(client.get("/v1/admin/work", headers=viewer, params={"dag_id": "d", "run_id": "r"}).json()) == 2
     assert client.get("/v1/admin/work", headers=viewer, params={"limit": 0}).status_code == 422
+    # Filters apply before the limit: newer items of other DAGs do not hide older matching ones.
+    with create_session() as s:
+        key = TaskInstanceKey(dag_id="newer", task_id="x", run_id="r", try_number=1, map_index=-1)
+        leases.enqueue(s, key=key, kind="task", queue="default", priority_weight=1, workload="{}")
+    got = client.get("/v1/admin/work", headers=viewer, params={"dag_id": "d", "limit": 1}).json()
+    assert [w["key"][2] for w in got] == ["t2"]

@@ -54,6 +54,8 @@ def upgrade():
         sa.Column("kind", sa.String(20), nullable=False),
         sa.Column("key_digest", sa.String(40), nullable=False),
         sa.Column("key", sa.JSON(), nullable=False),
+        sa.Column("dag_id", sa.String(250)),
+        sa.Column("run_id", sa.String(250)),
         sa.Column("queue", sa.String(256), nullable=False),
         sa.Column("priority_weight", sa.Integer(), nullable=False),
         sa.Column("workload", sa.Text(), nullable=False),
@@ -76,6 +78,7 @@ def upgrade():
     op.create_index("idx_remote_work_item_key", "remote_work_item", ["key_digest"])
     op.create_index("idx_remote_work_item_agent", "remote_work_item", ["agent_id", "state"])
     op.create_index("idx_remote_work_item_report", "remote_work_item", ["report_pending"])
+    op.create_index("idx_remote_work_item_run", "remote_work_item", ["dag_id", "run_id"])
 
 
 def downgrade():
