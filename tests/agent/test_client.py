@@ -6,7 +6,6 @@ import datetime
 import ipaddress
 import json
 import logging
-import select
 import socket
 import ssl
 import threading
@@ -19,6 +18,7 @@ import pytest
 
 from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneError
 from airflow_remote_execution.protocol import HeartbeatRequest, RegisterRequest, WorkState
+from forward_proxy import RecordingProxy
 
 TOKEN = "rex_0123456789abcdef_" + "S3cr3t-" * 6 + "x"
 SECRET = TOKEN.split("_", 2)[2]
@@ -252,69 +252,6 @@ def test_non_json_success_is_a_plane_error(plane):
 
 
 # ------------------------------------------------------------------ proxies
-
-
-class RecordingProxy:
-    """A forward proxy: plain HTTP requests in absolute form are relayed; CONNECT opens a blind tunnel."""
-
-    def __init__(self):
-        self.seen: list[tuple[str, str, dict]] = []
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                import http.client
-                from urllib.parse import urlsplit
-
-                proxy.seen.append(("POST", self.path, dict(self.headers)))
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                target = urlsplit(self.path)
-                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=5)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-connection", "connection")}
-                conn.request("POST", target.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status)
-                self.send_header("Content-Type", resp.getheader("Content-Type", "application/json"))
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                conn.close()
-
-            def do_CONNECT(self):
-                proxy.seen.append(("CONNECT", self.path, dict(self.headers)))
-                host, port = self.path.rsplit(":", 1)
-                upstream = socket.create_connection((host, int(port)), timeout=5)
-                self.send_response(200, "Connection established")
-                self.end_headers()
-                sockets = [self.connection, upstream]
-                try:
-                    while True:
-                        readable, _, _ = select.select(sockets, [], [], 5)
-                        if not readable:
-                            break
-                        for sock in readable:
-                            data = sock.recv(65536)
-                            if not data:
-                                return
-                            (upstream if sock is self.connection else self.connection).sendall(data)
-                finally:
-                    upstream.close()
-                    self.close_connection = True
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

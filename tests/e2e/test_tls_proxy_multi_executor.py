@@ -6,66 +6,16 @@ The plane runs ``LocalExecutor`` as default and ``RemoteExecutor`` under an alia
 
 from __future__ import annotations
 
-import select
 import shutil
-import socket
-import socketserver
-import threading
 from pathlib import Path
 
 import pytest
 
+from forward_proxy import RecordingProxy
 from localplane import Agent, Plane, self_signed_cert
 
 pytestmark = pytest.mark.e2e
 ALIAS_CONFIG = "LocalExecutor,RemoteExecutor:airflow_remote_execution.executors.RemoteExecutor"
-
-
-class ConnectProxy(socketserver.ThreadingTCPServer):
-    """A minimal HTTP CONNECT proxy that records where clients tunnel to."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self):
-        self.tunnels: list[str] = []
-        super().__init__(("127.0.0.1", 0), _ProxyHandler)
-
-
-class _ProxyHandler(socketserver.BaseRequestHandler):
-    def handle(self):
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.request.recv(4096)
-            if not chunk:
-                return
-            head += chunk
-        method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
-        if method != "CONNECT":
-            self.request.sendall(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
-            return
-        self.server.tunnels.append(target)
-        host, port = target.rsplit(":", 1)
-        upstream = socket.create_connection((host, int(port)))
-        self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        sockets = [self.request, upstream]
-        try:
-            self._pipe(sockets, upstream)
-        except OSError:
-            pass  # a side hung up
-        finally:
-            upstream.close()
-
-    def _pipe(self, sockets, upstream):
-        while True:
-            readable, _, _ = select.select(sockets, [], [], 60)
-            if not readable:
-                return
-            for s in readable:
-                data = s.recv(65536)
-                if not data:
-                    return
-                (upstream if s is self.request else self.request).sendall(data)
 
 
 def test_agent_over_tls_through_proxy_beside_local_executor(tmp_path):
@@ -80,8 +30,7 @@ def test_agent_over_tls_through_proxy_beside_local_executor(tmp_path):
         tls=(cert, key),
         extra_env={"AIRFLOW__CORE__PARALLELISM": "4"},
     )
-    proxy = ConnectProxy()
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    proxy = RecordingProxy()
     agent = None
     try:
         plane.start()
@@ -96,7 +45,7 @@ def test_agent_over_tls_through_proxy_beside_local_executor(tmp_path):
                 "AIRFLOW__REMOTE_EXECUTION__CA_BUNDLE": str(cert),
                 # DAGs that name ``executor=`` only parse where that executor is configured.
                 "AIRFLOW__CORE__EXECUTOR": ALIAS_CONFIG,
-                "HTTPS_PROXY": f"http://127.0.0.1:{proxy.server_address[1]}",
+                "HTTPS_PROXY": proxy.url,
                 "NO_PROXY": "",
                 "no_proxy": "",
             },
@@ -113,14 +62,15 @@ def test_agent_over_tls_through_proxy_beside_local_executor(tmp_path):
         )
         assert xcom.json()["value"] == 21
         # Both the agent's client and the task's Task SDK client tunnelled through the proxy.
-        assert set(proxy.tunnels) == {f"127.0.0.1:{plane.port}"}
+        tunnels = [target for method, target, _ in proxy.seen if method == "CONNECT"]
+        assert {method for method, _, _ in proxy.seen} == {"CONNECT"} and set(tunnels) == {f"127.0.0.1:{plane.port}"}
         task_log = next((agent.home / "logs").rglob("task_id=on_agent/*.log")).read_text()
         assert "Done. Returned value was: 21" in task_log
-        assert len(proxy.tunnels) >= 3  # register + lease/start/finish + the task's execution API calls
+        assert len(tunnels) >= 3  # register + lease/start/finish + the task's execution API calls
     finally:
         if agent:
             agent.stop()
         plane.stop()
-        proxy.shutdown()
+        proxy.stop()
         for proc in [*plane.procs.values(), *([agent.proc] if agent else [])]:
             print(f"--- {proc.name}\n{proc.tail(30)}")
