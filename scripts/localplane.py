@@ -283,6 +283,16 @@ class Plane:
         r.raise_for_status()
         return r.json()
 
+    def settled_work_items(self, timeout: float = 30, **params) -> list[dict]:
+        """Work items once none is running: an agent reports when Airflow's supervisor exits,
+        which can be seconds after the task itself finished."""
+
+        def settled():
+            items = self.work_items(**params)
+            return items if items and all(w["state"] != "running" for w in items) else None
+
+        return wait_for(settled, timeout, "the agents' reports")
+
 
 @dataclass
 class Agent:

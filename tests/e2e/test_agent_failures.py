@@ -59,7 +59,7 @@ def test_killed_agent_is_lost_and_its_task_retried_elsewhere(tmp_path, pg_url):
         kill_tree(agents["victim"].proc.pid)
 
         assert plane.wait_run("remote_sleepy", run_id, timeout=120) == "success"
-        tries = {w["key"][5]: w for w in plane.work_items(dag_id="remote_sleepy", run_id=run_id)}
+        tries = {w["key"][5]: w for w in plane.settled_work_items(dag_id="remote_sleepy", run_id=run_id)}
         assert (tries[1]["agent_name"], tries[1]["state"], tries[1]["info"]) == (
             "victim", "failed", "agent victim lost (no heartbeat)"
         )

@@ -127,11 +127,7 @@ def test_failed_try_is_retried_on_agent(cluster):
     assert tries == {("flaky", -1, 1): "agent-a", ("flaky", -1, 2): "agent-a"}
     # The first try's process exited cleanly after marking itself up_for_retry: the executor
     # outcome is about the process, the task state comes from the Task SDK.
-    def settled():
-        items = plane.work_items(dag_id="remote_retry", run_id=run_id)
-        return items if all(w["state"] != "running" for w in items) else None  # reports follow the task
-
-    states = {w["key"][5]: w["state"] for w in wait_for(settled, 30, "the agent's reports")}
+    states = {w["key"][5]: w["state"] for w in plane.settled_work_items(dag_id="remote_retry", run_id=run_id)}
     assert states == {1: "success", 2: "success"}
 
 
@@ -168,7 +164,7 @@ def test_connection_test_runs_on_agent(cluster):
     result = wait_for(finished, 90, "the connection test")
     assert result["state"] == "success", result
     assert result["result_message"] == f"Path {agent_home} is existing."
-    tests_run = [w for w in plane.work_items() if w["kind"] == "connection_test"]
+    tests_run = [w for w in plane.settled_work_items() if w["kind"] == "connection_test"]
     assert [(w["agent_name"], w["queue"], w["state"]) for w in tests_run] == [("agent-b", "analytics", "success")]
 
 
@@ -288,7 +284,7 @@ def test_lease_fencing_and_ownership(cluster, tmp_path):
         assert plane.wait_run("remote_probe", run_id) == "success"
     finally:
         runner.stop()
-    items = plane.work_items(dag_id="remote_probe", run_id=run_id)
+    items = plane.settled_work_items(dag_id="remote_probe", run_id=run_id)
     assert [(w["agent_name"], w["state"], w["fence"]) for w in items] == [("probe-runner", "success", fence + 1)]
     # The old fence is dead for good.
     r = _post(plane, f"/work/{work_id}/finish", owner, {"fence": fence, "outcome": "failed"})

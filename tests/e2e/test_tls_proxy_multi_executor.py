@@ -54,7 +54,7 @@ def test_agent_over_tls_through_proxy_beside_local_executor(tmp_path):
         run_id = plane.trigger("remote_mixed_executors")
         assert plane.wait_run("remote_mixed_executors", run_id) == "success"
 
-        items = plane.work_items(dag_id="remote_mixed_executors", run_id=run_id)
+        items = plane.settled_work_items(dag_id="remote_mixed_executors", run_id=run_id)
         assert [(w["key"][2], w["agent_name"], w["state"]) for w in items] == [("on_agent", "tls-agent", "success")]
         xcom = plane.api(
             "GET",
