@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, select, update
+from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from airflow.sdk import timezone
@@ -335,8 +335,6 @@ def not_owned(session: Session, agent: AgentModel, work_ids: Sequence[int]) -> l
 
 
 def running_counts(session: Session) -> dict[int, int]:
-    from sqlalchemy import func
-
     rows = session.execute(
         select(WorkItemModel.agent_id, func.count())
         .where(WorkItemModel.state.in_([WorkState.LEASED.value, WorkState.RUNNING.value]))

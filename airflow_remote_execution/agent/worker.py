@@ -22,7 +22,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from airflow_remote_execution import __version__
 from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneError
@@ -78,7 +78,6 @@ def _run_workload(workload_json: str, server: str) -> None:
 class Running:
     lease: Lease
     process: multiprocessing.process.BaseProcess
-    started: float = field(default_factory=time.monotonic)
     killed: bool = False
     slot_released: bool = False  # the task process is gone; only the supervisor is finishing up
 

@@ -11,6 +11,7 @@ executors just to read logs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -72,8 +73,6 @@ class RemoteExecutor(BaseExecutor):
     # -------------------------------------------------------------- state
 
     def sync(self) -> None:
-        import time
-
         with create_session() as session:
             for agent in agents.mark_lost(session):
                 requeued, failed = leases.reclaim_from_lost(session, agent)
@@ -120,7 +119,3 @@ class RemoteExecutor(BaseExecutor):
 
     def terminate(self) -> None:
         """Agents keep running their work; a restarted scheduler adopts it."""
-
-    @staticmethod
-    def get_cli_commands():
-        return []
