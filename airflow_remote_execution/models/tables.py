@@ -96,3 +96,19 @@ class WorkItemModel(Base):
         Index("idx_remote_work_item_report", "report_pending"),
         Index("idx_remote_work_item_run", "dag_id", "run_id"),
     )
+
+
+class AgentTriggererModel(Base):
+    """A live agent triggerer. Its id is the Airflow ``Job`` id that ``trigger.triggerer_id`` points at
+    (so the stock triggerer sees its triggers as taken); the row says which agent owns that Job."""
+
+    __tablename__ = "remote_agent_triggerer"
+
+    job_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    agent_name: Mapped[str] = mapped_column(String(250), nullable=False)
+    queues: Mapped[list] = mapped_column(JSON, nullable=False)
+    capacity: Mapped[int] = mapped_column(Integer, nullable=False)
+    hostname: Mapped[str | None] = mapped_column(String(250))
+    registered_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+    __table_args__ = (Index("idx_remote_agent_triggerer_agent", "agent_name"),)

@@ -79,9 +79,20 @@ def upgrade():
     op.create_index("idx_remote_work_item_agent", "remote_work_item", ["agent_id", "state"])
     op.create_index("idx_remote_work_item_report", "remote_work_item", ["report_pending"])
     op.create_index("idx_remote_work_item_run", "remote_work_item", ["dag_id", "run_id"])
+    op.create_table(
+        "remote_agent_triggerer",
+        sa.Column("job_id", sa.Integer(), primary_key=True, autoincrement=False),
+        sa.Column("agent_name", sa.String(250), nullable=False),
+        sa.Column("queues", sa.JSON(), nullable=False),
+        sa.Column("capacity", sa.Integer(), nullable=False),
+        sa.Column("hostname", sa.String(250)),
+        sa.Column("registered_at", UtcDateTime(), nullable=False),
+    )
+    op.create_index("idx_remote_agent_triggerer_agent", "remote_agent_triggerer", ["agent_name"])
 
 
 def downgrade():
+    op.drop_table("remote_agent_triggerer")
     op.drop_table("remote_work_item")
     op.drop_table("remote_agent")
     op.drop_table("remote_agent_token")
