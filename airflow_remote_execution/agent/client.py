@@ -164,3 +164,31 @@ class PlaneClient:
         from airflow_remote_execution.protocol import FencedRequest
 
         self._post(f"/work/{work_id}/release", FencedRequest(fence=fence))
+
+    # ---------------------------------------------------------------- the agent's triggerer
+
+    def register_triggerer(self, hostname: str, capacity: int, queues: list[str] | None):
+        from airflow_remote_execution.trigger_protocol import TriggererRegisterRequest, TriggererRegisterResponse
+
+        body = TriggererRegisterRequest(hostname=hostname, capacity=capacity, queues=queues or None)
+        return self._post("/triggerers/register", body, TriggererRegisterResponse)
+
+    def sync_triggers(self, triggerer_id: int, capacity: int, running: list[int]):
+        from airflow_remote_execution.trigger_protocol import TriggerSyncRequest, TriggerSyncResponse
+
+        body = TriggerSyncRequest(capacity=capacity, running=sorted(running))
+        return self._post(f"/triggerers/{triggerer_id}/sync", body, TriggerSyncResponse)
+
+    def stop_triggerer(self, triggerer_id: int) -> None:
+        self._post(f"/triggerers/{triggerer_id}/stop", None)
+
+    def trigger_event(self, triggerer_id: int, trigger_id: int, event: dict) -> None:
+        from airflow_remote_execution.trigger_protocol import TriggerEventRequest
+
+        self._post(f"/triggers/{trigger_id}/event", TriggerEventRequest(triggerer_id=triggerer_id, event=event))
+
+    def trigger_failure(self, triggerer_id: int, trigger_id: int, traceback: list[str] | None) -> None:
+        from airflow_remote_execution.trigger_protocol import TriggerFailureRequest
+
+        body = TriggerFailureRequest(triggerer_id=triggerer_id, traceback=traceback)
+        self._post(f"/triggers/{trigger_id}/failure", body)

@@ -76,9 +76,12 @@ class RemoteExecutor(BaseExecutor):
         with create_session() as session:
             for agent in agents.mark_lost(session):
                 requeued, failed = leases.reclaim_from_lost(session, agent)
+                from airflow_remote_execution import triggers  # rare path: keep the executor's import light
+
+                freed = triggers.release_agent(session, agent.name)
                 self.log.warning(
-                    "Agent %s is lost: %d unstarted workloads requeued, %d running ones failed",
-                    agent.name, requeued, failed,
+                    "Agent %s is lost: %d unstarted workloads requeued, %d running ones failed, %d triggers freed",
+                    agent.name, requeued, failed, freed,
                 )
             leases.requeue_expired_leases(session)
             for item in leases.pending_reports(session):

@@ -1,0 +1,68 @@
+"""Wire schemas of the agent triggerer's API (``/v1/triggerers/*``, ``/v1/triggers/*``).
+
+Kept apart from :mod:`.protocol` so both sides import only what the triggerer needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TriggererRegisterRequest(_Strict):
+    hostname: str = Field(default="", max_length=250)
+    capacity: int = Field(ge=1, le=100_000, description="How many triggers this triggerer runs at most.")
+    queues: list[str] | None = Field(
+        default=None, description="Queues whose deferred tasks' triggers to run; a subset of the token's."
+    )
+
+
+class TriggererRegisterResponse(BaseModel):
+    triggerer_id: int = Field(description="Airflow Job id of this triggerer; trigger.triggerer_id points at it.")
+    queues: list[str]
+    sync_interval: float
+
+
+class TriggerSyncRequest(_Strict):
+    capacity: int = Field(ge=0, le=100_000)
+    running: list[int] = Field(default_factory=list, description="Trigger ids the triggerer runs now.")
+
+
+class TriggerWork(BaseModel):
+    """A trigger to start: Airflow's ``RunTrigger`` workload and where its log goes on the agent.
+
+    ``workload.encrypted_kwargs`` carries the *decrypted*, serialized kwargs (a JSON object): the agent
+    has no fernet key, and Airflow's runner takes a JSON object as-is. Only the owning agent gets it,
+    over the API's TLS.
+    """
+
+    workload: dict[str, Any]
+    log_path: str | None = Field(default=None, description="Relative to the agent's [logging] base_log_folder.")
+
+
+class TriggerSyncResponse(BaseModel):
+    assigned: list[int] = Field(description="Every trigger this triggerer owns now; cancel the others.")
+    start: list[TriggerWork] = Field(description="Owned triggers not in ``running``: start them.")
+
+
+class TriggerEventRequest(_Strict):
+    triggerer_id: int
+    event: dict[str, Any] = Field(
+        description="{'payload': <airflow serde form>} for a TriggerEvent, or the model of a "
+        "TaskSuccessEvent/TaskFailedEvent/TaskSkippedEvent ({'task_instance_state', 'xcoms'})."
+    )
+
+
+class TriggerFailureRequest(_Strict):
+    triggerer_id: int
+    traceback: list[str] | None = None
+
+
+class TriggerAck(BaseModel):
+    trigger_id: int
+    accepted: bool
