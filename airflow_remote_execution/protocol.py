@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -121,12 +121,18 @@ class AgentInfo(BaseModel):
     versions: dict[str, str]
     registered_at: datetime
     last_heartbeat_at: datetime | None
+    sentinel_status: str | None = Field(default=None, description="Last sentinel report: ok, degraded or failing.")
+    sentinel_at: datetime | None = Field(default=None, description="When the plane received that report.")
+    sentinel_age: float | None = Field(default=None, description="Seconds since that report.")
+    sentinel_stale: bool = Field(default=False, description="No report for 3 of the sentinel's intervals (+10 s).")
+    sentinel_failing: list[str] = Field(default_factory=list, description="'check: detail' of each failing check.")
 
 
 class TokenInfo(BaseModel):
     id: str
     agent_name: str
     queues: list[str]
+    bundles: list[str] = Field(default_factory=list, description="DAG bundles the agent may parse and write.")
     description: str | None
     created_at: datetime
     expires_at: datetime | None
@@ -140,6 +146,7 @@ class TokenCreateRequest(Strict):
     queues: list[str] = Field(min_length=1)
     expires_in: str | None = Field(default=None, description="Lifetime such as 30d, 12h, 90m; none = never.")
     description: str | None = Field(default=None, max_length=1000)
+    bundles: list[str] | None = Field(default=None, description="DAG bundles the agent may parse and write.")
 
 
 class TokenRotateRequest(Strict):
@@ -167,3 +174,35 @@ class WorkItemInfo(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     info: str | None
+
+
+class WhoAmIResponse(BaseModel):
+    """What the plane knows about the calling token: the doctor's token and clock checks."""
+
+    agent_name: str
+    token_id: str
+    queues: list[str] = Field(description="Queues the token allows.")
+    token_expires_at: datetime | None
+    registered: bool = Field(description="An agent with this name has registered.")
+    server_time: datetime = Field(description="The plane's clock (UTC) when it answered.")
+
+
+class SentinelCheck(BaseModel):
+    name: str = Field(max_length=100)
+    ok: bool
+    detail: str = Field(default="", max_length=2000)
+    hint: str = Field(default="", max_length=2000)
+    skipped: bool = False
+
+
+class SentinelReport(Strict):
+    """The sentinel's aggregate view of its agent; sent every ``interval`` seconds."""
+
+    status: Literal["ok", "degraded", "failing"]
+    checks: list[SentinelCheck] = Field(max_length=200)
+    interval: float = Field(gt=0, le=86_400, description="Seconds until the next report: later means stale.")
+    hostname: str = Field(default="", max_length=250)
+
+
+class SentinelReportResponse(BaseModel):
+    received_at: datetime

@@ -8,6 +8,7 @@ only in the Authorization header and never logged or shown in ``repr``.
 from __future__ import annotations
 
 import logging
+from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -22,6 +23,9 @@ from airflow_remote_execution.protocol import (
     LeaseResponse,
     RegisterRequest,
     RegisterResponse,
+    SentinelReport,
+    SentinelReportResponse,
+    WhoAmIResponse,
     WorkState,
 )
 
@@ -101,12 +105,13 @@ class PlaneClient:
     def __repr__(self) -> str:
         return f"PlaneClient({self.base!r})"
 
-    def _post(self, path: str, body, model=None, timeout: float | None = None):
+    def _post(self, path: str, body, model=None, timeout: float | None = None, method: str = "POST"):
         """POST ``body``; return the answer validated as ``model`` (or raw), or raise PlaneError."""
         try:
-            response = self.http.post(
+            response = self.http.request(
+                method,
                 self.base + path,
-                data=body.model_dump_json() if body is not None else "{}",
+                data=None if method == "GET" else body.model_dump_json() if body is not None else "{}",
                 headers={"Content-Type": "application/json"},
                 timeout=timeout or self.timeout,
                 verify=self.verify,
@@ -192,3 +197,51 @@ class PlaneClient:
 
         body = TriggerFailureRequest(triggerer_id=triggerer_id, traceback=traceback)
         self._post(f"/triggers/{trigger_id}/failure", body)
+
+    def whoami(self) -> WhoAmIResponse:
+        """The token's agent, queues, expiry and the plane's clock (``GET /agents/me``)."""
+        return self._post("/agents/me", None, WhoAmIResponse, method="GET")
+
+    def sentinel_report(self, report: SentinelReport) -> SentinelReportResponse:
+        """The sentinel's aggregate status of this agent (``POST /agents/sentinel``)."""
+        return self._post("/agents/sentinel", report, SentinelReportResponse)
+
+    # ---------------------------------------------------------------- parsing (the agent's dag processor)
+
+    def sync_bundles(self, bundles: list[str]) -> list:
+        from airflow_remote_execution.parsing_protocol import BundleSyncRequest, BundleSyncResponse
+
+        return self._post("/parsing/bundles/sync", BundleSyncRequest(bundles=bundles), BundleSyncResponse).bundles
+
+    def bundle_state(self, bundle: str):
+        from airflow_remote_execution.parsing_protocol import BundleState
+
+        data = self._post(f"/parsing/bundles/{quote(bundle, safe='')}/state", None, method="GET")
+        return BundleState.model_validate(data) if data is not None else None
+
+    def update_bundle_state(self, bundle: str, last_refreshed, version: str | None) -> None:
+        from airflow_remote_execution.parsing_protocol import BundleStateUpdate
+
+        body = BundleStateUpdate(last_refreshed=last_refreshed, version=version)
+        self._post(f"/parsing/bundles/{quote(bundle, safe='')}/state", body, method="PUT")
+
+    def bundle_files(self, bundle: str, observed_filelocs: list[str]):
+        from airflow_remote_execution.parsing_protocol import BundleFiles, BundleFilesResponse
+
+        body = BundleFiles(observed_filelocs=sorted(observed_filelocs))
+        return self._post(f"/parsing/bundles/{quote(bundle, safe='')}/files", body, BundleFilesResponse, method="PUT")
+
+    def parsing_result(self, result):
+        from airflow_remote_execution.parsing_protocol import ParsingResultResponse
+
+        return self._post("/parsing/results", result, ParsingResultResponse)
+
+    def claim_parsing_requests(self, bundles: list[str], max_callbacks: int):
+        from airflow_remote_execution.parsing_protocol import ClaimRequest, ClaimResponse
+
+        return self._post("/parsing/claims", ClaimRequest(bundles=bundles, max_callbacks=max_callbacks), ClaimResponse)
+
+    def deactivate_stale_dags(self, request) -> list[str]:
+        from airflow_remote_execution.parsing_protocol import StaleCheckResponse
+
+        return self._post("/parsing/stale", request, StaleCheckResponse).deactivated

@@ -8,9 +8,11 @@ from collections.abc import Callable
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Header, Request
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from airflow.configuration import conf
+from airflow.sdk import timezone
 from airflow.utils.session import create_session
 
 from airflow_remote_execution import agents, config, leases, tokens
@@ -26,6 +28,9 @@ from airflow_remote_execution.protocol import (
     Problem,
     RegisterRequest,
     RegisterResponse,
+    SentinelReport,
+    SentinelReportResponse,
+    WhoAmIResponse,
     WorkStateResponse,
 )
 from airflow_remote_execution.wakeup import waker
@@ -91,6 +96,13 @@ async def register(body: RegisterRequest, authorization: Authorization = None) -
 async def heartbeat(body: HeartbeatRequest, authorization: Authorization = None) -> HeartbeatResponse:
     """Report liveness and running work; the answer lists work to kill and whether to drain."""
     return await run_in_threadpool(_as_agent(authorization, lambda s, _t, a: agents.heartbeat(s, a, body)))
+
+
+@agent_router.post("/agents/sentinel", response_model=SentinelReportResponse)
+async def sentinel_report(body: SentinelReport, authorization: Authorization = None) -> SentinelReportResponse:
+    """The sentinel beside the agent reports its aggregate status (with the agent's token). Stored on
+    the agent's row; before the agent first registered there is no row and the answer is 409."""
+    return await run_in_threadpool(_as_agent(authorization, lambda s, _t, a: agents.record_sentinel(s, a, body)))
 
 
 @agent_router.post("/leases", response_model=LeaseResponse)
@@ -160,3 +172,23 @@ async def _report(authorization: str | None, transition) -> WorkStateResponse:
         return WorkStateResponse(work_id=item.id, state=item.state, fence=item.fence)
 
     return await run_in_threadpool(_as_agent(authorization, run))
+
+
+@agent_router.get("/agents/me", response_model=WhoAmIResponse)
+async def whoami(authorization: Authorization = None) -> WhoAmIResponse:
+    """The token's agent, queues and expiry, and the plane's clock; works before registration."""
+
+    def run() -> WhoAmIResponse:
+        with create_session() as session:
+            token = tokens.verify(session, _bearer(authorization))
+            registered = session.scalar(select(AgentModel.id).where(AgentModel.name == token.agent_name))
+            return WhoAmIResponse(
+                agent_name=token.agent_name,
+                token_id=token.id,
+                queues=list(token.queues),
+                token_expires_at=token.expires_at,
+                registered=registered is not None,
+                server_time=timezone.utcnow(),
+            )
+
+    return await run_in_threadpool(run)

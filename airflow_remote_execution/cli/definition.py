@@ -10,6 +10,9 @@ ARG_NAME = Arg(("--name",), help="Agent name the token belongs to (the agent's i
 ARG_QUEUES = Arg(("--queues",), help="Comma-separated queues the agent may serve", required=True)
 ARG_EXPIRES_IN = Arg(("--expires-in",), help="Lifetime such as 30d, 12h or 90m (default: no expiry)")
 ARG_DESCRIPTION = Arg(("--description",), help="Free text shown in `tokens list`")
+ARG_BUNDLES = Arg(
+    ("--bundles",), help="Comma-separated DAG bundles the agent's dag processor may write (default: none)"
+)
 ARG_TOKEN_ID = Arg(("token_id",), help="Token id (the part after 'rex_', shown by `tokens list`)")
 ARG_AGENT_FILTER = Arg(("--agent-name",), help="Only this agent's tokens")
 ARG_STATE = Arg(("--state",), help="Only work items in this state")
@@ -27,7 +30,7 @@ TOKEN_COMMANDS = (
         name="create",
         help="Create an agent token and print it once",
         func=lazy_load_command(_CMD + "tokens_create"),
-        args=(ARG_NAME, ARG_QUEUES, ARG_EXPIRES_IN, ARG_DESCRIPTION, ARG_OUTPUT),
+        args=(ARG_NAME, ARG_QUEUES, ARG_EXPIRES_IN, ARG_DESCRIPTION, ARG_BUNDLES, ARG_OUTPUT),
     ),
     ActionCommand(
         name="list",
@@ -94,6 +97,128 @@ AGENT_COMMANDS = (
     ),
 )
 
+# --- secrets configure and the doctor (customer side) ---
+_SEC = "airflow_remote_execution.cli.secrets_commands."
+SECRETS_CONFIGURE_ARGS = (
+    Arg(("--backend",), help="Secrets backend the agent reads first", choices=("aws", "azure", "gcp", "vault"),
+        required=True),
+    Arg(("--connections-prefix",), help="Where connections live (default: the backend's own)"),
+    Arg(("--variables-prefix",), help="Where variables live (default: the backend's own)"),
+    Arg(("--region",), help="aws: region of Secrets Manager"),
+    Arg(("--role-arn",), help="aws: IAM role to assume for reading secrets"),
+    Arg(("--profile",), help="aws: named profile on the agent"),
+    Arg(("--endpoint-url",), help="aws: Secrets Manager endpoint (VPC endpoint)"),
+    Arg(("--vault-url",), help="azure: https://<name>.vault.azure.net"),
+    Arg(("--tenant-id",), help="azure: service principal tenant (its secret goes in AZURE_CLIENT_SECRET)"),
+    Arg(("--client-id",), help="azure: service principal client id"),
+    Arg(("--managed-identity-client-id",), help="azure: user-assigned managed identity"),
+    Arg(("--project-id",), help="gcp: project holding the secrets"),
+    Arg(("--key-file",), help="gcp: service account key file on the agent (default: ADC)"),
+    Arg(("--url",), help="vault: Vault/OpenBao address"),
+    Arg(("--auth-type",), help="vault: token, approle or kubernetes", choices=("token", "approle", "kubernetes"),
+        default="token"),
+    Arg(("--token-file",), help="vault token auth: file holding the token (default: VAULT_TOKEN)"),
+    Arg(("--role-id",), help="vault approle: role id"),
+    Arg(("--secret-id-file",), help="vault approle: file holding the secret id (read by the agent's start-up)"),
+    Arg(("--kubernetes-role",), help="vault kubernetes auth: Vault role"),
+    Arg(("--kubernetes-jwt-path",), help="vault kubernetes auth: service account token file",
+        default="/var/run/secrets/kubernetes.io/serviceaccount/token"),
+    Arg(("--auth-mount-point",), help="vault: mount point of the auth method if not the default"),
+    Arg(("--mount-point",), help="vault: KV mount point (default: secret)", default="secret"),
+    Arg(("--kv-version",), help="vault: KV engine version (default: 2)", type=int, default=2),
+    Arg(("--ca-bundle",), help="aws/azure/vault: CA bundle that verifies the backend's certificate"),
+    Arg(("--format",), help="Print as airflow.cfg lines (ini) or environment variables (env)",
+        choices=("ini", "env"), default="ini"),
+    Arg(("--write",), help="Write into $AIRFLOW_HOME/airflow.cfg instead of printing", action="store_true"),
+    Arg(("--config-file",), help="With --write: this file instead of $AIRFLOW_HOME/airflow.cfg"),
+)
+SECRETS_COMMANDS = (
+    ActionCommand(
+        name="configure",
+        help="Print (or --write) the agent's [workers] secrets_backend for AWS, Azure, GCP or Vault",
+        func=lazy_load_command(_SEC + "secrets_configure"),
+        args=SECRETS_CONFIGURE_ARGS,
+    ),
+)
+CHECK_COMMAND = ActionCommand(
+    name="check",
+    help="Doctor: check this agent's plane connection, token, clock, secrets backend, disk (exit 1 on failure)",
+    func=lazy_load_command("airflow_remote_execution.cli.check_command.check"),
+    args=(
+        Arg(("--only",), help="Comma-separated checks to run (default: all)"),
+        Arg(("--probe-conn",), help="secrets: look up this connection id in the secrets backend"),
+        Arg(("--probe-var",), help="secrets: look up this variable in the secrets backend"),
+        ARG_OUTPUT,
+    ),
+)
+
+
+_BUNDLES = "airflow_remote_execution.cli.bundles_commands."
+ARG_BUNDLE_NAME = Arg(("name",), help="Bundle name (also its directory name in the bundle storage)")
+ARG_REPO_URL = Arg(("--repo-url",), help="Repository URL (https://... or git@...); default: the connection's host")
+ARG_TRACKING_REF = Arg(("--tracking-ref",), help="Branch, tag or commit to follow (default: main)", default="main")
+ARG_SUBDIR = Arg(("--subdir",), help="Directory of the DAG files inside the repository")
+ARG_GIT_CONN_ID = Arg(
+    ("--conn-id",), help="Git connection: HTTPS token as its password, or SSH key_file/private_key in its extra"
+)
+ARG_REFRESH_INTERVAL = Arg(
+    ("--refresh-interval",), help="Seconds between refreshes (default: [dag_processor] refresh_interval)", type=int
+)
+ARG_SUBMODULES = Arg(("--submodules",), help="Also fetch git submodules", action="store_true")
+ARG_LOCAL_PATH = Arg(("--path",), help="Directory holding the DAG files", required=True)
+ARG_WRITE = Arg(
+    ("--write",), help="Add it to [dag_processor] dag_bundle_config_list in airflow.cfg instead of printing it",
+    action="store_true",
+)
+ARG_SKIP_CHECKS = Arg(("--skip-checks",), help="Do not validate (connection, repository, path) first", action="store_true")
+ARG_OFFLINE = Arg(("--offline",), help="Do not contact repositories", action="store_true")
+ARG_GIT_TIMEOUT = Arg(("--timeout",), help="Seconds to wait for each repository (default: 30)", type=float, default=30.0)
+
+BUNDLES_COMMANDS = (
+    ActionCommand(
+        name="add-git",
+        help="Build (and check) a GitDagBundle entry; print it, or --write it into airflow.cfg",
+        func=lazy_load_command(_BUNDLES + "bundles_add_git"),
+        args=(ARG_BUNDLE_NAME, ARG_REPO_URL, ARG_TRACKING_REF, ARG_SUBDIR, ARG_GIT_CONN_ID, ARG_REFRESH_INTERVAL,
+              ARG_SUBMODULES, ARG_WRITE, ARG_SKIP_CHECKS),
+    ),
+    ActionCommand(
+        name="add-local",
+        help="Build (and check) a LocalDagBundle entry; print it, or --write it into airflow.cfg",
+        func=lazy_load_command(_BUNDLES + "bundles_add_local"),
+        args=(ARG_BUNDLE_NAME, ARG_LOCAL_PATH, ARG_REFRESH_INTERVAL, ARG_WRITE, ARG_SKIP_CHECKS),
+    ),
+    ActionCommand(
+        name="list",
+        help="Show the configured dag bundles",
+        func=lazy_load_command(_BUNDLES + "bundles_list"),
+        args=(ARG_OUTPUT,),
+    ),
+    ActionCommand(
+        name="validate",
+        help="Check the configured dag bundles (keys, classes, connections, repositories, refs, paths); exit 1 on errors",
+        func=lazy_load_command(_BUNDLES + "bundles_validate"),
+        args=(ARG_OFFLINE, ARG_GIT_TIMEOUT),
+    ),
+    ActionCommand(
+        name="remove",
+        help="Remove a dag bundle from [dag_processor] dag_bundle_config_list in airflow.cfg",
+        func=lazy_load_command(_BUNDLES + "bundles_remove"),
+        args=(ARG_BUNDLE_NAME,),
+    ),
+)
+
+SENTINEL_COMMAND = ActionCommand(
+    name="sentinel",
+    help="Serve /healthz and /readyz beside an agent and report its status to the plane (customer side)",
+    func=lazy_load_command("airflow_remote_execution.cli.sentinel_command.sentinel"),
+    args=(
+        Arg(("--port",), help="Probe port (default: [remote_execution] sentinel_port, 8990)", type=int),
+        Arg(("--host",), help="Probe address (default: [remote_execution] sentinel_host, 127.0.0.1)"),
+        Arg(("--report-interval",), help="Seconds between reports to the plane (default: 15)", type=float),
+    ),
+)
+
 
 def get_cli_commands() -> list[GroupCommand]:
     return [
@@ -105,6 +230,10 @@ def get_cli_commands() -> list[GroupCommand]:
                 GroupCommand(name="agents", help="Inspect agents (plane)", subcommands=AGENTS_COMMANDS),
                 GroupCommand(name="work", help="Inspect work items (plane)", subcommands=WORK_COMMANDS),
                 GroupCommand(name="agent", help="Run an agent (customer side)", subcommands=AGENT_COMMANDS),
+                GroupCommand(name="bundles", help="Build and check dag bundle entries", subcommands=BUNDLES_COMMANDS),
+                GroupCommand(name="secrets", help="Agent secrets backend (customer side)", subcommands=SECRETS_COMMANDS),
+                CHECK_COMMAND,
+                SENTINEL_COMMAND,
             ),
         )
     ]
