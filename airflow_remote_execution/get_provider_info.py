@@ -128,6 +128,13 @@ def get_provider_info() -> dict:
                         "integer",
                         "300",
                     ),
+                    "log_upload_interval": _opt(
+                        "With ``[logging] remote_logging`` on, seconds between partial uploads of running "
+                        "tasks' logs to the remote log folder, so the UI shows them while tasks run. "
+                        "0 turns partial uploads off (the log then appears when the task ends).",
+                        "float",
+                        "10",
+                    ),
                 },
             }
         },

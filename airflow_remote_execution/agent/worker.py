@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from airflow_remote_execution import __version__
 from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneError
+from airflow_remote_execution.agent.log_shipper import start_log_shipper
 from airflow_remote_execution.protocol import HeartbeatRequest, Lease, RegisterRequest, WorkState
 
 log = logging.getLogger("airflow_remote_execution.agent")
@@ -174,6 +175,7 @@ class AgentWorker:
         ]
         for t in threads:
             t.start()
+        start_log_shipper(self)  # partial task-log uploads, if remote logging is on
         while not self.stopping.wait(0.5):
             pass
         return self._drain()
