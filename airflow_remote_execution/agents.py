@@ -15,6 +15,8 @@ from airflow_remote_execution.protocol import (
     HeartbeatRequest,
     HeartbeatResponse,
     RegisterRequest,
+    SentinelReport,
+    SentinelReportResponse,
 )
 
 
@@ -141,6 +143,7 @@ def mark_lost(session: Session) -> list[AgentModel]:
 
 def list_agents(session: Session) -> list[AgentInfo]:
     counts = leases.running_counts(session)
+    now = timezone.utcnow()
     return [
         AgentInfo(
             id=a.id,
@@ -155,6 +158,37 @@ def list_agents(session: Session) -> list[AgentInfo]:
             versions=dict(a.versions or {}),
             registered_at=a.registered_at,
             last_heartbeat_at=a.last_heartbeat_at,
+            **sentinel_view(a, now),
         )
         for a in session.scalars(select(AgentModel).order_by(AgentModel.name))
     ]
+
+
+def record_sentinel(session: Session, agent: AgentModel, report: SentinelReport) -> SentinelReportResponse:
+    """Store the sentinel's latest report on its agent's row. It leaves liveness alone: only the
+    agent's own heartbeats keep an agent from being counted as lost."""
+    now = timezone.utcnow()
+    agent.sentinel_status = report.status
+    agent.sentinel_report = report.model_dump(mode="json")
+    agent.sentinel_at = now
+    return SentinelReportResponse(received_at=now)
+
+
+def sentinel_view(agent: AgentModel, now) -> dict:
+    """The sentinel fields of :class:`AgentInfo`; stale once 3 report intervals (+10 s) passed in silence."""
+    if agent.sentinel_at is None:
+        return {}
+    report = agent.sentinel_report or {}
+    age = max(0.0, (now - agent.sentinel_at).total_seconds())
+    failing = [
+        f"{c['name']}: {c.get('detail', '')}"[:300]
+        for c in report.get("checks", [])
+        if not c.get("ok") and not c.get("skipped")
+    ]
+    return {
+        "sentinel_status": agent.sentinel_status,
+        "sentinel_at": agent.sentinel_at,
+        "sentinel_age": round(age, 1),
+        "sentinel_stale": age > 3 * float(report.get("interval", 15)) + 10,
+        "sentinel_failing": failing,
+    }

@@ -72,6 +72,34 @@ def get_provider_info() -> dict:
                         "integer",
                         "86400",
                     ),
+                    # --- XCom object storage (read on the agent, per call) ---
+                    "xcom_path": _opt(
+                        "Base URL where ``ObjectStorageXComBackend`` puts XCom values larger than "
+                        "``xcom_threshold`` (s3://, gs://, abfs://, file:// or a local path). Empty keeps "
+                        "every value in the metadata DB. Set it on the agents.",
+                        "string",
+                        "",
+                        "s3://my-bucket/airflow/xcom",
+                    ),
+                    "xcom_conn_id": _opt(
+                        "Airflow connection with the credentials for ``xcom_path`` (aws, google_cloud_platform, "
+                        "wasb/adls ...). Empty uses the filesystem's default credentials.",
+                        "string",
+                        "",
+                        "aws_default",
+                    ),
+                    "xcom_threshold": _opt(
+                        "XCom values whose JSON is larger than this many bytes go to ``xcom_path``; smaller "
+                        "ones stay in the DB. 0 puts every value in the store.",
+                        "integer",
+                        "65536",
+                    ),
+                    "xcom_compression": _opt(
+                        "Compression of XCom objects: none, gzip or zstd (zstd needs the ``zstd`` extra).",
+                        "string",
+                        "none",
+                        "zstd",
+                    ),
                     # --- agent ---
                     "api_url": _opt(
                         "Base URL of the orchestration plane's api-server, as the agent reaches it.",

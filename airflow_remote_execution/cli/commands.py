@@ -90,6 +90,11 @@ def agents_list(args) -> None:
     for row in rows:
         row["queues"] = ",".join(row["queues"])
         row.pop("versions", None)
+        if args.output in (None, "table", "plain"):  # one short column each; json/yaml keep the details
+            status, stale = row.pop("sentinel_status"), row.pop("sentinel_stale")
+            row["sentinel"] = f"{status} (stale)" if status and stale else status or "none"
+            row["sentinel_failing"] = ",".join(f.split(":", 1)[0] for f in row["sentinel_failing"])
+            row.pop("sentinel_at")
     _print(rows, args.output)
 
 

@@ -90,6 +90,15 @@ WORK_COMMANDS = (
 
 AGENT_COMMANDS = (
     ActionCommand(
+        name="triggerer",
+        help="Run the agent's triggerer: claim triggers of deferred tasks in its queues and run them here",
+        func=lazy_load_command("airflow_remote_execution.cli.triggerer_command.agent_triggerer"),
+        args=(
+            ARG_AGENT_QUEUES,
+            Arg(("--capacity",), help="Most triggers to run at once (default: [triggerer] capacity)", type=int),
+        ),
+    ),
+    ActionCommand(
         name="start",
         help="Start the agent worker: long-poll the plane for work and run it with the Task SDK",
         func=lazy_load_command("airflow_remote_execution.cli.agent_command.agent_start"),
@@ -219,6 +228,21 @@ SENTINEL_COMMAND = ActionCommand(
     ),
 )
 
+SENTINEL_COMMAND = ActionCommand(
+    name="sentinel",
+    help="Serve /healthz and /readyz beside an agent and report its status to the plane (customer side)",
+    func=lazy_load_command("airflow_remote_execution.cli.sentinel_command.sentinel"),
+    args=(
+        Arg(("--port",), help="Probe port (default: the sentinel_port option, 8990)", type=int),
+        Arg(("--host",), help="Probe address (default: the sentinel_host option, 127.0.0.1)"),
+        Arg(
+            ("--report-interval",),
+            help="Seconds between reports to the plane (default: the sentinel_report_interval option, 15)",
+            type=float,
+        ),
+    ),
+)
+
 
 def get_cli_commands() -> list[GroupCommand]:
     return [
@@ -230,6 +254,7 @@ def get_cli_commands() -> list[GroupCommand]:
                 GroupCommand(name="agents", help="Inspect agents (plane)", subcommands=AGENTS_COMMANDS),
                 GroupCommand(name="work", help="Inspect work items (plane)", subcommands=WORK_COMMANDS),
                 GroupCommand(name="agent", help="Run an agent (customer side)", subcommands=AGENT_COMMANDS),
+                SENTINEL_COMMAND,
                 GroupCommand(name="bundles", help="Build and check dag bundle entries", subcommands=BUNDLES_COMMANDS),
                 GroupCommand(name="secrets", help="Agent secrets backend (customer side)", subcommands=SECRETS_COMMANDS),
                 CHECK_COMMAND,

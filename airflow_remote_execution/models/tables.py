@@ -53,6 +53,10 @@ class AgentModel(Base):
     registered_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_lease_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # The sentinel beside the agent reports on its own schedule (also while the agent is down).
+    sentinel_status: Mapped[str | None] = mapped_column(String(20))
+    sentinel_report: Mapped[dict | None] = mapped_column(JSON)
+    sentinel_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class WorkItemModel(Base):

@@ -47,6 +47,9 @@ def upgrade():
         sa.Column("registered_at", UtcDateTime(), nullable=False),
         sa.Column("last_heartbeat_at", UtcDateTime()),
         sa.Column("last_lease_at", UtcDateTime()),
+        sa.Column("sentinel_status", sa.String(20)),
+        sa.Column("sentinel_report", sa.JSON()),
+        sa.Column("sentinel_at", UtcDateTime()),
     )
     op.create_table(
         "remote_work_item",
