@@ -222,17 +222,6 @@ SENTINEL_COMMAND = ActionCommand(
     help="Serve /healthz and /readyz beside an agent and report its status to the plane (customer side)",
     func=lazy_load_command("airflow_remote_execution.cli.sentinel_command.sentinel"),
     args=(
-        Arg(("--port",), help="Probe port (default: [remote_execution] sentinel_port, 8990)", type=int),
-        Arg(("--host",), help="Probe address (default: [remote_execution] sentinel_host, 127.0.0.1)"),
-        Arg(("--report-interval",), help="Seconds between reports to the plane (default: 15)", type=float),
-    ),
-)
-
-SENTINEL_COMMAND = ActionCommand(
-    name="sentinel",
-    help="Serve /healthz and /readyz beside an agent and report its status to the plane (customer side)",
-    func=lazy_load_command("airflow_remote_execution.cli.sentinel_command.sentinel"),
-    args=(
         Arg(("--port",), help="Probe port (default: the sentinel_port option, 8990)", type=int),
         Arg(("--host",), help="Probe address (default: the sentinel_host option, 127.0.0.1)"),
         Arg(
@@ -254,7 +243,6 @@ def get_cli_commands() -> list[GroupCommand]:
                 GroupCommand(name="agents", help="Inspect agents (plane)", subcommands=AGENTS_COMMANDS),
                 GroupCommand(name="work", help="Inspect work items (plane)", subcommands=WORK_COMMANDS),
                 GroupCommand(name="agent", help="Run an agent (customer side)", subcommands=AGENT_COMMANDS),
-                SENTINEL_COMMAND,
                 GroupCommand(name="bundles", help="Build and check dag bundle entries", subcommands=BUNDLES_COMMANDS),
                 GroupCommand(name="secrets", help="Agent secrets backend (customer side)", subcommands=SECRETS_COMMANDS),
                 CHECK_COMMAND,
