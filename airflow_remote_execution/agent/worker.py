@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from airflow_remote_execution import __version__
 from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneError
+from airflow_remote_execution.agent.status import StatusPublisher
 from airflow_remote_execution.agent.log_shipper import start_log_shipper
 from airflow_remote_execution.protocol import HeartbeatRequest, Lease, RegisterRequest, WorkState
 
@@ -110,6 +111,7 @@ class AgentWorker:
         self.long_poll_wait = 20.0
         self.name = "?"
         self._ctx = multiprocessing.get_context("fork")
+        self.status = StatusPublisher()  # read by the sentinel beside the agent
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -168,7 +170,9 @@ class AgentWorker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         self._preload(self.client.tls)
+        self.status.publish(self)
         self.register()
+        self.status.publish(self)
         threads = [
             threading.Thread(target=self._poll_loop, name="poller", daemon=True),
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
@@ -196,6 +200,7 @@ class AgentWorker:
             time.sleep(0.2)
         self.exited.set()
         self._send_heartbeat(offline=True)
+        self.status.publish(self)
         log.info("Agent %s stopped", self.name)
         return 0
 
@@ -240,6 +245,7 @@ class AgentWorker:
             try:
                 leases = self.client.lease(free, self.long_poll_wait)
                 attempt = 0
+                self.status.poll_ok()
             except PlaneError as e:
                 if e.status == 409:  # plane forgot us (e.g. agent row removed): register again
                     self.register()
@@ -247,6 +253,7 @@ class AgentWorker:
                 delay = backoff(attempt)
                 attempt += 1
                 log.warning("Lease request failed (%s); retrying in %.1fs", e.detail, delay)
+                self.status.error("lease", e.detail)
                 self.stopping.wait(delay)
                 continue
             for lease in leases:
@@ -339,8 +346,10 @@ class AgentWorker:
         )
         try:
             reply = self.client.heartbeat(request)
+            self.status.heartbeat_ok()
         except PlaneError as e:
             log.warning("Heartbeat failed: %s", e.detail)
+            self.status.error("heartbeat", e.detail)
             return
         self.heartbeat_interval = reply.heartbeat_interval
         for work_id in reply.kill:
@@ -357,6 +366,7 @@ class AgentWorker:
         """Heartbeats continue while draining, so running work is not taken for lost."""
         while not self.exited.wait(self.heartbeat_interval):
             self._send_heartbeat()
+            self.status.publish(self)
 
     @staticmethod
     def _kill(run: Running) -> None:
