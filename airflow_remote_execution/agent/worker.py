@@ -180,6 +180,12 @@ class AgentWorker:
         for t in threads:
             t.start()
         start_log_shipper(self)  # partial task-log uploads, if remote logging is on
+        # Airflow cleans old dag bundle versions only in dag processors and local-executor schedulers.
+        from airflow_remote_execution.bundles import remove_stale_versions_periodically
+
+        threading.Thread(
+            target=remove_stale_versions_periodically, args=(self.stopping,), name="bundle-cleanup", daemon=True
+        ).start()
         while not self.stopping.wait(0.5):
             pass
         return self._drain()
