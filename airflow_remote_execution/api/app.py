@@ -18,6 +18,7 @@ def _problem(status: int, exc: Exception, headers: dict | None = None) -> JSONRe
 def create_app() -> FastAPI:
     from airflow_remote_execution.api.admin import admin_router
     from airflow_remote_execution.api.agent_routes import agent_router
+    from airflow_remote_execution.xcom.routes import xcom_router
     from airflow_remote_execution.api.trigger_routes import trigger_router
 
     app = FastAPI(
@@ -31,6 +32,7 @@ def create_app() -> FastAPI:
     app.include_router(agent_router, prefix="/v1")
     app.include_router(trigger_router, prefix="/v1")
     app.include_router(admin_router, prefix="/v1/admin")
+    app.include_router(xcom_router, prefix="/v1")
 
     for exc_class, status in _STATUS.items():
         app.add_exception_handler(exc_class, _handler(status))

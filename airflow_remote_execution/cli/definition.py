@@ -289,6 +289,21 @@ BUNDLES_COMMANDS = (
 )
 
 
+XCOM_COMMANDS = (
+    ActionCommand(
+        name="gc",
+        help="Delete objects under the xcom_path option that no XCom references any more (run on an agent)",
+        func=lazy_load_command("airflow_remote_execution.cli.xcom_commands.xcom_gc"),
+        args=(
+            Arg(("--older-than",), help="Only objects older than this (e.g. 7d); newer ones may be mid-task",
+                required=True),
+            Arg(("--dry-run",), help="List what would be deleted, delete nothing", action="store_true"),
+            ARG_OUTPUT,
+        ),
+    ),
+)
+
+
 def get_cli_commands() -> list[GroupCommand]:
     return [
         GroupCommand(
@@ -302,6 +317,7 @@ def get_cli_commands() -> list[GroupCommand]:
                 GroupCommand(name="bundles", help="Build and check dag bundle entries", subcommands=BUNDLES_COMMANDS),
                 GroupCommand(name="bundles", help="Build and check dag bundle entries", subcommands=BUNDLES_COMMANDS),
                 GroupCommand(name="secrets", help="Agent secrets backend (customer side)", subcommands=SECRETS_COMMANDS),
+                GroupCommand(name="xcom", help="Object-storage XCom backend (agent)", subcommands=XCOM_COMMANDS),
                 CHECK_COMMAND,
                 SENTINEL_COMMAND,
             ),
