@@ -156,6 +156,20 @@ def get_provider_info() -> dict:
                         "integer",
                         "300",
                     ),
+                    "components": _opt(
+                        "What ``airflow remote-execution agent start`` runs (comma-separated): ``worker`` "
+                        "(tasks), ``dag-processor`` (parses this agent's DAG bundles for the plane). More than "
+                        "one runs each in its own process. ``--components`` overrides it.",
+                        "string",
+                        "worker",
+                        "worker,dag-processor",
+                    ),
+                    "send_dag_source": _opt(
+                        "Whether the agent's dag processor sends DAG files' source code to the plane (shown "
+                        "in the UI's Code tab). Off: the plane stores only serialized DAGs and a note.",
+                        "boolean",
+                        "False",
+                    ),
                     "log_upload_interval": _opt(
                         "With ``[logging] remote_logging`` on, seconds between partial uploads of running "
                         "tasks' logs to the remote log folder, so the UI shows them while tasks run. "

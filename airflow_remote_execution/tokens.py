@@ -60,6 +60,7 @@ def to_info(row: AgentTokenModel) -> TokenInfo:
         id=row.id,
         agent_name=row.agent_name,
         queues=list(row.queues),
+        bundles=list(row.bundles or []),
         description=row.description,
         created_at=row.created_at,
         expires_at=row.expires_at,
@@ -76,9 +77,12 @@ def create(
     queues: list[str],
     expires_in: str | None = None,
     description: str | None = None,
+    bundles: list[str] | None = None,
 ) -> tuple[str, AgentTokenModel]:
-    """Create a token; returns the clear token (shown once) and its row."""
+    """Create a token; returns the clear token (shown once) and its row. ``bundles``: the DAG bundles
+    the agent's dag processor may write (none by default)."""
     queues = sorted({q.strip() for q in queues if q.strip()})
+    bundles = sorted({b.strip() for b in bundles or [] if b.strip()}) or None
     if not queues:
         raise ValueError("A token needs at least one queue (e.g. --queues default)")
     now = timezone.utcnow()
@@ -88,6 +92,7 @@ def create(
         id=token_id,
         agent_name=agent_name,
         queues=queues,
+        bundles=bundles,
         secret_hash=_hash(secret),
         description=description,
         created_at=now,
@@ -139,7 +144,7 @@ def rotate(
         raise ValueError(f"Token {token_id} is {token_status(old)}: create a new one with `tokens create` instead")
     clear, new = create(
         session, agent_name=old.agent_name, queues=list(old.queues), expires_in=expires_in,
-        description=f"rotated from {old.id}",
+        description=f"rotated from {old.id}", bundles=list(old.bundles or []),
     )
     if old_valid_for:
         ends = timezone.utcnow() + parse_duration(old_valid_for)

@@ -107,6 +107,7 @@ async def create_token(body: TokenCreateRequest) -> TokenCreated:
                 queues=body.queues,
                 expires_in=body.expires_in,
                 description=body.description,
+                bundles=body.bundles,
             )
             return TokenCreated(token=clear, info=tokens.to_info(row))
 

@@ -20,6 +20,7 @@ def create_app() -> FastAPI:
     from airflow_remote_execution.api.agent_routes import agent_router
     from airflow_remote_execution.xcom.routes import xcom_router
     from airflow_remote_execution.api.trigger_routes import trigger_router
+    from airflow_remote_execution.api.parsing_routes import parsing_router
 
     app = FastAPI(
         title="Airflow Remote Execution API",
@@ -33,6 +34,7 @@ def create_app() -> FastAPI:
     app.include_router(trigger_router, prefix="/v1")
     app.include_router(admin_router, prefix="/v1/admin")
     app.include_router(xcom_router, prefix="/v1")
+    app.include_router(parsing_router, prefix="/v1")
 
     for exc_class, status in _STATUS.items():
         app.add_exception_handler(exc_class, _handler(status))

@@ -29,6 +29,7 @@ def tokens_create(args) -> None:
                 queues=config.split_list(args.queues),
                 expires_in=args.expires_in,
                 description=args.description,
+                bundles=config.split_list(args.bundles),
             )
             info = tokens.to_info(row)
     except ValueError as e:
@@ -58,6 +59,7 @@ def _print_new_token(clear: str, info, output: str | None) -> None:
     print(clear)
     print(
         f"Token {info.id} for agent {info.agent_name!r}, queues {','.join(info.queues)}, "
+        f"bundles {','.join(info.bundles) or 'none'}, "
         f"expires {info.expires_at.isoformat() if info.expires_at else 'never'}. "
         "It is shown only now: store it in the agent's secret store.",
         file=sys.stderr,
@@ -70,6 +72,7 @@ def tokens_list(args) -> None:
         rows = [tokens.to_info(t).model_dump(mode="json") for t in tokens.list_tokens(session, args.agent_name)]
     for row in rows:
         row["queues"] = ",".join(row["queues"])
+        row["bundles"] = ",".join(row["bundles"])
     _print(rows, args.output)
 
 

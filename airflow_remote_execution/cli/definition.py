@@ -24,6 +24,10 @@ ARG_OLD_VALID_FOR = Arg(
     ("--old-valid-for",), help="Overlap: the old token expires this long from now (e.g. 1h); default: until revoked"
 )
 ARG_CONCURRENCY = Arg(("--concurrency",), help="Override [remote_execution] concurrency", type=int)
+ARG_COMPONENTS = Arg(
+    ("--components",),
+    help="Comma-separated: worker, dag-processor (default: [remote_execution] components, i.e. worker)",
+)
 
 TOKEN_COMMANDS = (
     ActionCommand(
@@ -102,7 +106,13 @@ AGENT_COMMANDS = (
         name="start",
         help="Start the agent worker: long-poll the plane for work and run it with the Task SDK",
         func=lazy_load_command("airflow_remote_execution.cli.agent_command.agent_start"),
-        args=(ARG_AGENT_QUEUES, ARG_CONCURRENCY),
+        args=(ARG_AGENT_QUEUES, ARG_CONCURRENCY, ARG_COMPONENTS),
+    ),
+    ActionCommand(
+        name="dag-processor",
+        help="Run only the agent's dag processor: parse this agent's DAG bundles and send the results to the plane",
+        func=lazy_load_command("airflow_remote_execution.cli.agent_command.agent_dag_processor"),
+        args=(),
     ),
 )
 
@@ -233,62 +243,6 @@ SENTINEL_COMMAND = ActionCommand(
 )
 
 
-_BUNDLES = "airflow_remote_execution.cli.bundles_commands."
-ARG_BUNDLE_NAME = Arg(("name",), help="Bundle name (also its directory name in the bundle storage)")
-ARG_REPO_URL = Arg(("--repo-url",), help="Repository URL (https://... or git@...); default: the connection's host")
-ARG_TRACKING_REF = Arg(("--tracking-ref",), help="Branch, tag or commit to follow (default: main)", default="main")
-ARG_SUBDIR = Arg(("--subdir",), help="Directory of the DAG files inside the repository")
-ARG_GIT_CONN_ID = Arg(
-    ("--conn-id",), help="Git connection: HTTPS token as its password, or SSH key_file/private_key in its extra"
-)
-ARG_REFRESH_INTERVAL = Arg(
-    ("--refresh-interval",), help="Seconds between refreshes (default: [dag_processor] refresh_interval)", type=int
-)
-ARG_SUBMODULES = Arg(("--submodules",), help="Also fetch git submodules", action="store_true")
-ARG_LOCAL_PATH = Arg(("--path",), help="Directory holding the DAG files", required=True)
-ARG_WRITE = Arg(
-    ("--write",), help="Add it to [dag_processor] dag_bundle_config_list in airflow.cfg instead of printing it",
-    action="store_true",
-)
-ARG_SKIP_CHECKS = Arg(("--skip-checks",), help="Do not validate (connection, repository, path) first", action="store_true")
-ARG_OFFLINE = Arg(("--offline",), help="Do not contact repositories", action="store_true")
-ARG_GIT_TIMEOUT = Arg(("--timeout",), help="Seconds to wait for each repository (default: 30)", type=float, default=30.0)
-
-BUNDLES_COMMANDS = (
-    ActionCommand(
-        name="add-git",
-        help="Build (and check) a GitDagBundle entry; print it, or --write it into airflow.cfg",
-        func=lazy_load_command(_BUNDLES + "bundles_add_git"),
-        args=(ARG_BUNDLE_NAME, ARG_REPO_URL, ARG_TRACKING_REF, ARG_SUBDIR, ARG_GIT_CONN_ID, ARG_REFRESH_INTERVAL,
-              ARG_SUBMODULES, ARG_WRITE, ARG_SKIP_CHECKS),
-    ),
-    ActionCommand(
-        name="add-local",
-        help="Build (and check) a LocalDagBundle entry; print it, or --write it into airflow.cfg",
-        func=lazy_load_command(_BUNDLES + "bundles_add_local"),
-        args=(ARG_BUNDLE_NAME, ARG_LOCAL_PATH, ARG_REFRESH_INTERVAL, ARG_WRITE, ARG_SKIP_CHECKS),
-    ),
-    ActionCommand(
-        name="list",
-        help="Show the configured dag bundles",
-        func=lazy_load_command(_BUNDLES + "bundles_list"),
-        args=(ARG_OUTPUT,),
-    ),
-    ActionCommand(
-        name="validate",
-        help="Check the configured dag bundles (keys, classes, connections, repositories, refs, paths); exit 1 on errors",
-        func=lazy_load_command(_BUNDLES + "bundles_validate"),
-        args=(ARG_OFFLINE, ARG_GIT_TIMEOUT),
-    ),
-    ActionCommand(
-        name="remove",
-        help="Remove a dag bundle from [dag_processor] dag_bundle_config_list in airflow.cfg",
-        func=lazy_load_command(_BUNDLES + "bundles_remove"),
-        args=(ARG_BUNDLE_NAME,),
-    ),
-)
-
-
 XCOM_COMMANDS = (
     ActionCommand(
         name="gc",
@@ -314,7 +268,6 @@ def get_cli_commands() -> list[GroupCommand]:
                 GroupCommand(name="agents", help="Inspect agents (plane)", subcommands=AGENTS_COMMANDS),
                 GroupCommand(name="work", help="Inspect work items (plane)", subcommands=WORK_COMMANDS),
                 GroupCommand(name="agent", help="Run an agent (customer side)", subcommands=AGENT_COMMANDS),
-                GroupCommand(name="bundles", help="Build and check dag bundle entries", subcommands=BUNDLES_COMMANDS),
                 GroupCommand(name="bundles", help="Build and check dag bundle entries", subcommands=BUNDLES_COMMANDS),
                 GroupCommand(name="secrets", help="Agent secrets backend (customer side)", subcommands=SECRETS_COMMANDS),
                 GroupCommand(name="xcom", help="Object-storage XCom backend (agent)", subcommands=XCOM_COMMANDS),

@@ -25,6 +25,7 @@ class AgentTokenModel(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # public part of the token
     agent_name: Mapped[str] = mapped_column(String(250), nullable=False)
     queues: Mapped[list] = mapped_column(JSON, nullable=False)
+    bundles: Mapped[list | None] = mapped_column(JSON)  # DAG bundles its dag processor may write; null: none
     secret_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     description: Mapped[str | None] = mapped_column(String(1000))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)

@@ -24,6 +24,7 @@ def upgrade():
         sa.Column("id", sa.String(32), primary_key=True),
         sa.Column("agent_name", sa.String(250), nullable=False),
         sa.Column("queues", sa.JSON(), nullable=False),
+        sa.Column("bundles", sa.JSON()),
         sa.Column("secret_hash", sa.String(64), nullable=False),
         sa.Column("description", sa.String(1000)),
         sa.Column("created_at", UtcDateTime(), nullable=False),
