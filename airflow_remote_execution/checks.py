@@ -119,8 +119,8 @@ def _chain(exc: BaseException) -> list[BaseException]:
         if e is None or any(e is s for s in seen):
             continue
         seen.append(e)
-        todo += [e.__cause__, e.__context__, getattr(e, "reason", None)]
-        todo += [a for a in e.args if isinstance(a, BaseException)]
+        linked = [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+        todo += [x for x in linked if isinstance(x, BaseException)]
     return seen
 
 
