@@ -76,22 +76,21 @@ class ObjectStorageXComBackend(BaseXCom):
         rel = store.relative_key(where.dag_id, where.run_id, where.task_id, where.map_index, where.key, fmt,
                                  settings.compression)
         path = settings.base() / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
+        url = f"{settings.path}/{rel}"  # readable: no connection id folded into the URL
+        if settings.compression == "zstd":
+            store._zstandard()  # fail before opening anything if it is not installed
+        if settings.is_local():
+            path.parent.mkdir(parents=True, exist_ok=True)  # object stores need no directories (nor new buckets)
         fileobj = path.open("wb")
         try:
             written = store.write_stream(fileobj, head, rest, settings.compression)
         except BaseException:
-            discard = getattr(fileobj, "discard", None)  # s3fs/gcsfs: abort the multipart upload
-            if callable(discard):
-                discard()
-            else:
-                fileobj.close()
-                path.unlink(missing_ok=True)
+            _abort(fileobj, path)
             raise
         fileobj.close()
         ref = {
             MARKER: 1,
-            "ref": str(path),
+            "ref": url,
             "size": human_size(written.bytes),
             "bytes": written.bytes,
             "stored_bytes": written.stored_bytes,
@@ -117,6 +116,17 @@ class ObjectStorageXComBackend(BaseXCom):
         value = getattr(xcom, "value", None)
         if is_reference(value):
             delete_object(value)
+
+
+def _abort(fileobj, path) -> None:
+    """Leave no partial object behind: abort the multipart upload where possible, else delete."""
+    try:
+        fileobj.discard()  # s3fs/gcsfs/adlfs buffered files: drop the upload
+    except Exception:  # noqa: BLE001 - autocommitting files (local) cannot discard
+        try:
+            fileobj.close()
+        finally:
+            path.unlink(missing_ok=True)
 
 
 class _Value:

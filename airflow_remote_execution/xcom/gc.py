@@ -53,7 +53,7 @@ def list_objects(settings: Settings) -> list[StoredObject]:
     for path in base.rglob("*"):
         if not path.is_file():
             continue
-        rel = str(path.relative_to(base))
+        rel = path.path[len(base.path):].lstrip("/")  # relative_to() does not work on object-store paths
         coords = parse_relative_key(rel)
         if coords is None:
             continue
@@ -63,7 +63,7 @@ def list_objects(settings: Settings) -> list[StoredObject]:
         if modified is None:
             log.warning("No modification time for %s; skipped", path)
             continue
-        found.append(StoredObject(str(path), coords, modified, int(raw.get("size") or 0)))
+        found.append(StoredObject(f"{settings.path}/{rel}", coords, modified, int(raw.get("size") or 0)))
     return found
 
 

@@ -59,6 +59,9 @@ class Settings:
             compression=compression,
         )
 
+    def is_local(self) -> bool:
+        return "://" not in self.path or self.path.startswith(("file://", "local://"))
+
     def base(self):
         from airflow.sdk import ObjectStoragePath
 
@@ -73,7 +76,7 @@ class Settings:
 def _escape(segment: str) -> str:
     """Keep readable characters; ``~XX`` for the rest (``/``, ``?``, ``#``, ``%``, spaces, non-ASCII...)."""
     if segment in ("", ".", ".."):
-        return "~" + segment.encode().hex().upper() if segment else "~"
+        return "".join(f"~{b:02X}" for b in segment.encode()) if segment else "~"
     return "".join(c if _SAFE.fullmatch(c) else "".join(f"~{b:02X}" for b in c.encode()) for c in segment)
 
 
