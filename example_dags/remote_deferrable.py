@@ -1,7 +1,8 @@
 """Deferrable sensors on an agent: the task defers, the agent's triggerer runs the trigger, and the
 task resumes on an agent. Run ``airflow remote-execution agent triggerer`` beside the agent worker.
 
-``wait_seconds`` (trigger conf or param) sets how long after the run was triggered the second sensor waits until.
+Both waits count from when the run was triggered: ``short_wait`` 15 s, ``wait_until`` ``wait_seconds``
+(a param, 30 by default; pass it in the run's conf).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from airflow.sdk import Param, dag, task
 @dag(
     schedule=None,
     catchup=False,
-    params={"wait_seconds": Param(5, type="integer", minimum=0)},
+    params={"wait_seconds": Param(30, type="integer", minimum=0)},
     tags=["remote-execution", "example"],
 )
 def remote_deferrable():
-    short_wait = TimeDeltaSensor(task_id="short_wait", delta=timedelta(seconds=3), deferrable=True)
+    short_wait = TimeDeltaSensor(task_id="short_wait", delta=timedelta(seconds=15), deferrable=True)
     wait_until = DateTimeSensorAsync(
         task_id="wait_until",
         target_time="{{ (dag_run.run_after + macros.timedelta(seconds=params.wait_seconds)).isoformat() }}",

@@ -170,6 +170,7 @@ class AgentWorker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         self._preload(self.client.tls)
+        start_log_shipper(self)  # partial task-log uploads if remote logging is on; before any fork
         self.status.publish(self)
         self.register()
         self.status.publish(self)
@@ -179,7 +180,6 @@ class AgentWorker:
         ]
         for t in threads:
             t.start()
-        start_log_shipper(self)  # partial task-log uploads, if remote logging is on
         # Airflow cleans old dag bundle versions only in dag processors and local-executor schedulers.
         from airflow_remote_execution.bundles import remove_stale_versions_periodically
 
