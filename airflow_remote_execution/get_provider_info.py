@@ -158,7 +158,8 @@ def get_provider_info() -> dict:
                     ),
                     "components": _opt(
                         "What ``airflow remote-execution agent start`` runs (comma-separated): ``worker`` "
-                        "(tasks), ``dag-processor`` (parses this agent's DAG bundles for the plane). More than "
+                        "(tasks), ``dag-processor`` (parses this agent's DAG bundles for the plane), ``triggerer`` "
+                        "(runs triggers of deferred tasks, see docs/triggers.md). More than "
                         "one runs each in its own process. ``--components`` overrides it.",
                         "string",
                         "worker",

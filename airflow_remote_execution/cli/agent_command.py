@@ -42,10 +42,17 @@ def _run_dag_processor(_args) -> int:
     return run_dag_processor()
 
 
+def _run_triggerer(args) -> int:
+    from airflow_remote_execution.cli.triggerer_command import run_component
+
+    return run_component(args)
+
+
 # Component name -> runs it until SIGTERM; returns the exit code. Add a component with one line here.
 COMPONENTS: dict[str, Callable[[object], int]] = {
     "worker": _run_worker,
     "dag-processor": _run_dag_processor,
+    "triggerer": _run_triggerer,
 }
 
 

@@ -9,16 +9,22 @@ from airflow.utils.providers_configuration_loader import providers_configuration
 from airflow_remote_execution import config
 
 
-@providers_configuration_loaded
-def agent_triggerer(args) -> None:
+def run_component(args) -> int:
+    """The ``triggerer`` agent component (``agent start --components worker,triggerer``)."""
     from airflow.configuration import conf
 
     from airflow_remote_execution.agent.client import PlaneClient
     from airflow_remote_execution.agent.triggerer import run_triggerer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    capacity = args.capacity or conf.getint("triggerer", "capacity")
+    capacity = getattr(args, "capacity", None) or conf.getint("triggerer", "capacity")
     if capacity < 1:
         raise SystemExit(f"Triggerer capacity must be at least 1, not {capacity} (--capacity or [triggerer] capacity)")
-    queues = config.split_list(args.queues or config.get("queues")) or None
-    raise SystemExit(run_triggerer(PlaneClient.from_config(), capacity=capacity, queues=queues))
+    queues = config.split_list(getattr(args, "queues", None) or config.get("queues")) or None
+    return run_triggerer(PlaneClient.from_config(), capacity=capacity, queues=queues)
+
+
+@providers_configuration_loaded
+def agent_triggerer(args) -> None:
+    """``airflow remote-execution agent triggerer``: the triggerer alone, in this process."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise SystemExit(run_component(args))
