@@ -1,6 +1,7 @@
 """
 The agent worker: long-polls the plane for work and runs each workload with Airflow's own
-supervisors (``BaseExecutor.run_workload`` -> Task SDK) in a forked process of its own.
+supervisors (``BaseExecutor.run_workload`` -> Task SDK) in a warm runner process
+(:mod:`.runners`), one workload per runner at a time.
 
 Threads: the *poller* leases work when slots are free and starts it only after the plane
 confirms the lease; the *heartbeater* reports running work and kills what the plane says is no
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
-import multiprocessing
 import os
 import random
 import signal
@@ -26,8 +27,9 @@ from dataclasses import dataclass
 
 from airflow_remote_execution import __version__
 from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneError
-from airflow_remote_execution.agent.status import StatusPublisher
 from airflow_remote_execution.agent.log_shipper import start_log_shipper
+from airflow_remote_execution.agent.runners import Runner, RunnerPool
+from airflow_remote_execution.agent.status import StatusPublisher
 from airflow_remote_execution.protocol import HeartbeatRequest, Lease, RegisterRequest, WorkState
 
 log = logging.getLogger("airflow_remote_execution.agent")
@@ -59,27 +61,10 @@ def share_tls_with_task_sdk(ca_bundle: str, client_cert: str, client_key: str) -
             setattr(sdk_client, constant, value)
 
 
-def _run_workload(workload_json: str, server: str) -> None:
-    """Body of the forked workload process."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.setpgrp()  # the agent kills the whole group: supervisor and task
-    from pydantic import TypeAdapter
-
-    from airflow.executors import workloads
-    from airflow.executors.base_executor import BaseExecutor
-
-    workload = TypeAdapter(workloads.ExecutorWorkload).validate_json(workload_json)
-    code = BaseExecutor.run_workload(
-        workload, server=server, proctitle=f"airflow remote-execution agent: {workload.display_name}"
-    )
-    sys.exit(code or 0)
-
-
 @dataclass
 class Running:
     lease: Lease
-    process: multiprocessing.process.BaseProcess
+    runner: Runner
     killed: bool = False
     slot_released: bool = False  # the task process is gone; only the supervisor is finishing up
 
@@ -110,7 +95,7 @@ class AgentWorker:
         self.heartbeat_interval = 5.0
         self.long_poll_wait = 20.0
         self.name = "?"
-        self._ctx = multiprocessing.get_context("fork")
+        self.pool: RunnerPool | None = None
         self.status = StatusPublisher()  # read by the sentinel beside the agent
 
     # ------------------------------------------------------------------ lifecycle
@@ -170,6 +155,8 @@ class AgentWorker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         self._preload(self.client.tls)
+        self.pool = RunnerPool(self.concurrency)
+        self.pool.fill()
         start_log_shipper(self)  # partial task-log uploads if remote logging is on; before any fork
         self.status.publish(self)
         self.register()
@@ -205,6 +192,7 @@ class AgentWorker:
         while self.running and time.monotonic() < end:
             time.sleep(0.2)
         self.exited.set()
+        self.pool.close()
         self._send_heartbeat(offline=True)
         self.status.publish(self)
         log.info("Agent %s stopped", self.name)
@@ -277,24 +265,23 @@ class AgentWorker:
         except PlaneError as e:
             log.warning("Not starting work %s: %s", lease.work_id, e.detail)
             return
-        import json
-
-        process = self._ctx.Process(
-            target=_run_workload,
-            args=(json.dumps(lease.workload), self.execution_api_url),
-            name=f"workload-{lease.work_id}",
-        )
-        process.start()
-        run = Running(lease=lease, process=process)
+        runner = self.pool.take()
+        runner.submit(json.dumps(lease.workload), self.execution_api_url)
+        run = Running(lease=lease, runner=runner)
         with self.lock:
             self.running[lease.work_id] = run
-        log.info("Started work %s (%s) pid=%s", lease.work_id, lease.kind, process.pid)
+        log.info("Started work %s (%s) pid=%s", lease.work_id, lease.kind, runner.pid)
         threading.Thread(target=self._reap, args=(run,), name=f"reaper-{lease.work_id}", daemon=True).start()
 
     def _reap(self, run: Running) -> None:
         self._wait_for_task_process(run)
-        run.process.join()
-        code = run.process.exitcode
+        while not run.runner.done(1.0):
+            pass
+        code = run.runner.result()
+        if run.killed:
+            run.runner.stop()
+        else:
+            self.pool.give_back(run.runner)
         outcome = WorkState.SUCCESS if code == 0 else WorkState.FAILED
         info = None if code == 0 else (f"killed by signal {-code}" if code and code < 0 else f"exit code {code}")
         log.info("Work %s finished: %s%s", run.lease.work_id, outcome.value, f" ({info})" if info else "")
@@ -326,11 +313,10 @@ class AgentWorker:
         import psutil
 
         seen_child = False
-        while run.process.exitcode is None:
-            run.process.join(0.05)
+        while not run.runner.done(0.05):
             try:
                 # An exited task stays a zombie until the supervisor reaps it, which is what lingers.
-                children = [c for c in psutil.Process(run.process.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
+                children = [c for c in psutil.Process(run.runner.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
             except psutil.NoSuchProcess:
                 continue  # a child went away between listing and asking: look again
             except psutil.Error:
@@ -376,21 +362,24 @@ class AgentWorker:
 
     @staticmethod
     def _kill(run: Running) -> None:
-        if run.killed or run.process.pid is None:
+        """SIGTERM the runner's group (the supervisor forwards it to the task, whose ``on_kill`` runs),
+        then SIGKILL whatever is left of the runner and the task's own process group."""
+        if run.killed:
             return
         run.killed = True
-        pid = run.process.pid
+        pid = run.runner.pid
 
         def _terminate() -> None:
+            import psutil
+
             try:
+                tasks = psutil.Process(pid).children(recursive=True)
                 os.killpg(pid, signal.SIGTERM)
-            except ProcessLookupError:
+            except (ProcessLookupError, psutil.NoSuchProcess):
                 return
-            run.process.join(10)
-            if run.process.exitcode is None:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            run.runner.process.join(10)
+            for proc in [*tasks, None]:
+                with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
+                    os.killpg(proc.pid if proc else pid, signal.SIGKILL)
 
         threading.Thread(target=_terminate, daemon=True).start()

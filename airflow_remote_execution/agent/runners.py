@@ -1,0 +1,216 @@
+"""
+Warm workload runners: processes forked from the agent ahead of time that run one workload after
+another with Airflow's own supervisors (``BaseExecutor.run_workload`` -> Task SDK), as
+LocalExecutor's workers do. Forking the agent per task cost ~10-25 ms of dispatch latency; a warm
+runner only pays for the supervisor's own fork of the task process.
+
+A runner is its own process group, so the agent can kill a workload (supervisor and runner) with
+one signal; a killed runner is not reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from multiprocessing.connection import Connection
+
+log = logging.getLogger("airflow_remote_execution.agent")
+
+_STOP = None
+
+
+def _fix_supervisor_exit_race() -> None:
+    """Airflow's supervisor can sleep a whole ``[workers] min_heartbeat_interval`` (5 s) after its task
+    ended: when the task's sockets reach EOF before the kernel has made it a zombie, the supervisor's next
+    ``select()`` runs on an empty selector. While every socket is closed, wait on the process instead."""
+    from airflow.sdk.execution_time.supervisor import ActivitySubprocess
+
+    if getattr(ActivitySubprocess, "_rex_exit_race_fixed", False):
+        return
+    original = ActivitySubprocess._service_subprocess
+
+    def _service_subprocess(self, max_wait_time: float, raise_on_timeout: bool = False, expect_signal=None):
+        selector_map = self.selector.get_map()
+        if self._exit_code is None and selector_map is not None and not selector_map:
+            with contextlib.suppress(Exception):  # a timeout: fall through to the usual exit check
+                self._process.wait(timeout=max(0.01, max_wait_time))
+            return self._check_subprocess_exit(raise_on_timeout=raise_on_timeout, expect_signal=expect_signal)
+        return original(self, max_wait_time, raise_on_timeout=raise_on_timeout, expect_signal=expect_signal)
+
+    ActivitySubprocess._service_subprocess = _service_subprocess
+    ActivitySubprocess._rex_exit_race_fixed = True
+
+
+def _workload_adapter():
+    from pydantic import TypeAdapter
+
+    from airflow.executors import workloads
+
+    return TypeAdapter(workloads.ExecutorWorkload)
+
+
+def run_one(workload_json: str, server: str, adapter=None) -> int:
+    """Run one workload to its end in this process; returns its exit code."""
+    from airflow.executors.base_executor import BaseExecutor
+
+    workload = (adapter or _workload_adapter()).validate_json(workload_json)
+    code = BaseExecutor.run_workload(
+        workload, server=server, proctitle=f"airflow remote-execution agent: {workload.display_name}"
+    )
+    return code or 0
+
+
+def _runner_main(conn: Connection) -> None:
+    """Body of a runner: receive ``(workload_json, server)``, run it, send the exit code; repeat."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.setpgrp()  # the agent kills the whole group: runner/supervisor and task
+    _fix_supervisor_exit_race()
+    with contextlib.suppress(ImportError):
+        from setproctitle import setproctitle
+
+        setproctitle("airflow remote-execution agent: idle runner")
+    adapter = _workload_adapter()
+    agent_pid = os.getppid()
+    while True:
+        try:
+            while not conn.poll(1.0):
+                if os.getppid() != agent_pid:  # the agent died: siblings hold our pipe open, so no EOF
+                    os._exit(0)
+            message = conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)
+        if message is _STOP:
+            os._exit(0)
+        workload_json, server = message
+        try:
+            code = run_one(workload_json, server, adapter)
+        except BaseException:  # noqa: BLE001 - report a failure, never take the runner down silently
+            log.exception("Workload failed in the supervisor")
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            conn.send(code)
+        except (EOFError, OSError):
+            os._exit(0)
+
+
+class Runner:
+    """One warm process; ``submit`` hands it a workload, ``result`` waits for the exit code."""
+
+    def __init__(self, ctx) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_runner_main, args=(child,), name="workload-runner")
+        self.process.start()
+        child.close()
+        self.busy = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def submit(self, workload_json: str, server: str) -> None:
+        self.busy = True
+        self.conn.send((workload_json, server))
+
+    def done(self, timeout: float) -> bool:
+        """True once the workload's exit code is there or the runner died."""
+        try:
+            if self.conn.poll(timeout):
+                return True
+        except (EOFError, OSError):
+            return True
+        return not self.process.is_alive()
+
+    def result(self) -> int:
+        """The workload's exit code; a dead runner's exit code (negative: killed by that signal)."""
+        try:
+            if self.conn.poll(0):
+                self.busy = False
+                return int(self.conn.recv())
+        except (EOFError, OSError):
+            pass
+        self.process.join(10)
+        return self.process.exitcode if self.process.exitcode is not None else -signal.SIGKILL
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, EOFError):
+            self.conn.send(_STOP)
+        self.process.join(5)
+        if self.process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.join(5)
+        self.conn.close()
+
+
+class RunnerPool:
+    """Keeps ``size`` idle runners ready. A lease takes one (or forks one when none is idle); a runner
+    comes back when its workload ended, unless it was killed or the pool is full."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._ctx = multiprocessing.get_context("fork")
+        self._idle: list[Runner] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._refill_wanted = threading.Event()
+        threading.Thread(target=self._refill_loop, name="runner-refill", daemon=True).start()
+
+    def fill(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed or len(self._idle) >= self.size:
+                    return
+            runner = Runner(self._ctx)
+            with self._lock:
+                if self._closed or len(self._idle) >= self.size:
+                    extra = runner
+                else:
+                    self._idle.append(runner)
+                    extra = None
+            if extra:
+                extra.stop()
+
+    def take(self) -> Runner:
+        with self._lock:
+            while self._idle:
+                runner = self._idle.pop()
+                if runner.alive():
+                    self._refill_wanted.set()
+                    return runner
+        self._refill_wanted.set()
+        return Runner(self._ctx)  # cold: none idle (e.g. all held by supervisors finishing up)
+
+    def give_back(self, runner: Runner) -> None:
+        with self._lock:
+            if not self._closed and runner.alive() and not runner.busy and len(self._idle) < self.size:
+                self._idle.append(runner)
+                return
+        runner.stop()
+
+    def _refill_loop(self) -> None:
+        while not self._closed:
+            self._refill_wanted.wait()
+            self._refill_wanted.clear()
+            try:
+                self.fill()
+            except Exception:  # noqa: BLE001 - the next take() forks cold instead
+                log.exception("Could not start a workload runner")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        self._refill_wanted.set()
+        for runner in idle:
+            runner.stop()
