@@ -1,8 +1,8 @@
 """Deferrable sensors on an agent: the task defers, the agent's triggerer runs the trigger, and the
 task resumes on an agent. Run ``airflow remote-execution agent triggerer`` beside the agent worker.
 
-Both waits count from when the run was triggered: ``short_wait`` 15 s, ``wait_until`` ``wait_seconds``
-(a param, 30 by default; pass it in the run's conf).
+``short_wait`` waits until 15 s after the run was triggered (no deferral if that has passed);
+``wait_until`` waits ``wait_seconds`` (a param, 30 by default; pass it in the run's conf) from its start.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def remote_deferrable():
     short_wait = TimeDeltaSensor(task_id="short_wait", delta=timedelta(seconds=15), deferrable=True)
     wait_until = DateTimeSensorAsync(
         task_id="wait_until",
-        target_time="{{ (dag_run.run_after + macros.timedelta(seconds=params.wait_seconds)).isoformat() }}",
+        target_time="{{ (macros.datetime.now(dag_run.run_after.tzinfo) "
+        "+ macros.timedelta(seconds=params.wait_seconds)).isoformat() }}",
     )
 
     @task
