@@ -10,9 +10,6 @@ Each backend is built the way the Task SDK builds it on an agent: ``[workers] se
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import boto3
 import hvac
@@ -28,7 +25,6 @@ from airflow_remote_execution.secrets_config import (
 )
 from emulators import AWS_TEST_CREDENTIALS, OPENBAO_ROOT_TOKEN, moto, openbao
 
-AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 CONN = {"conn_type": "postgres", "host": "db.internal", "login": "app", "password": "s3cr3t-pw", "port": 5432}
 CONN_URI = "postgres://app:s3cr3t-pw@db.internal:5432"
 
@@ -136,21 +132,25 @@ def test_write_keeps_the_rest_of_airflow_cfg(tmp_path):
     assert new.read_text().startswith("[workers]\nsecrets_backend = airflow.providers.hashicorp")
 
 
-def test_cli_prints_and_writes(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "AIRFLOW_HOME": str(tmp_path), "HOME": str(tmp_path)}
-    base = [AIRFLOW, "remote-execution", "secrets", "configure"]
-    out = subprocess.run([*base, "--backend", "vault", "--url", "https://vault:8200", "--auth-type", "approle",
-                          "--role-id", "r-1", "--format", "env"], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "AIRFLOW__WORKERS__SECRETS_BACKEND=airflow.providers.hashicorp.secrets.vault.VaultBackend" in out.stdout
-    assert "export AIRFLOW__WORKERS__SECRETS_BACKEND_KWARG__SECRET_ID=<the AppRole secret id" in out.stdout
-    bad = subprocess.run([*base, "--backend", "vault", "--url", "https://v", "--auth-type", "approle"], env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "--role-id is required for --auth-type approle" in bad.stderr
-    wrote = subprocess.run([*base, "--backend", "gcp", "--project-id", "my-project-1", "--write"], env=env,
-                           capture_output=True, text=True, timeout=120)
-    assert wrote.returncode == 0, wrote.stderr
-    assert "project_id" in (tmp_path / "airflow.cfg").read_text()
+def test_cli_prints_and_writes(tmp_path, capsys):
+    """Through Airflow's own CLI parser (in-process: the argparse wiring and the handler)."""
+    from airflow.cli import cli_parser
+
+    def cli(*args: str) -> str:
+        parsed = cli_parser.get_parser().parse_args(["remote-execution", "secrets", "configure", *args])
+        parsed.func(parsed)
+        return capsys.readouterr().out
+
+    out = cli("--backend", "vault", "--url", "https://vault:8200", "--auth-type", "approle", "--role-id", "r-1",
+              "--format", "env")
+    assert "AIRFLOW__WORKERS__SECRETS_BACKEND=airflow.providers.hashicorp.secrets.vault.VaultBackend" in out
+    assert "export AIRFLOW__WORKERS__SECRETS_BACKEND_KWARG__SECRET_ID=<the AppRole secret id" in out
+    with pytest.raises(SystemExit, match="--role-id is required for --auth-type approle"):
+        cli("--backend", "vault", "--url", "https://v", "--auth-type", "approle")
+    cfg = tmp_path / "airflow.cfg"
+    out = cli("--backend", "gcp", "--project-id", "my-project-1", "--write", "--config-file", str(cfg))
+    assert out.startswith(f"Wrote [workers] secrets_backend (gcp) to {cfg}")
+    assert '"project_id": "my-project-1"' in cfg.read_text()
 
 
 # ------------------------------------------------------------------ AWS Secrets Manager on moto
@@ -261,3 +261,62 @@ def test_doctor_secrets_check(bao, tmp_path, monkeypatch):
     monkeypatch.delenv("AIRFLOW__WORKERS__SECRETS_BACKEND")
     (skipped,) = run_checks(["secrets"])
     assert skipped.status == "SKIP"
+
+
+# ------------------------------------------------------------------ Azure Key Vault and GCP Secret Manager (fakes)
+
+
+@pytest.fixture(scope="module")
+def test_ca(tmp_path_factory):
+    from secret_servers import TestCA
+
+    return TestCA(tmp_path_factory.mktemp("secrets-ca"))
+
+
+@pytest.fixture
+def no_cloud_env(monkeypatch):
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "grpc_proxy",
+                 "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET",
+                 "AZURE_FEDERATED_TOKEN_FILE", "MSI_ENDPOINT", "GOOGLE_APPLICATION_CREDENTIALS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_azure_key_vault_with_managed_identity(test_ca, monkeypatch, no_cloud_env):
+    """azure-keyvault-secrets meets the vault's bearer challenge, gets a token from the (App Service)
+    managed identity endpoint and reads the secrets; the vault is reached by its real host name."""
+    from secret_servers import FakeKeyVault, RedirectingProxy
+
+    stored = {"airflow-connections-warehouse": CONN_URI, "airflow-variables-greeting": "hello from the backend"}
+    with FakeKeyVault(test_ca.issue("*.vault.azure.net"), stored) as vault, \
+            RedirectingProxy({"*.vault.azure.net": ("127.0.0.1", vault.https.port)}) as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        for name, value in vault.identity_env().items():
+            monkeypatch.setenv(name, value)
+        config = build(SecretsOptions("azure", vault_url="https://airflow-agents.vault.azure.net",
+                                      ca_bundle=str(test_ca.path)))
+        backend = use_backend(monkeypatch, config)
+        assert_resolves(backend)
+    assert vault.challenges >= 1 and vault.token_requests[0]["resource"] == ["https://vault.azure.net"]
+    assert vault.reads[:2] == ["airflow-connections-warehouse", "airflow-variables-greeting"]
+    assert set(proxy.tunnels) == {"airflow-agents.vault.azure.net:443"}
+
+
+def test_gcp_secret_manager_over_grpc(test_ca, tmp_path, monkeypatch, no_cloud_env):
+    """google-cloud-secret-manager's gRPC client with a service account key file reaches
+    secretmanager.googleapis.com (through grpc_proxy) and authenticates with its signed JWT."""
+    from secret_servers import FakeSecretManager, RedirectingProxy, service_account_key
+
+    key_file = tmp_path / "sa.json"
+    key = service_account_key(key_file, "airflow-project-1")
+    stored = {"projects/airflow-project-1/secrets/airflow-connections-warehouse": CONN_URI,
+              "projects/airflow-project-1/secrets/airflow-variables-greeting": "hello from the backend"}
+    with FakeSecretManager(test_ca.issue("secretmanager.googleapis.com"), key.public_key(), stored) as sm, \
+            RedirectingProxy({"secretmanager.googleapis.com": ("127.0.0.1", sm.port)}) as proxy:
+        monkeypatch.setenv("grpc_proxy", proxy.url)
+        monkeypatch.setenv("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", str(test_ca.path))
+        config = build(SecretsOptions("gcp", project_id="airflow-project-1", key_file=str(key_file)))
+        backend = use_backend(monkeypatch, config)
+        assert_resolves(backend)
+    assert sm.reads[:2] == ["projects/airflow-project-1/secrets/airflow-connections-warehouse",
+                            "projects/airflow-project-1/secrets/airflow-variables-greeting"]
+    assert set(proxy.tunnels) == {"secretmanager.googleapis.com:443"}
