@@ -2,10 +2,11 @@
 Task-log reading on the orchestration plane without connecting to agents.
 
 For a RUNNING (or DEFERRED) task, Airflow's ``FileTaskHandler._read`` reads the remote log *and* asks the
-worker's log server at ``http://<ti.hostname>:[logging] worker_log_server_port/log/...``; for a finished
-task without a remote log it asks that server too. Agents are outbound-only, so for tasks run by a
-RemoteExecutor the plane must not try: their logs come from the remote log folder, where agents upload
-them while tasks run (``[remote_execution] log_upload_interval``) and when they end.
+worker's log server at ``http://<ti.hostname>:[logging] worker_log_server_port/log/...`` (a deferred
+task's: its triggerer's, on ``trigger_log_server_port``); for a finished task without a remote log it
+asks that server too. Agents are outbound-only, so for tasks run by a RemoteExecutor (and triggers run
+by agent triggerers) the plane must not try: their logs come from the remote log folder, where agents
+upload them while tasks run (``[remote_execution] log_upload_interval``) and when they end.
 
 Use on the api-server::
 
@@ -40,8 +41,8 @@ log = logging.getLogger(__name__)
 REMOTE_EXECUTOR = "airflow_remote_execution.executors.RemoteExecutor"
 HANDLER = f"{__name__}.RemoteExecutionTaskHandler"
 NOT_SERVED = (
-    "Not asking the worker's log server: this task ran on a Remote Execution agent, which the plane "
-    "never connects to. Its log is read from the remote log folder ([logging] remote_base_log_folder)."
+    "Not asking a log server on a Remote Execution agent: the plane never connects to agents. "
+    "Logs of agents' tasks are read from the remote log folder ([logging] remote_base_log_folder)."
 )
 
 
@@ -63,12 +64,27 @@ def _is_remote_executor(executor: str | None) -> bool:
     return issubclass(cls, RemoteExecutor)
 
 
+def _is_agent_triggerer(job) -> bool:
+    """Whether a TriggererJob is an agent's triggerer (``triggers.register`` names it ``agent@host``)."""
+    if "@" in (job.hostname or ""):
+        return True
+    from airflow.utils.session import create_session
+
+    from airflow_remote_execution.models.tables import AgentTriggererModel
+
+    with create_session() as session:
+        return session.get(AgentTriggererModel, job.id) is not None
+
+
 class RemoteExecutionTaskHandler(FileTaskHandler):
-    """``FileTaskHandler`` that never fetches served logs of tasks run on Remote Execution agents."""
+    """``FileTaskHandler`` that never fetches served logs from Remote Execution agents."""
 
     def _read_from_logs_server(self, ti: TaskInstance | TaskInstanceHistory, worker_log_rel_path: str):
-        if getattr(ti, "triggerer_job", None) or not _is_remote_executor(ti.executor):
-            # Trigger logs (the triggerer's log server) and other executors' workers: Airflow's way.
+        if job := getattr(ti, "triggerer_job", None):  # Airflow asks the triggerer for a deferred task
+            on_agent = _is_agent_triggerer(job)
+        else:
+            on_agent = _is_remote_executor(ti.executor)
+        if not on_agent:  # the stock triggerer, other executors' workers: Airflow's way
             return super()._read_from_logs_server(ti, worker_log_rel_path)
         return [NOT_SERVED], []
 

@@ -36,6 +36,8 @@ class RemoteLogWriter(Protocol):
 
     def write(self, log: str, remote_log_location: str) -> bool: ...
 
+    def read(self, relative_path: str, ti: object) -> tuple[list[str], list[str] | None]: ...
+
 
 @dataclass(frozen=True)
 class TaskLog:
@@ -145,11 +147,23 @@ def remote_log_io() -> RemoteLogWriter | None:
     io, _ = resolve_remote_task_log(conf=conf, providers_manager=ProvidersManagerTaskRuntime(), import_string=import_string)
     if io is None:
         return None
-    if not all(hasattr(io, attr) for attr in ("write", "remote_base", "base_log_folder")):
+    if not all(hasattr(io, attr) for attr in ("write", "read", "remote_base", "base_log_folder")):
         log.warning("Remote log IO %s has no appending write(); running tasks' logs show up only at the end",
                     type(io).__name__)
         return None
     return attrs.evolve(io) if attrs.has(type(io)) else io
+
+
+def _warm_up(io: RemoteLogWriter) -> None:
+    """Build the storage client and make one request now, before the agent forks any workload.
+
+    A fork while another thread is importing a module leaves that module's import lock held in the
+    child forever: a supervisor that then imports it for its own upload hangs before its task starts.
+    """
+    try:
+        io.read(".airflow-remote-execution-probe", None)  # lists a prefix where nothing lives
+    except Exception as e:  # noqa: BLE001 - only a first check; each upload reports its own errors
+        log.warning("Cannot list the remote log folder %s yet: %s", io.remote_base, e)
 
 
 def running_task_logs(worker: AgentWorker) -> list[TaskLog]:
@@ -183,5 +197,6 @@ def start_log_shipper(worker: AgentWorker) -> LogShipper | None:
     if io is None:
         log.info("Partial log uploads are off: [logging] remote_logging is not on")
         return None
+    _warm_up(io)
     log.info("Uploading running tasks' logs to %s every %ss", io.remote_base, interval)
     return LogShipper(io, lambda: running_task_logs(worker), interval, worker.exited).start()

@@ -1,20 +1,24 @@
-"""LogShipper against a real moto S3 server, through the amazon provider's own S3RemoteLogIO."""
+"""LogShipper against real storage servers (moto S3, fake-gcs-server, Azurite), through the providers'
+own remote-log IOs (S3RemoteLogIO, GCSRemoteLogIO, WasbRemoteLogIO) - the ones Airflow's final upload uses."""
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
 import pytest
 
 from airflow_remote_execution.agent.log_shipper import LogShipper, TaskLog, remote_log_io
-from emulators import AWS_TEST_CREDENTIALS, moto
+from emulators import AWS_TEST_CREDENTIALS, azurite, azurite_connection_string, fake_gcs, moto
 
 BUCKET = "customer-logs"
 REL = "dag_id=d/run_id=r/task_id=t/attempt=1.log"
+IO_CLASS = {"s3": "S3RemoteLogIO", "gcs": "GCSRemoteLogIO", "azure": "WasbRemoteLogIO"}
 
 
 @pytest.fixture(scope="module")
@@ -24,33 +28,107 @@ def s3_server():
         yield server
 
 
-@pytest.fixture
-def s3(s3_server, tmp_path, monkeypatch, request):
-    """Remote logging configured as on an agent: [logging] options and the connection from the environment."""
-    prefix = f"s3://{BUCKET}/{request.node.name}"
+@pytest.fixture(scope="module")
+def gcs_server():
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    with fake_gcs() as server, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STORAGE_EMULATOR_HOST", server.url)
+        storage.Client(project="test", credentials=AnonymousCredentials()).create_bucket(BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def azure_server():
+    from azure.storage.blob import BlobServiceClient
+
+    with azurite() as server:
+        BlobServiceClient.from_connection_string(azurite_connection_string(server)).create_container(BUCKET)
+        yield server
+
+
+def _s3(server, prefix: str) -> tuple[str, dict, Callable[[str], str | None]]:
     conn = {
         "conn_type": "aws",
         "login": AWS_TEST_CREDENTIALS["aws_access_key_id"],
         "password": AWS_TEST_CREDENTIALS["aws_secret_access_key"],
-        "extra": {"endpoint_url": s3_server.url, "region_name": AWS_TEST_CREDENTIALS["region_name"]},
+        "extra": {"endpoint_url": server.url, "region_name": AWS_TEST_CREDENTIALS["region_name"]},
     }
-    monkeypatch.setenv("AIRFLOW_CONN_REX_TEST_LOGS", json.dumps(conn))
-    monkeypatch.setenv("AIRFLOW__LOGGING__REMOTE_LOGGING", "True")
-    monkeypatch.setenv("AIRFLOW__LOGGING__REMOTE_BASE_LOG_FOLDER", prefix)
-    monkeypatch.setenv("AIRFLOW__LOGGING__REMOTE_LOG_CONN_ID", "rex_test_logs")
-    monkeypatch.setenv("AIRFLOW__LOGGING__BASE_LOG_FOLDER", str(tmp_path))
-    client = boto3.client("s3", endpoint_url=s3_server.url, **AWS_TEST_CREDENTIALS)
-    key = f"{request.node.name}/{REL}"
+    client = boto3.client("s3", endpoint_url=server.url, **AWS_TEST_CREDENTIALS)
 
-    def remote() -> str | None:
+    def read(key: str) -> str | None:
         try:
             return client.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
         except client.exceptions.NoSuchKey:
             return None
 
+    return f"s3://{BUCKET}/{prefix}", conn, read
+
+
+def _gcs(server, prefix: str) -> tuple[str, dict, Callable[[str], str | None]]:
+    from google.api_core.exceptions import NotFound
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    conn = {"conn_type": "google_cloud_platform", "extra": {"is_anonymous": True, "project": "test"}}
+    bucket = storage.Client(project="test", credentials=AnonymousCredentials()).bucket(BUCKET)
+
+    def read(key: str) -> str | None:
+        try:
+            return bucket.blob(key).download_as_text()
+        except NotFound:
+            return None
+
+    return f"gs://{BUCKET}/{prefix}", conn, read
+
+
+def _azure(server, prefix: str) -> tuple[str, dict, Callable[[str], str | None]]:
+    from azure.core.exceptions import ResourceNotFoundError
+    from azure.storage.blob import BlobServiceClient
+
+    conn = {"conn_type": "wasb", "extra": {"connection_string": azurite_connection_string(server)}}
+    container = BlobServiceClient.from_connection_string(azurite_connection_string(server)).get_container_client(BUCKET)
+
+    def read(key: str) -> str | None:
+        try:
+            return container.download_blob(key).readall().decode()
+        except ResourceNotFoundError:
+            return None
+
+    # WasbRemoteLogIO: ``wasb://<path>`` in [logging], the container from [azure_remote_logging].
+    return f"wasb://{prefix}", conn, read
+
+
+# GCSRemoteLogIO.write only creates a log whose read failed with "No such object" (real GCS's 404 text);
+# fake-gcs-server answers "Not Found", so the IO refuses every first upload there - its own final one too.
+GCS_404_QUIRK = pytest.mark.xfail(strict=True, reason="fake-gcs-server's 404 text is not GCS's 'No such object'")
+
+
+@pytest.fixture(params=["s3", pytest.param("gcs", marks=GCS_404_QUIRK), "azure"])
+def store(request, tmp_path, monkeypatch):
+    """Remote logging configured as on an agent: [logging] options and the connection from the environment.
+
+    Yields (local log file, read the remote object) for one task log."""
+    kind = request.param
+    server = request.getfixturevalue(f"{kind}_server")
+    prefix = re.sub(r"\W", "_", request.node.name)
+    base, conn, read = {"s3": _s3, "gcs": _gcs, "azure": _azure}[kind](server, prefix)
+    if kind == "gcs":
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
+    monkeypatch.setenv("AIRFLOW__AZURE_REMOTE_LOGGING__REMOTE_WASB_LOG_CONTAINER", BUCKET)
+    monkeypatch.setenv("AIRFLOW_CONN_REX_TEST_LOGS", json.dumps(conn))
+    monkeypatch.setenv("AIRFLOW__LOGGING__REMOTE_LOGGING", "True")
+    monkeypatch.setenv("AIRFLOW__LOGGING__REMOTE_BASE_LOG_FOLDER", base)
+    monkeypatch.setenv("AIRFLOW__LOGGING__REMOTE_LOG_CONN_ID", "rex_test_logs")
+    monkeypatch.setenv("AIRFLOW__LOGGING__BASE_LOG_FOLDER", str(tmp_path))
     local = tmp_path / REL
     local.parent.mkdir(parents=True)
-    return local, remote
+    assert type(remote_log_io()).__name__ == IO_CLASS[kind]
+    return local, lambda: read(f"{prefix}/{REL}")
+
+
+S3_ONLY = pytest.mark.parametrize("store", ["s3"], indirect=True)
 
 
 def line(n: int) -> str:
@@ -65,12 +143,11 @@ def append(path: Path, text: str) -> None:
 
 def make_shipper(active: dict[str, bool]) -> LogShipper:
     io = remote_log_io()
-    assert type(io).__name__ == "S3RemoteLogIO"
     return LogShipper(io, lambda: [TaskLog(relative_path=REL, active=active["t"])], 3600, threading.Event())
 
 
-def test_partial_uploads_then_final_upload_gives_whole_log_once(s3):
-    local, remote = s3
+def test_partial_uploads_then_final_upload_gives_whole_log_once(store):
+    local, remote = store
     active = {"t": True}
     shipper = make_shipper(active)
     assert shipper.ship_once() == 0 and remote() is None  # no file yet: nothing to do
@@ -96,9 +173,10 @@ def test_partial_uploads_then_final_upload_gives_whole_log_once(s3):
     assert remote() == line(1) + line(2) + line(3) + '{"event": "half a line"}\n' + line(4)
 
 
-def test_lines_written_during_an_upload_are_kept(s3, monkeypatch):
+@S3_ONLY
+def test_lines_written_during_an_upload_are_kept(store, monkeypatch):
     """The supervisor keeps appending while a partial upload is in flight: nothing is lost or doubled."""
-    local, remote = s3
+    local, remote = store
     shipper = make_shipper({"t": True})
     real_write = shipper.io.write
 
@@ -116,8 +194,9 @@ def test_lines_written_during_an_upload_are_kept(s3, monkeypatch):
     assert remote() == line(1) + line(99)
 
 
-def test_failed_upload_is_retried_next_round(s3, monkeypatch):
-    local, remote = s3
+@S3_ONLY
+def test_failed_upload_is_retried_next_round(store, monkeypatch):
+    local, remote = store
     shipper = make_shipper({"t": True})
     append(local, line(1))
     real_write = shipper.io.write
@@ -128,8 +207,9 @@ def test_failed_upload_is_retried_next_round(s3, monkeypatch):
     assert remote() == line(1).rstrip("\n")
 
 
-def test_thread_uploads_every_interval(s3):
-    local, remote = s3
+@S3_ONLY
+def test_thread_uploads_every_interval(store):
+    local, remote = store
     stop = threading.Event()
     shipper = LogShipper(remote_log_io(), lambda: [TaskLog(REL, True)], 0.2, stop).start()
     try:
@@ -143,7 +223,8 @@ def test_thread_uploads_every_interval(s3):
         shipper.join(5)
 
 
-def test_no_remote_logging_means_no_shipper(s3, monkeypatch):
+@S3_ONLY
+def test_no_remote_logging_means_no_shipper(store, monkeypatch):
     monkeypatch.setenv("AIRFLOW__LOGGING__REMOTE_LOGGING", "False")
     assert remote_log_io() is None
     with pytest.raises(ValueError, match="must be > 0"):
