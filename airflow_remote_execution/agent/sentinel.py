@@ -322,6 +322,7 @@ class Sentinel:
             if result.ok != self._report.ok or result.detail != self._report.detail:
                 (log.info if result.ok else log.warning)("Report: %s", result.detail)
             self._report = result
+        evaluation = self.evaluate()  # with this report's outcome
         if evaluation.status != self._last_status:
             failing = [c.name for c in evaluation.checks if not c.ok and not c.skipped]
             log.info("Agent status %s%s", evaluation.status, f" (failing: {', '.join(failing)})" if failing else "")
