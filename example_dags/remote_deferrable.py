@@ -18,6 +18,8 @@ from airflow.sdk import Param, dag, task
     schedule=None,
     catchup=False,
     params={"wait_seconds": Param(30, type="integer", minimum=0)},
+    # A try on an agent that is lost fails; retries run it again on a healthy agent.
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=5)},
     tags=["remote-execution", "example"],
 )
 def remote_deferrable():
