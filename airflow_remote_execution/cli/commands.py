@@ -95,8 +95,10 @@ def agents_list(args) -> None:
         row.pop("versions", None)
         if args.output in (None, "table", "plain"):  # one short column each; json/yaml keep the details
             status, stale = row.pop("sentinel_status"), row.pop("sentinel_stale")
+            age, failing = row.pop("sentinel_age"), row.pop("sentinel_failing")
             row["sentinel"] = f"{status} (stale)" if status and stale else status or "none"
-            row["sentinel_failing"] = ",".join(f.split(":", 1)[0] for f in row["sentinel_failing"])
+            row["sentinel_age"] = f"{age:.0f}s" if age is not None else ""
+            row["sentinel_failing"] = ",".join(f.split(":", 1)[0] for f in failing)
             row.pop("sentinel_at")
     _print(rows, args.output)
 
