@@ -148,18 +148,28 @@ def bundle_files_present(
 
 # ---------------------------------------------------------------------------------------- results
 
-# DagCode reads a DAG's source from its file, which is on the agent, not here. While a result is
-# stored, the source comes from the agent (if it sends it) or a note saying where the code lives.
-_source: ContextVar[str | None] = ContextVar("remote_execution_dag_source", default=None)
+# Airflow's persistence reads two things from the files, which are on the agent, not here: DagCode
+# the DAG's source, and import-error listeners the bundle's path (from the plane's own bundle config).
+# While an agent's result is stored, both come from the agent's result instead.
+_agent_file: ContextVar[tuple[str, str, str | None] | None] = ContextVar("remote_execution_agent_file", default=None)
 _read_source_file = DagCode.get_code_from_file
+_plane_full_file_path = ParseImportError.full_file_path
 
 
 def _source_or_file(fileloc: str) -> str:
-    source = _source.get()
-    return _read_source_file(fileloc) if source is None else source
+    current = _agent_file.get()
+    return _read_source_file(fileloc) if current is None else current[0]
+
+
+def _agent_full_file_path(self: ParseImportError) -> str:
+    current = _agent_file.get()
+    if current is None or current[1] != self.bundle_name:
+        return _plane_full_file_path(self)
+    return "/".join([current[2] or f"<agent bundle {self.bundle_name}>", self.filename or ""])
 
 
 DagCode.get_code_from_file = staticmethod(_source_or_file)
+ParseImportError.full_file_path = _agent_full_file_path
 
 
 def source_note(result: ParsingResult) -> str:
@@ -172,12 +182,13 @@ def source_note(result: ParsingResult) -> str:
 
 
 @contextlib.contextmanager
-def _dag_source(text: str) -> Iterator[None]:
-    reset = _source.set(text)
+def _from_agent(result: ParsingResult) -> Iterator[None]:
+    source = result.source if result.source is not None else source_note(result)
+    reset = _agent_file.set((source, result.bundle_name, result.bundle_path))
     try:
         yield
     finally:
-        _source.reset(reset)
+        _agent_file.reset(reset)
 
 
 def store_result(session: Session, token: AgentTokenModel, result: ParsingResult) -> list[str]:
@@ -203,7 +214,7 @@ def store_result(session: Session, token: AgentTokenModel, result: ParsingResult
         import_errors=result.import_errors,
     )
     # Airflow's own persistence; it uses nothing of the manager instance, so none is built here.
-    with _dag_source(result.source if result.source is not None else source_note(result)):
+    with _from_agent(result):
         DagFileProcessorManager.persist_parsing_result(
             None,  # type: ignore[arg-type]
             bundle_name=result.bundle_name,

@@ -53,6 +53,7 @@ class ParsingResult(Strict):
 
     bundle_name: str = Field(min_length=1, max_length=250)
     bundle_version: str | None = Field(default=None, max_length=200)
+    bundle_path: str | None = Field(default=None, max_length=2000, description="Where the bundle is on the agent.")
     version_data: dict[str, Any] | None = None
     relative_fileloc: str | None = Field(default=None, max_length=2000)
     run_duration: float = Field(ge=0)

@@ -289,3 +289,14 @@ def test_routes(adb, tmp_path):
         assert {"/v1/parsing/results", "/v1/parsing/bundles/sync", "/v1/parsing/claims"} <= set(spec["paths"])
     with adb.session() as s:
         assert s.get(DagModel, "hello").is_stale
+
+
+def test_import_error_listeners_get_the_agents_path():
+    """Airflow's import-error listeners ask for the file's full path, from a bundle the plane does not have."""
+    result = ParsingResult(bundle_name=BUNDLE, bundle_path="/agent/bundles/team-a", run_duration=0)
+    error = ParseImportError(filename="dags/broken.py", bundle_name=BUNDLE)
+    with pytest.raises(ValueError, match="not configured"):
+        error.full_file_path()  # the plane's own answer: it has no such bundle
+    with parsing._from_agent(result):
+        assert error.full_file_path() == "/agent/bundles/team-a/dags/broken.py"
+        assert DagCode.get_code_from_file("/agent/bundles/team-a/dags/x.py") == parsing.source_note(result)

@@ -138,9 +138,11 @@ class AgentDagProcessorManager(DagFileProcessorManager):
     ) -> None:
         """Send the result to the plane, which stores it with the stock ``persist_parsing_result``."""
         warnings = [w if isinstance(w, dict) else _warning_dict(w) for w in parsing_result.warnings or []]
+        bundle_path = next((str(b.path) for b in self._dag_bundles if b.name == bundle_name), None)
         result = ParsingResult(
             bundle_name=bundle_name,
             bundle_version=bundle_version,
+            bundle_path=bundle_path,
             version_data=version_data,
             relative_fileloc=relative_fileloc,
             run_duration=run_duration,

@@ -68,6 +68,7 @@ def setup(tmp_path_factory):
                     "AIRFLOW__REMOTE_EXECUTION__COMPONENTS": "worker,dag-processor",
                     "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(bundles),
                     "AIRFLOW__DAG_PROCESSOR__BUNDLE_REFRESH_CHECK_INTERVAL": "1",
+                    "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_STORAGE_PATH": str(agent_home / "dag_bundles"),
                     "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
                     "AIRFLOW_CONN_GIT_DEFAULT": json.dumps({"conn_type": "git", "host": repo.url}),
                 },
@@ -136,6 +137,18 @@ def test_reparse_request_reaches_the_agent(setup):
     path.write_text(path.read_text().replace('tags=["remote-parsing"]', 'tags=["remote-parsing", "reparsed"]'))
     r = plane.api("PUT", "/api/v2/parseDagFile/" + _file_token(plane, "agent_parsed"))
     assert r.status_code in (200, 201), r.text
+    # The request row the API wrote is taken by the agent (a regular re-parse would leave it there).
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(plane.db_url)
+    try:
+        def pending() -> int:
+            with engine.connect() as conn:
+                return conn.execute(text("SELECT count(*) FROM dag_priority_parsing_request")).scalar()
+
+        wait_for(lambda: pending() == 0, 60, "the agent to claim the re-parse request", 0.5)
+    finally:
+        engine.dispose()
     wait_for(lambda: "reparsed" in {t["name"] for t in _dag(plane, "agent_parsed")["tags"]}, 60, "re-parse", 1)
 
 
