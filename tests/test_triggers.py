@@ -130,13 +130,12 @@ def test_claims_only_deferred_remote_tasks_in_its_queues_by_priority_up_to_capac
 
     a = triggerer(adb, "agent-a", ["default"], capacity=2)
     answer = sync(adb, a, capacity=2)
-    assert answer.assigned == sorted([high, named]) or answer.assigned == sorted([high, mid])
-    assert high in answer.assigned and len(answer.assigned) == 2
+    assert answer.assigned == sorted([high, mid])  # highest priority first, capacity 2
     assert sync(adb, a, capacity=2).assigned == answer.assigned  # full: nothing more
 
     b = triggerer(adb, "agent-b", ["default", "gpu"])
     taken_by_b = set(sync(adb, b).assigned)
-    assert taken_by_b == {low, mid, gpu, named} - set(answer.assigned)
+    assert taken_by_b == {low, gpu, named}  # executor named explicitly counts as remote
     assert owner(adb, local) is None  # a LocalExecutor task's trigger is not an agent's
 
 
