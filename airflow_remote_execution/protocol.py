@@ -176,27 +176,6 @@ class WorkItemInfo(BaseModel):
     info: str | None
 
 
-class SentinelCheck(BaseModel):
-    name: str = Field(max_length=100)
-    ok: bool
-    detail: str = Field(default="", max_length=2000)
-    hint: str = Field(default="", max_length=2000)
-    skipped: bool = False
-
-
-class SentinelReport(Strict):
-    """The sentinel's aggregate view of its agent; sent every ``interval`` seconds."""
-
-    status: Literal["ok", "degraded", "failing"]
-    checks: list[SentinelCheck] = Field(max_length=200)
-    interval: float = Field(gt=0, le=86_400, description="Seconds until the next report: later means stale.")
-    hostname: str = Field(default="", max_length=250)
-
-
-class SentinelReportResponse(BaseModel):
-    received_at: datetime
-
-
 class WhoAmIResponse(BaseModel):
     """What the plane knows about the calling token: the doctor's token and clock checks."""
 

@@ -25,8 +25,6 @@ from airflow_remote_execution.protocol import (
     RegisterResponse,
     SentinelReport,
     SentinelReportResponse,
-    SentinelReport,
-    SentinelReportResponse,
     WhoAmIResponse,
     WorkState,
 )
@@ -171,10 +169,6 @@ class PlaneClient:
         from airflow_remote_execution.protocol import FencedRequest
 
         self._post(f"/work/{work_id}/release", FencedRequest(fence=fence))
-
-    def sentinel_report(self, report: SentinelReport) -> SentinelReportResponse:
-        """The sentinel's aggregate status of this agent (``POST /agents/sentinel``)."""
-        return self._post("/agents/sentinel", report, SentinelReportResponse)
 
     # ---------------------------------------------------------------- the agent's triggerer
 

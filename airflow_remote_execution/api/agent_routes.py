@@ -30,8 +30,6 @@ from airflow_remote_execution.protocol import (
     RegisterResponse,
     SentinelReport,
     SentinelReportResponse,
-    SentinelReport,
-    SentinelReportResponse,
     WhoAmIResponse,
     WorkStateResponse,
 )
@@ -98,13 +96,6 @@ async def register(body: RegisterRequest, authorization: Authorization = None) -
 async def heartbeat(body: HeartbeatRequest, authorization: Authorization = None) -> HeartbeatResponse:
     """Report liveness and running work; the answer lists work to kill and whether to drain."""
     return await run_in_threadpool(_as_agent(authorization, lambda s, _t, a: agents.heartbeat(s, a, body)))
-
-
-@agent_router.post("/agents/sentinel", response_model=SentinelReportResponse)
-async def sentinel_report(body: SentinelReport, authorization: Authorization = None) -> SentinelReportResponse:
-    """The sentinel beside the agent reports its aggregate status (with the agent's token). Stored on
-    the agent's row; before the agent first registered there is no row and the answer is 409."""
-    return await run_in_threadpool(_as_agent(authorization, lambda s, _t, a: agents.record_sentinel(s, a, body)))
 
 
 @agent_router.post("/agents/sentinel", response_model=SentinelReportResponse)
