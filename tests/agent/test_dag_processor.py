@@ -107,3 +107,113 @@ def test_unreachable_plane_does_not_break_the_parsing_loop():
     from airflow.sdk import timezone
 
     manager.deactivate_stale_dags({info: timezone.utcnow()})
+
+
+# ------------------------------------------------------------------ against a real plane API, in-process
+
+
+@pytest.fixture
+def plane_api(airflow_db, tmp_path):
+    """The Remote Execution API (uvicorn, a thread of this process) on the unit SQLite DB with Airflow's tables."""
+    import socket
+    import threading
+
+    import uvicorn
+    from sqlalchemy import delete
+
+    from airflow.models import import_all_models
+    from airflow.models.base import Base as AirflowBase
+
+    from airflow_remote_execution.api.app import create_app
+
+    import_all_models()
+    AirflowBase.metadata.create_all(airflow_db)
+
+    def wipe():
+        with airflow_db.begin() as conn:
+            for table in reversed(AirflowBase.metadata.sorted_tables):
+                conn.execute(delete(table))
+
+    wipe()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from fastapi import FastAPI
+
+    root = FastAPI()
+    root.mount("/remote_execution", create_app())  # where the plugin mounts it in the api-server
+    server = uvicorn.Server(uvicorn.Config(root, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+    wipe()
+
+
+def _token(bundles: list[str]) -> str:
+    from airflow.utils.session import create_session
+
+    from airflow_remote_execution import tokens
+
+    with create_session() as s:
+        return tokens.create(s, agent_name="parser", queues=["default"], bundles=bundles)[0]
+
+
+def test_manager_hooks_write_through_the_api(plane_api, tmp_path, monkeypatch):
+    import structlog
+    from sqlalchemy import select
+
+    from airflow.dag_processing.bundles.local import LocalDagBundle
+    from airflow.dag_processing.dagbag import BundleDagBag
+    from airflow.dag_processing.processor import DagFileParsingResult, _serialize_dags
+    from airflow.models.dag import DagModel
+    from airflow.models.dagbundle import DagBundleModel
+    from airflow.models.dagcode import DagCode
+    from airflow.models.errors import ParseImportError
+    from airflow.sdk import timezone
+    from airflow.utils.session import create_session
+
+    from airflow_remote_execution.agent.dag_processor import AgentDagProcessorManager
+
+    source = "from airflow.sdk import DAG\n\nwith DAG('sent_with_source', schedule=None):\n    pass\n"
+    (tmp_path / "dag.py").write_text(source)
+    (tmp_path / "broken.py").write_text("from airflow.sdk import DAG\nraise ValueError('broken on purpose')\n")
+    bundle = LocalDagBundle(name="mine", path=str(tmp_path))
+    monkeypatch.setattr(AgentDagProcessorManager, "get_all_bundles", lambda self: [bundle])
+    manager = AgentDagProcessorManager(max_runs=1, plane=PlaneClient(plane_api, _token(["mine"])), send_source=True)
+    manager.sync_bundles()
+    manager._dag_bundles = [bundle]
+    assert manager.get_bundle_state("mine").version is None
+    now = timezone.utcnow()
+    manager.update_bundle_state("mine", last_refreshed=now, version="v7")
+    assert manager.get_bundle_state("mine") == (now, "v7")
+
+    for rel in ("dag.py", "broken.py"):
+        bag = BundleDagBag(dag_folder=tmp_path / rel, bundle_path=tmp_path, bundle_name="mine", load_op_links=False)
+        dags, errors = _serialize_dags(bag, structlog.get_logger())
+        manager.persist_parsing_result(
+            bundle_name="mine", bundle_version="v7", version_data=None, run_duration=0.2, relative_fileloc=rel,
+            parsing_result=DagFileParsingResult(fileloc=str(tmp_path / rel), serialized_dags=dags,
+                                                import_errors={**bag.import_errors, **errors}),
+        )
+    with create_session() as s:
+        assert s.get(DagModel, "sent_with_source").bundle_name == "mine"
+        assert DagCode.code("sent_with_source", session=s) == source  # send_dag_source = True
+        assert s.scalar(select(ParseImportError.filename)) == "broken.py"
+        assert s.get(DagBundleModel, "mine").version == "v7"
+
+
+def test_manager_with_a_token_for_other_bundles_stops_with_the_planes_reason(plane_api, monkeypatch, tmp_path):
+    from airflow.dag_processing.bundles.local import LocalDagBundle
+
+    from airflow_remote_execution.agent.dag_processor import AgentDagProcessorManager
+
+    monkeypatch.setattr(AgentDagProcessorManager, "get_all_bundles",
+                        lambda self: [LocalDagBundle(name="mine", path=str(tmp_path))])
+    manager = AgentDagProcessorManager(max_runs=1, plane=PlaneClient(plane_api, _token(["theirs"])))
+    with pytest.raises(SystemExit, match=r"refused this agent's DAG bundles: Bundle\(s\) mine are outside token \w+'s bundles \(theirs\)"):
+        manager.sync_bundles()
