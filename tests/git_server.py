@@ -18,6 +18,13 @@ Usage::
 ``Repo.commit`` pushes with --force from its own working clone: push through the server
 (``git push repo.authed_url``) only in tests that do not also use ``commit`` afterwards.
 
+Over SSH (a real ``sshd`` on loopback, key auth only; needs the openssh-server package)::
+
+    with GitServer() as server, GitSshServer(server) as ssh:
+        repo = server.create_repo("dags")
+        ssh.url(repo)            # ssh://USER@127.0.0.1:PORT/abs/path/dags.git
+        ssh.client_key           # private key file the server accepts; ssh.known_hosts pins its host key
+
 The server runs in a thread of the test process; Airflow components in other processes reach it
 like any remote (the test process must stay alive, which it does while waiting on them).
 """
@@ -25,11 +32,15 @@ like any remote (the test process must stay alive, which it does while waiting o
 from __future__ import annotations
 
 import base64
+import contextlib
+import getpass
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -133,6 +144,67 @@ class GitServer:
             self._httpd.shutdown()
             self._httpd.server_close()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
+
+
+class GitSshServer:
+    """``sshd`` on a loopback port serving the repositories of a :class:`GitServer` by absolute path."""
+
+    def __init__(self, git_server: GitServer) -> None:
+        if not SSHD:
+            raise RuntimeError("sshd not found: install openssh-server")
+        self.git_server = git_server
+        self.dir = Path(tempfile.mkdtemp(prefix="rex-sshd-"))
+        self.user = getpass.getuser()
+        self.client_key = self.dir / "client_key"
+        self.other_key = self.dir / "other_key"  # a key the server does not accept
+        self.known_hosts = self.dir / "known_hosts"
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def url(self, repo: Repo) -> str:
+        return f"ssh://{self.user}@127.0.0.1:{self.port}{repo.bare}"
+
+    def __enter__(self) -> GitSshServer:
+        for key in ("host_key", "client_key", "other_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / key)], check=True)
+        (self.dir / "authorized_keys").write_text((self.dir / "client_key.pub").read_text())
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        host_pub = (self.dir / "host_key.pub").read_text().split()
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        config = self.dir / "sshd_config"
+        config.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.dir / 'host_key'}\n"
+            f"PidFile {self.dir / 'sshd.pid'}\nAuthorizedKeysFile {self.dir / 'authorized_keys'}\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
+            "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nLogLevel ERROR\n"
+            f"SetEnv PATH={os.environ.get('PATH', '/usr/bin:/bin')}\n"
+        )
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=open(self.dir / "sshd.log", "wb"))
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sshd exited: {(self.dir / 'sshd.log').read_text()}")
+            with socket.socket() as s, contextlib.suppress(OSError):
+                s.settimeout(1)
+                s.connect(("127.0.0.1", self.port))
+                if s.recv(4).startswith(b"SSH-"):
+                    return self
+            if time.monotonic() > deadline:
+                raise RuntimeError("sshd did not answer within 30s")
+            time.sleep(0.1)
+
+    def __exit__(self, *_exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _handler(server: GitServer) -> type[BaseHTTPRequestHandler]:
