@@ -146,6 +146,8 @@ def test_killed_agents_trigger_is_reassigned_at_once_and_the_task_completes(clus
     assert f"Trigger {trigger_id} event reported" in agents[survivor].log()
     states = {a["name"]: a["state"] for a in plane.api("GET", "/remote_execution/v1/admin/agents").json()}
     assert states[owner] == "lost"
+    scheduler_log = plane.procs["scheduler"].log_path.read_text(errors="replace")
+    assert re.search(rf"Agent {owner} is lost: .* [1-9]\d* triggers freed", scheduler_log)  # the executor's hook
     print(f"trigger {trigger_id} handed from {owner} to {survivor} {took:.1f}s after kill -9")
 
 
