@@ -198,6 +198,23 @@ def check_api() -> CheckResult:
         )
     tls = "plain HTTP" if api_url.startswith("http://") else f"TLS verified with {ca_bundle or 'the system CA store'}"
     detail = f"{api_url} reachable in {ms:.0f} ms, {tls}" + (", client certificate sent" if client_cert else "")
+    # Tasks talk to Airflow's execution API, not to ours: a proxy that passes only /remote_execution breaks them.
+    execution_url = config.execution_api_url().rstrip("/") + "/health"
+    try:
+        health = requests.get(execution_url, timeout=min(config.getfloat("request_timeout"), 15.0),
+                              verify=ca_bundle or True,
+                              cert=(client_cert, client_key) if client_cert and client_key else client_cert or None)
+        healthy = health.status_code == 200 and health.json().get("status") == "healthy"
+        problem = f"answered HTTP {health.status_code}"
+    except (requests.RequestException, ValueError) as e:
+        healthy, problem = False, classify_connection_error(e, execution_url)[0] if isinstance(e, OSError) else str(e)
+    if not healthy:
+        return CheckResult(
+            "api", False, f"{detail}; but the execution API at {execution_url} {problem}",
+            "tasks reach the plane's execution API at [remote_execution] execution_api_url (default "
+            "<api_url>/execution/): let the proxy pass /execution/ or set execution_api_url",
+        )
+    detail += ", execution API healthy"
     if api_url.startswith("http://"):
         loopback = api_url.split("://", 1)[1].startswith(("127.", "localhost", "[::1]"))
         return CheckResult(

@@ -34,10 +34,16 @@ pytestmark = pytest.mark.usefixtures("airflow_db")
 
 @pytest.fixture(scope="module")
 def tls_plane(tmp_path_factory):
-    """The Remote Execution API mounted at /remote_execution (as in the api-server), over HTTPS."""
+    """The Remote Execution API and Airflow's execution API, mounted as in the api-server, over HTTPS."""
     cert, key = self_signed_cert(tmp_path_factory.mktemp("plane-tls"))
     port = free_port()
-    app = Starlette(routes=[Mount("/remote_execution", app=create_app())])
+    from fastapi import FastAPI
+
+    from airflow.api_fastapi.execution_api.routes import health
+
+    execution = FastAPI()  # Airflow's execution API health routes (the whole app needs the api-server's lifespan)
+    execution.include_router(health.router)
+    app = Starlette(routes=[Mount("/remote_execution", app=create_app()), Mount("/execution", app=execution)])
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, ssl_certfile=str(cert),
                                            ssl_keyfile=str(key), log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -86,6 +92,7 @@ def test_healthy_agent_passes_api_token_clock(tls_plane, agent_env):
     got = results("api", "token", "clock")
     assert [r.status for r in got.values()] == ["PASS", "PASS", "PASS"], got
     assert got["api"].detail.startswith(f"{url} reachable in ") and f"TLS verified with {ca}" in got["api"].detail
+    assert got["api"].detail.endswith(", execution API healthy")
     assert got["token"].detail.startswith("agent agent-doc, token ")
     assert "queues default,gpu, expires " in got["token"].detail and "(in 29 d)" in got["token"].detail
     assert "agent clock 0.0 s" in got["clock"].detail
@@ -144,6 +151,15 @@ def test_a_foreign_service_at_api_url(agent_env):
         agent_env(url, new_token())
         api = results("api")["api"]
     assert api.status == "FAIL" and "has no Remote Execution API (404" in api.detail
+
+
+def test_execution_api_not_passed_by_the_proxy(tls_plane, agent_env, monkeypatch):
+    url, ca = tls_plane
+    agent_env(url, new_token(), ca)
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__EXECUTION_API_URL", url + "/not-execution/")
+    api = results("api")["api"]
+    assert api.status == "FAIL" and f"but the execution API at {url}/not-execution/health answered HTTP 404" in api.detail
+    assert "execution_api_url" in api.hint
 
 
 def test_revoked_token_fails_with_a_hint(tls_plane, agent_env):

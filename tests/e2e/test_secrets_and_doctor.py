@@ -79,11 +79,11 @@ def setup(tmp_path_factory):
 
 
 def test_tasks_read_connections_and_variables_only_from_the_agents_backend(setup):
-    plane, _, _ = setup
+    plane, agents, _ = setup
     run_id = plane.trigger(DAG)
     state = plane.wait_run(DAG, run_id)
     tis = {ti["task_id"]: ti for ti in plane.task_instances(DAG, run_id)}
-    assert state == "success", tis
+    assert state == "success", ({t: ti["state"] for t, ti in tis.items()}, task_logs(agents.values()))
 
     def returned(task_id: str) -> str:
         path = f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
@@ -96,6 +96,11 @@ def test_tasks_read_connections_and_variables_only_from_the_agents_backend(setup
     # The plane never had them.
     assert plane.api("GET", "/api/v2/connections/probe_db").status_code == 404
     assert plane.api("GET", "/api/v2/variables/probe_greeting").status_code == 404
+
+
+def task_logs(agents) -> str:
+    return "\n".join(f"== {log}\n{log.read_text(errors='replace')[-3000:]}"
+                     for agent in agents for log in sorted((agent.home / "logs").rglob("*.log")) if DAG in str(log))
 
 
 def doctor(agent: Agent, *args: str, **env: str) -> subprocess.CompletedProcess:
