@@ -433,8 +433,20 @@ def _redacted(url: str | None) -> str:
     return url
 
 
+_GIT_CAUSES = ("permission denied", "host key verification failed", "authentication failed",
+               "could not read username", "not found", "unable to access", "could not resolve")
+
+
+def _git_error_line(stderr: str) -> str:
+    """The line of git's stderr that says why (not its "make sure you have the correct access rights")."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    cause = [line for line in lines if any(c in line.lower() for c in _GIT_CAUSES)]
+    fatal = [line for line in lines if line.startswith("fatal:")]
+    return (cause or fatal or lines or ["git failed"])[0]
+
+
 def _explain_git_error(stderr: str, where: str, conn) -> str:
-    last = next((line for line in reversed(stderr.strip().splitlines()) if line.strip()), "git failed")
+    last = _git_error_line(stderr)
     text = stderr.lower()
     conn_name = repr(conn.conn_id) if conn is not None else "(none: anonymous)"
     if "could not read username" in text or "authentication failed" in text or " 401" in text or " 403" in text:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from git_server import GitServer
+from git_server import SSHD, GitServer, GitSshServer
 from localplane import AIRFLOW, NO_DB, wait_for
 
 from airflow_remote_execution import bundles
@@ -211,6 +211,31 @@ def test_a_silent_repository_times_out(conns):
         got = problems_of(bundles.git_bundle("slow", url), timeout=2)
     assert got == [f"repository {url} did not answer within 2s"]
     assert time.monotonic() - started < 15
+
+
+@pytest.mark.skipif(not SSHD, reason="sshd not installed (Debian: openssh-server)")
+def test_ssh_key_connections_against_a_real_sshd(git_repo, monkeypatch):
+    with GitSshServer(git_repo.server) as ssh:
+        url = ssh.url(git_repo)
+        pinned = {"strict_host_key_checking": "yes", "known_hosts_file": str(ssh.known_hosts)}
+        for conn_id, extra in {
+            "ssh_file": {"key_file": str(ssh.client_key), **pinned},
+            "ssh_inline": {"private_key": ssh.client_key.read_text(), **pinned},
+            "ssh_other": {"key_file": str(ssh.other_key), **pinned},
+            "ssh_unpinned": {"key_file": str(ssh.client_key), "strict_host_key_checking": "yes",
+                             "known_hosts_file": os.devnull},
+        }.items():
+            monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "git", "extra": extra}))
+        assert problems_of(bundles.git_bundle("k", url, conn_id="ssh_file")) == []
+        assert problems_of(bundles.git_bundle("k", url, conn_id="ssh_inline", tracking_ref="release")) == []
+        [refused] = problems_of(bundles.git_bundle("k", url, conn_id="ssh_other"))
+        assert refused.startswith(f"repository {url} refused the SSH key of connection 'ssh_other': set key_file or")
+        assert "Permission denied (publickey)" in refused
+        [unknown_host] = problems_of(bundles.git_bundle("k", url, conn_id="ssh_unpinned"))
+        assert "refused the SSH key of connection 'ssh_unpinned'" in unknown_host
+        assert "Host key verification failed" in unknown_host
+        [bad_ref] = problems_of(bundles.git_bundle("k", url, conn_id="ssh_file", tracking_ref="nope"))
+        assert bad_ref.startswith("tracking_ref 'nope' is not a branch or tag")
 
 
 def _closed_port() -> int:
