@@ -12,7 +12,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import queue
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -221,6 +223,47 @@ class Written:
     sha256: str
 
 
+class _Sha256:
+    """sha256 fed from a second thread once the data is larger than one chunk: hashlib releases the GIL
+    on large buffers, so hashing overlaps encoding, compression and upload (sha256 alone is ~600 MB/s
+    on a small VM core, slower than a local disk). Chunks are hashed in order; nothing is copied."""
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def update(self, data) -> None:
+        if self._thread is None and len(data) < CHUNK:
+            self._digest.update(data)
+            return
+        if self._thread is None:
+            self._queue = queue.Queue(maxsize=4)  # bounds memory: at most 4 chunks waiting
+            self._thread = threading.Thread(target=self._run, name="xcom-sha256", daemon=True)
+            self._thread.start()
+        self._queue.put(data)
+
+    def _run(self) -> None:
+        try:
+            while (data := self._queue.get()) is not None:
+                self._digest.update(data)
+        except BaseException as e:  # noqa: BLE001 - surfaced by hexdigest()
+            self._error = e
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def hexdigest(self) -> str:
+        self.close()
+        if self._error:
+            raise self._error
+        return self._digest.hexdigest()
+
+
 def write_stream(fileobj: IO[bytes], first: bytes, rest: Iterator[bytes], compression: str) -> Written:
     """Write ``first`` then ``rest`` through sha256 (of the uncompressed bytes) and the compressor."""
     counting = _Counting(fileobj)
@@ -230,22 +273,31 @@ def write_stream(fileobj: IO[bytes], first: bytes, rest: Iterator[bytes], compre
         out = _zstandard().ZstdCompressor(level=3).stream_writer(counting, closefd=False)
     else:
         out = counting
-    digest = hashlib.sha256()
+    digest = _Sha256()
     size = 0
-    buf = bytearray(first)
-    for piece in rest:
-        buf += piece
-        if len(buf) >= CHUNK:
-            digest.update(buf)
-            out.write(buf)
-            size += len(buf)
-            buf = bytearray()
-    if buf:
-        digest.update(buf)
-        out.write(buf)
-        size += len(buf)
-    if out is not counting:
-        out.close()
+
+    def emit(chunk) -> None:
+        nonlocal size
+        digest.update(chunk)
+        out.write(chunk)
+        size += len(chunk)
+
+    try:
+        buf = bytearray(first)
+        for piece in rest:
+            if not buf and len(piece) >= CHUNK:
+                emit(piece)  # a large string's slice: no copy
+                continue
+            buf += piece
+            if len(buf) >= CHUNK:
+                emit(buf)
+                buf = bytearray()
+        if buf:
+            emit(buf)
+        if out is not counting:
+            out.close()
+    finally:
+        digest.close()
     return Written(size, counting.count, digest.hexdigest())
 
 
@@ -266,14 +318,18 @@ def read_stream(fileobj: IO[bytes], size: int, compression: str) -> Read:
         src = fileobj
     data = bytearray(size)
     view = memoryview(data)
-    digest = hashlib.sha256()
+    digest = _Sha256()
     pos = 0
-    while pos < size:
-        n = src.readinto(view[pos : pos + 8 * CHUNK])
-        if not n:
-            break
-        digest.update(view[pos : pos + n])
-        pos += n
-    extra = src.read(1) if pos == size else b""
+    try:
+        while pos < size:
+            n = src.readinto(view[pos : pos + 4 * CHUNK])
+            if not n:
+                break
+            digest.update(view[pos : pos + n])  # hashed in place by the hashing thread, no copy
+            pos += n
+        extra = src.read(1) if pos == size else b""
+    finally:
+        digest.close()
+    sha = digest.hexdigest()
     view.release()
-    return Read(data, digest.hexdigest(), pos + len(extra))
+    return Read(data, sha, pos + len(extra))
