@@ -194,7 +194,8 @@ def test_each_remote_problem_against_the_real_server(git_repo, conns):
         "no-repo": (bundles.git_bundle("x", url.replace("dags.git", "nope.git"), conn_id="git_good"), "does not exist"),
         "bad-ref": (bundles.git_bundle("x", url, conn_id="git_good", tracking_ref="mian"),
                     "tracking_ref 'mian' is not a branch or tag of the repository (branches: main, release)"),
-        "down": (bundles.git_bundle("x", f"http://127.0.0.1:{_closed_port()}/r.git"), "cannot reach repository"),
+        # Port 1: privileged, nothing listens there (a freed ephemeral port may be taken by another test's server).
+        "down": (bundles.git_bundle("x", "http://127.0.0.1:1/r.git"), "cannot reach repository"),
     }
     for case, (entry, expected) in cases.items():
         got = problems_of(entry)
@@ -236,12 +237,6 @@ def test_ssh_key_connections_against_a_real_sshd(git_repo, monkeypatch):
         assert "Host key verification failed" in unknown_host
         [bad_ref] = problems_of(bundles.git_bundle("k", url, conn_id="ssh_file", tracking_ref="nope"))
         assert bad_ref.startswith("tracking_ref 'nope' is not a branch or tag")
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------ fetch / doctor check
