@@ -278,3 +278,62 @@ def test_bad_input_is_a_clear_error(adb):
             triggers.register(s, token, TriggererRegisterRequest(capacity=1, queues=["gpu"]))
         with pytest.raises(triggers.TriggererRetired, match="register again"):
             triggers.for_agent(s, token, 12345)
+
+
+@pytest.fixture
+def sqlite_adb(sqlite_engine, monkeypatch):
+    """Like ``adb`` on Airflow's own (SQLite) engine, which the routes' ``create_session`` uses."""
+    from unit_db import Db, wipe
+
+    wipe(sqlite_engine)
+    db = Db(sqlite_engine)
+    if "sqlite" not in _created:
+        from airflow.models import import_all_models
+        from airflow.models.base import Base
+
+        import_all_models()
+        Base.metadata.create_all(sqlite_engine)
+        _created.add("sqlite")
+    monkeypatch.setenv("AIRFLOW__CORE__FERNET_KEY", Fernet.generate_key().decode())
+    get_fernet.cache_clear()
+    _wipe(db)
+    yield db
+    _wipe(db)
+    wipe(sqlite_engine)
+    get_fernet.cache_clear()
+
+
+def test_routes_authenticate_and_fence_triggerers_by_agent(sqlite_adb):
+    from starlette.testclient import TestClient
+
+    from airflow_remote_execution.api.app import create_app
+
+    trigger = deferred(sqlite_adb, "t")
+    with sqlite_adb.session() as s:
+        token_a = tokens.create(s, agent_name="agent-a", queues=["default"])[0]
+        token_b = tokens.create(s, agent_name="agent-b", queues=["default"])[0]
+
+    def post(path: str, token: str | None, body: dict):
+        return client.post(f"/v1{path}", json=body, headers={"Authorization": f"Bearer {token}"} if token else {})
+
+    with TestClient(create_app(), raise_server_exceptions=True) as client:
+        assert post("/triggerers/register", None, {"capacity": 5}).status_code == 401
+        refused = post("/triggerers/register", token_a, {"capacity": 5, "queues": ["gpu"]})
+        assert refused.status_code == 403 and "outside token" in refused.json()["detail"]
+        reg = post("/triggerers/register", token_a, {"hostname": "host-a", "capacity": 5})
+        assert reg.status_code == 200, reg.text
+        job = reg.json()["triggerer_id"]
+        assert post(f"/triggerers/{job}/sync", token_b, {"capacity": 5, "running": []}).status_code == 409
+
+        answer = post(f"/triggerers/{job}/sync", token_a, {"capacity": 5, "running": []}).json()
+        assert answer["assigned"] == [trigger] and answer["start"][0]["workload"]["id"] == trigger
+
+        event = {"triggerer_id": job, "event": {"payload": serialize(MOMENT)}}
+        assert post(f"/triggers/{trigger}/event", token_b, event).status_code == 409
+        ok = post(f"/triggers/{trigger}/event", token_a, event)
+        assert ok.status_code == 200 and ok.json() == {"trigger_id": trigger, "accepted": True}
+        assert ti_row(sqlite_adb, "t").state == "scheduled"
+        assert post(f"/triggers/{trigger}/event", token_a, {"triggerer_id": job, "event": {"x": 1}}).status_code == 422
+
+        assert post(f"/triggerers/{job}/stop", token_a, {}).status_code == 200
+        assert post(f"/triggerers/{job}/sync", token_a, {"capacity": 5, "running": []}).status_code == 409
