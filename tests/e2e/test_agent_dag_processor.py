@@ -207,6 +207,16 @@ def test_token_without_the_bundle_is_refused(setup):
     assert code != 0 and "The plane refused this agent's DAG bundles" in log and "agent-local" in log
 
 
+def test_files_removed_from_the_bundle_go_from_the_plane(setup):
+    plane, agent, *_ = setup
+    (agent.home / "bundle" / "agent_parsed.py").unlink()
+    (agent.home / "bundle" / "agent_broken.py").unlink()
+    wait_for(lambda: _dag(plane, "agent_parsed")["is_stale"], 60, "the removed file's DAG to go stale", 1)
+    errors = plane.api("GET", "/api/v2/importErrors").json()["import_errors"]
+    assert [e for e in errors if e["filename"] == "agent_broken.py"] == []
+    assert not _dag(plane, "agent_callback")["is_stale"]
+
+
 def test_the_plane_holds_no_dag_files_and_the_agent_no_db(setup):
     plane, agent, *_ = setup
     assert list(plane.home.rglob("*.py")) == []
