@@ -5,9 +5,12 @@ Kept apart from :mod:`.protocol` so both sides import only what the triggerer ne
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# Trigger and Job ids are 32-bit integer columns: larger values are a 422, not a database error.
+DbId = Annotated[int, Field(ge=1, le=2**31 - 1)]
 
 
 class _Strict(BaseModel):
@@ -18,7 +21,7 @@ class TriggererRegisterRequest(_Strict):
     hostname: str = Field(default="", max_length=250)
     capacity: int = Field(ge=1, le=100_000, description="How many triggers this triggerer runs at most.")
     queues: list[str] | None = Field(
-        default=None, description="Queues whose deferred tasks' triggers to run; a subset of the token's."
+        default=None, max_length=1000, description="Queues whose deferred tasks' triggers to run; a subset of the token's."
     )
 
 
@@ -30,7 +33,7 @@ class TriggererRegisterResponse(BaseModel):
 
 class TriggerSyncRequest(_Strict):
     capacity: int = Field(ge=0, le=100_000)
-    running: list[int] = Field(default_factory=list, description="Trigger ids the triggerer runs now.")
+    running: list[DbId] = Field(default_factory=list, max_length=100_000, description="Trigger ids it runs now.")
 
 
 class TriggerWork(BaseModel):
@@ -51,7 +54,7 @@ class TriggerSyncResponse(BaseModel):
 
 
 class TriggerEventRequest(_Strict):
-    triggerer_id: int
+    triggerer_id: DbId
     event: dict[str, Any] = Field(
         description="{'payload': <airflow serde form>} for a TriggerEvent, or the model of a "
         "TaskSuccessEvent/TaskFailedEvent/TaskSkippedEvent ({'task_instance_state', 'xcoms'})."
@@ -59,7 +62,7 @@ class TriggerEventRequest(_Strict):
 
 
 class TriggerFailureRequest(_Strict):
-    triggerer_id: int
+    triggerer_id: DbId
     traceback: list[str] | None = None
 
 

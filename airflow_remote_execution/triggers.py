@@ -300,7 +300,10 @@ def decode_event(data: dict[str, Any]):
         return TypeAdapter(DiscrimatedTriggerEvent).validate_python(data)
     if set(data) != {"payload"}:
         raise ValueError("event must be {'payload': ...} or {'task_instance_state': ..., 'xcoms': ...}")
-    return TriggerEvent(deserialize(data["payload"]))
+    try:
+        return TriggerEvent(deserialize(data["payload"]))
+    except Exception as e:  # serde raises ImportError, TypeError, KeyError... for what it will not decode
+        raise ValueError(f"Event payload cannot be decoded on the plane: {type(e).__name__}: {e}") from None
 
 
 def submit_event(session: Session, row: AgentTriggererModel, trigger_id: int, data: dict[str, Any]) -> None:

@@ -334,6 +334,33 @@ def test_routes_authenticate_and_fence_triggerers_by_agent(sqlite_adb):
         assert ok.status_code == 200 and ok.json() == {"trigger_id": trigger, "accepted": True}
         assert ti_row(sqlite_adb, "t").state == "scheduled"
         assert post(f"/triggers/{trigger}/event", token_a, {"triggerer_id": job, "event": {"x": 1}}).status_code == 422
+        evil = {"__classname__": "os.system", "__version__": 1, "__data__": "true"}
+        refused = post(f"/triggers/{trigger}/event", token_a, {"triggerer_id": job, "event": {"payload": evil}})
+        assert refused.status_code == 422 and "cannot be decoded" in refused.json()["detail"]
+        assert post(f"/triggerers/{2**40}/sync", token_a, {"capacity": 5}).status_code == 422
 
         assert post(f"/triggerers/{job}/stop", token_a, {}).status_code == 200
         assert post(f"/triggerers/{job}/sync", token_a, {"capacity": 5, "running": []}).status_code == 409
+
+
+def test_routes_fuzzed_from_their_openapi_never_answer_5xx(sqlite_adb):
+    """Schemathesis on the triggerer routes (valid and invalid bodies and ids), with a valid token."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    from airflow_remote_execution.api.app import create_app
+
+    deferred(sqlite_adb, "t")
+    with sqlite_adb.session() as s:
+        token = tokens.create(s, agent_name="fuzz", queues=["default"])[0]
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app()).include(path_regex=r"^/v1/trigger")
+    for operation in schema.get_all_operations():
+        op = operation.ok()
+
+        @given(case=op.as_strategy())
+        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+        def call(case):
+            response = case.call(headers={"Authorization": f"Bearer {token}"})
+            assert response.status_code < 500, f"{case.method} {case.formatted_path} -> {response.text}"
+
+        call()

@@ -5,7 +5,9 @@ The agent is the bearer token's; a triggerer id is accepted only from the agent 
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 from starlette.concurrency import run_in_threadpool
 
 from airflow_remote_execution import triggers
@@ -20,6 +22,7 @@ from airflow_remote_execution.trigger_protocol import (
     TriggerSyncResponse,
 )
 
+Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
 trigger_router = APIRouter(tags=["Agent triggerer"], responses=ERRORS)
 
 
@@ -50,7 +53,7 @@ async def register(body: TriggererRegisterRequest, authorization: Authorization 
 
 
 @trigger_router.post("/triggerers/{triggerer_id}/sync", response_model=TriggerSyncResponse)
-async def sync(triggerer_id: int, body: TriggerSyncRequest, authorization: Authorization = None) -> TriggerSyncResponse:
+async def sync(triggerer_id: Id, body: TriggerSyncRequest, authorization: Authorization = None) -> TriggerSyncResponse:
     """Heartbeat, claim triggers up to ``capacity``; the answer lists all owned triggers and those to start."""
     return await _run(
         authorization, lambda s, t: triggers.sync(s, triggers.for_agent(s, t, triggerer_id), body)
@@ -58,7 +61,7 @@ async def sync(triggerer_id: int, body: TriggerSyncRequest, authorization: Autho
 
 
 @trigger_router.post("/triggerers/{triggerer_id}/stop", response_model=TriggerSyncResponse)
-async def stop(triggerer_id: int, authorization: Authorization = None) -> TriggerSyncResponse:
+async def stop(triggerer_id: Id, authorization: Authorization = None) -> TriggerSyncResponse:
     """A triggerer shutting down: its triggers are free for other triggerers at once."""
 
     def run(session, token):
@@ -69,7 +72,7 @@ async def stop(triggerer_id: int, authorization: Authorization = None) -> Trigge
 
 
 @trigger_router.post("/triggers/{trigger_id}/event", response_model=TriggerAck)
-async def event(trigger_id: int, body: TriggerEventRequest, authorization: Authorization = None) -> TriggerAck:
+async def event(trigger_id: Id, body: TriggerEventRequest, authorization: Authorization = None) -> TriggerAck:
     """A trigger fired: resume its deferred task (Airflow's ``Trigger.submit_event``). 409: not yours."""
 
     def run(session, token):
@@ -81,7 +84,7 @@ async def event(trigger_id: int, body: TriggerEventRequest, authorization: Autho
 
 
 @trigger_router.post("/triggers/{trigger_id}/failure", response_model=TriggerAck)
-async def failure(trigger_id: int, body: TriggerFailureRequest, authorization: Authorization = None) -> TriggerAck:
+async def failure(trigger_id: Id, body: TriggerFailureRequest, authorization: Authorization = None) -> TriggerAck:
     """A trigger failed: its task is failed through the worker path (Airflow's ``Trigger.submit_failure``)."""
 
     def run(session, token):
