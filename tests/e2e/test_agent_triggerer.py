@@ -106,7 +106,7 @@ def _states(plane: Plane, run_id: str) -> dict[str, str]:
 def test_deferrable_dag_completes_through_the_agents_triggerer(cluster):
     plane, agents = cluster
     assert "triggerer" not in plane.procs
-    run_id = plane.trigger(DAG, conf={"wait_seconds": 30})
+    run_id = plane.trigger(DAG, conf={"wait_seconds": 10})
     state = plane.wait_run(DAG, run_id, timeout=240)
     assert state == "success", _states(plane, run_id)
     assert _states(plane, run_id) == {"short_wait": "success", "wait_until": "success", "after_waiting": "success"}
@@ -132,7 +132,7 @@ def test_deferrable_dag_completes_through_the_agents_triggerer(cluster):
 
 def test_killed_agents_trigger_is_reassigned_at_once_and_the_task_completes(cluster):
     plane, agents = cluster
-    run_id = plane.trigger(DAG, conf={"wait_seconds": 75})
+    run_id = plane.trigger(DAG, conf={"wait_seconds": 45})
     wait_for(lambda: _states(plane, run_id).get("wait_until") == "deferred", 120, "wait_until to defer")
     trigger_id, owner = wait_for(lambda: _long_trigger(plane, agents, run_id), 60, "an agent to start the trigger")
     survivor = next(name for name in agents if name != owner)
