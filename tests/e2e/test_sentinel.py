@@ -18,7 +18,7 @@ import requests
 from localplane import AIRFLOW, Agent, Plane, Proc, free_port, fresh_pg_database, wait_for
 
 pytestmark = pytest.mark.e2e
-REPORT_INTERVAL = 1.0
+REPORT_INTERVAL = 2.0  # stale on the plane after 3 x 2 + 10 s
 
 
 def kill_tree(pid: int) -> None:
@@ -54,11 +54,7 @@ def probe_until(url: str, path: str, code: int, timeout: float, also=lambda body
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, pg_url):
     base = tmp_path_factory.mktemp("sentinel")
-    plane = Plane(
-        base / "plane",
-        db_url=fresh_pg_database(pg_url, "sentinel_e2e"),
-        extra_env={"AIRFLOW__REMOTE_EXECUTION__HEARTBEAT_INTERVAL": "1"},
-    )
+    plane = Plane(base / "plane", db_url=fresh_pg_database(pg_url, "sentinel_e2e"))  # heartbeats every 5 s
     agent = sentinel = None
     try:
         plane.start(components=("api-server",))  # agents and sentinels talk only to the api-server
@@ -93,15 +89,15 @@ def test_sentinel_follows_the_agent(setup):
     plane, agent, sentinel, url, token = setup
 
     # All well: ready, and the plane shows the report.
-    body = probe_until(url, "/readyz", 200, 90)
+    body = probe_until(url, "/readyz", 200, 90, also=lambda b: any(c["name"] == "report" and c["ok"] and not c["skipped"]
+                                                                   for c in b["checks"]))
     assert set(failing(body)) <= {"cpu", "memory", "disk"}, body  # a loaded test machine only degrades
     checks = {c["name"]: c for c in body["checks"]}
     assert {"agent_alive", "agent_heartbeat", "agent_poll", "agent_slots", "report"} <= set(checks)
     assert checks["agent_slots"]["detail"] == "0 running, 0 of 2 slots busy"
     assert checks["report"]["ok"]
-    row = wait_for(lambda: (lambda a: a if a["sentinel_status"] in ("ok", "degraded") else None)(agent_row(plane)),
-                   30, "the sentinel's report on the plane")
-    assert not row["sentinel_stale"] and row["sentinel_age"] < 10
+    wait_for(lambda: (lambda a: a["sentinel_status"] in ("ok", "degraded") and not a["sentinel_stale"])(agent_row(plane)),
+             60, "a fresh report on the plane")
     rss = psutil.Process(sentinel.pid).memory_full_info()
     print(f"sentinel memory: rss {rss.rss / 2**20:.0f} MiB, pss {rss.pss / 2**20:.0f} MiB")
 
@@ -111,7 +107,7 @@ def test_sentinel_follows_the_agent(setup):
     body = probe_until(url, "/healthz", 503, 10)
     assert "is not running" in failing(body)["agent_alive"]
     assert probe(url, "/readyz")[0] == 503 and probe(url, "/livez")[0] == 200
-    row = wait_for(lambda: (lambda a: a if a["sentinel_status"] == "failing" else None)(agent_row(plane)), 15,
+    row = wait_for(lambda: (lambda a: a if a["sentinel_status"] == "failing" else None)(agent_row(plane)), 30,
                    "the failing report on the plane")
     assert any(f.startswith("agent_alive: agent edge-1 pid") for f in row["sentinel_failing"])
     (listed,) = [a for a in json.loads(plane.airflow("remote-execution", "agents", "list", "--output", "json").stdout)
@@ -127,7 +123,7 @@ def test_sentinel_follows_the_agent(setup):
     body = probe_until(url, "/readyz", 200, 120)
     assert failing(body).keys() <= {"cpu", "memory", "disk"}
     wait_for(lambda: agent_row(plane)["sentinel_status"] in ("ok", "degraded") and not any(
-        f.startswith("agent_") for f in agent_row(plane)["sentinel_failing"]), 15, "the plane to see the agent back")
+        f.startswith("agent_") for f in agent_row(plane)["sentinel_failing"]), 30, "the plane to see the agent back")
 
     # Revoke the token: not ready, with a detail that says so; the plane's copy goes stale.
     plane.airflow("remote-execution", "tokens", "revoke", token.split("_")[1])
@@ -138,5 +134,5 @@ def test_sentinel_follows_the_agent(setup):
     row = wait_for(lambda: (lambda a: a if a["sentinel_stale"] else None)(agent_row(plane)), 3 * REPORT_INTERVAL + 30,
                    "the last report to go stale")
     assert row["sentinel_status"] in ("ok", "degraded")  # the last report that got through, now marked stale
-    body = probe_until(url, "/readyz", 503, 30, also=lambda b: "agent_heartbeat" in failing(b))
+    body = probe_until(url, "/readyz", 503, 60, also=lambda b: "agent_heartbeat" in failing(b))
     assert "revoked" in failing(body)["agent_heartbeat"]  # the agent's own heartbeats are refused too
