@@ -10,12 +10,13 @@ also when its task is cleared and re-run; the agent's stale bundle versions are 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from git_server import GitServer
-from localplane import Agent, Plane, wait_for
+from localplane import AIRFLOW, Agent, Plane, wait_for
 
 from airflow_remote_execution.bundles import git_bundle
 
@@ -139,3 +140,12 @@ def test_runs_keep_their_commit_and_stale_versions_are_cleaned(setup):
     tracking = storage / "_tracking" / "repo"
     assert {p.name for p in tracking.iterdir()} == {sha_a}
     assert "removing stale bundle" in agent.proc.log_path.read_text(errors="replace")
+
+    # The doctor on the agent (no metadata DB) validates the bundle and fetches main, now at B.
+    doctor = subprocess.run([AIRFLOW, "remote-execution", "check", "--only", "bundles", "--output", "json"],
+                            env=agent.env, capture_output=True, text=True, timeout=180)
+    # Airflow's own log lines (GitDagBundle's "Cloning ...") go to stdout too: the JSON starts at "[".
+    out = "\n" + doctor.stdout
+    report = json.loads(out[out.index("\n[\n") + 1:])
+    [bundles_result] = [r for r in report if r["name"] == "bundles"]
+    assert (doctor.returncode, bundles_result["status"], bundles_result["detail"]) == (0, "PASS", f"repo @ {sha_b[:12]}")
