@@ -58,6 +58,7 @@ class AgentDagProcessorManager(DagFileProcessorManager):
     send_source: bool = False
     _api_server: Any = attrs.field(default=None, init=False)  # the stock in-process API needs the DB
     _claimed_callbacks: list[dict] = attrs.field(factory=list, init=False)
+    _parsed_at: dict[tuple[str, str], tuple[str | None, dict | None]] = attrs.field(factory=dict, init=False)
 
     # ------------------------------------------------------------------ process setup
 
@@ -120,6 +121,17 @@ class AgentDagProcessorManager(DagFileProcessorManager):
 
     # ------------------------------------------------------------------ results
 
+    def _create_process(self, dag_file: DagFileInfo) -> DagFileProcessorProcess:
+        # Remember the bundle version the file is parsed at. The stock manager labels a result with
+        # the version current when it is *collected*: if the bundle moved on meanwhile, old content
+        # gets the new commit, and Airflow's write_dag then moves the old DAG version (and the runs
+        # on it) to that commit.
+        name = dag_file.bundle_name
+        self._parsed_at[(name, str(dag_file.rel_path))] = (
+            self._bundle_versions.get(name), self._bundle_version_data.get(name)
+        )
+        return super()._create_process(dag_file)
+
     def handle_parsing_result(self, file: DagFileInfo, proc: DagFileProcessorProcess, *, session=None) -> None:
         # Airflow's own bookkeeping (stats, metrics, retry throttling), without the DB session its
         # ``@provide_session`` would open: persistence below goes to the plane.
@@ -137,6 +149,8 @@ class AgentDagProcessorManager(DagFileProcessorManager):
         session=None,
     ) -> None:
         """Send the result to the plane, which stores it with the stock ``persist_parsing_result``."""
+        if relative_fileloc is not None and (bundle_name, relative_fileloc) in self._parsed_at:
+            bundle_version, version_data = self._parsed_at.pop((bundle_name, relative_fileloc))
         warnings = [w if isinstance(w, dict) else _warning_dict(w) for w in parsing_result.warnings or []]
         bundle_path = next((str(b.path) for b in self._dag_bundles if b.name == bundle_name), None)
         result = ParsingResult(

@@ -217,3 +217,34 @@ def test_manager_with_a_token_for_other_bundles_stops_with_the_planes_reason(pla
     manager = AgentDagProcessorManager(max_runs=1, plane=PlaneClient(plane_api, _token(["theirs"])))
     with pytest.raises(SystemExit, match=r"refused this agent's DAG bundles: Bundle\(s\) mine are outside token \w+'s bundles \(theirs\)"):
         manager.sync_bundles()
+
+
+def test_results_carry_the_bundle_version_they_were_parsed_at(plane_api, tmp_path, monkeypatch):
+    """The bundle moves on while a file is being parsed: the result keeps the version it was parsed at
+    (Airflow's manager would label it with the newer one and move the DAG version to that commit)."""
+    from sqlalchemy import select
+
+    from airflow.dag_processing.bundles.local import LocalDagBundle
+    from airflow.dag_processing.manager import DagFileInfo
+    from airflow.models.dag_version import DagVersion
+    from airflow.utils.session import create_session
+
+    from airflow_remote_execution.agent.dag_processor import AgentDagProcessorManager
+
+    (tmp_path / "dag.py").write_text("from airflow.sdk import DAG\n\nwith DAG('parsed_at_v1', schedule=None):\n    pass\n")
+    bundle = LocalDagBundle(name="mine", path=str(tmp_path))
+    monkeypatch.setattr(AgentDagProcessorManager, "get_all_bundles", lambda self: [bundle])
+    manager = AgentDagProcessorManager(max_runs=1, plane=PlaneClient(plane_api, _token(["mine"])))
+    manager.prepare_process_context()
+    manager.sync_bundles()
+    manager._dag_bundles = [bundle]
+    manager._bundle_versions["mine"] = "v1"
+    info = DagFileInfo(rel_path=Path("dag.py"), bundle_name="mine", bundle_path=tmp_path)
+    manager._processors[info] = proc = manager._create_process(info)
+    manager._bundle_versions["mine"] = "v2"  # a refresh while the parser runs
+    deadline = time.monotonic() + 60
+    while not proc.is_ready and time.monotonic() < deadline:
+        manager._service_processor_sockets(timeout=0.2)
+    manager._collect_results()
+    with create_session() as s:
+        assert s.scalars(select(DagVersion.bundle_version).where(DagVersion.dag_id == "parsed_at_v1")).all() == ["v1"]
