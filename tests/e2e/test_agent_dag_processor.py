@@ -167,13 +167,19 @@ def test_pushed_commit_is_a_new_dag_version_old_runs_keep_theirs(setup):
     second_sha = repo.commit({"dags/git_versioned.py": _git_dag("a", "b")}, "second version")
     pushed = time.monotonic()
 
+    expected = [(1, first_sha), (2, second_sha)]
+    seen = []
+
     def versions():
         found = plane.api("GET", "/api/v2/dags/git_versioned/dagVersions").json()["dag_versions"]
-        return found if len(found) == 2 else None
+        seen.append([(v["version_number"], v["bundle_version"]) for v in found])
+        return seen[-1] == expected
 
-    found = wait_for(versions, 120, "the pushed commit as a new DAG version", 0.5)
-    print(f"push -> new DAG version on the plane: {time.monotonic() - pushed:.1f}s (bundle refresh_interval 2s)")
-    assert [(v["version_number"], v["bundle_version"]) for v in found] == [(1, first_sha), (2, second_sha)]
+    try:
+        wait_for(versions, 120, "the pushed commit as a new DAG version", 0.5)
+    finally:
+        print(f"push -> DAG versions {expected} on the plane: {time.monotonic() - pushed:.1f}s "
+              f"(bundle refresh_interval 2s); last seen {seen[-1:]}")
     new_run = plane.trigger("git_versioned")
     assert plane.wait_run("git_versioned", new_run) == "success"
 
