@@ -155,6 +155,9 @@ def test_partial_uploads_then_final_upload_gives_whole_log_once(store):
     append(local, line(1) + line(2))
     shipper.ship_once()
     assert remote() == (line(1) + line(2)).rstrip("\n")
+    # What the plane's task handler reads (the IO's read), while the task still runs.
+    sources, logs = remote_log_io().read(REL, None)
+    assert sources and "".join(logs) == (line(1) + line(2)).rstrip("\n")
     assert local.read_text() == ""  # shipped lines leave the local file, as with Airflow's upload
 
     append(local, line(3) + '{"event": "half a li')  # an unfinished line stays local

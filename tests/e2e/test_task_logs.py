@@ -18,7 +18,7 @@ import boto3
 import pytest
 
 from emulators import AWS_TEST_CREDENTIALS, moto
-from localplane import Agent, Plane, free_port, wait_for
+from localplane import Agent, Plane, free_port, fresh_pg_database, wait_for
 
 pytestmark = pytest.mark.e2e
 DAGS = Path(__file__).parent / "dags"
@@ -71,7 +71,7 @@ def s3_logging(server_url: str, creds: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, pg_url):
     base = tmp_path_factory.mktemp("task-logs")
     dags = base / "dags"
     dags.mkdir()
@@ -82,6 +82,8 @@ def cluster(tmp_path_factory):
         client.create_bucket(Bucket=BUCKET)
         plane = Plane(
             base / "plane",
+            # PostgreSQL: on SQLite a loaded machine stalled the whole plane on the database lock for ~40 s.
+            db_url=fresh_pg_database(pg_url, "task_logs"),
             dags_folder=dags,
             extra_env={
                 **s3_logging(s3.url, AWS_TEST_CREDENTIALS),
@@ -100,11 +102,12 @@ def cluster(tmp_path_factory):
             agent.wait_registered()
             yield plane, agent, client, tripwire
         finally:
+            procs = [*plane.procs.values(), *([agent.proc] if agent else [])]
             if agent:
                 agent.stop()
             plane.stop()
             tripwire.close()
-            for proc in [*plane.procs.values(), *([agent.proc] if agent else [])]:
+            for proc in procs:
                 print(f"--- {proc.name}\n{proc.tail(40)}")
 
 
@@ -139,7 +142,10 @@ def test_log_readable_while_running_and_after(cluster):
     assert tripwire.connections == 0, "the plane tried to reach the agent's log server"
 
     assert plane.wait_run(DAG, run_id) == "success"
-    events, sources = read_log(plane, run_id)
+    # The task is marked success before its supervisor's final upload: the rest shows up moments later.
+    events, sources = wait_for(
+        lambda: (log := read_log(plane, run_id)) and any(SECOND in e for e in log[0]) and log, 60, "the whole log", 0.5
+    )
     assert [e for e in events if FIRST in e or SECOND in e] == [e for e in events if FIRST in e] + [
         e for e in events if SECOND in e
     ]
