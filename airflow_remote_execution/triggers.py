@@ -224,7 +224,7 @@ def sync(session: Session, row: AgentTriggererModel, req: TriggerSyncRequest) ->
         claim(session, row, min(req.capacity, row.capacity) - len(owned), now)
         owned = owned_ids(session, row.job_id)
     running = set(req.running)
-    start = [work for work in _workloads(session, row.job_id, [i for i in owned if i not in running])]
+    start = _workloads(session, row.job_id, [i for i in owned if i not in running])
     _maybe_clean_unused(session)
     return TriggerSyncResponse(assigned=owned, start=start)
 
