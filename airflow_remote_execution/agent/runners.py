@@ -65,7 +65,7 @@ def run_one(workload_json: str, server: str, adapter=None) -> int:
     return code or 0
 
 
-def _runner_main(conn: Connection) -> None:
+def _runner_main(conn: Connection, agent_pid: int) -> None:
     """Body of a runner: receive ``(workload_json, server)``, run it, send the exit code; repeat."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -76,7 +76,6 @@ def _runner_main(conn: Connection) -> None:
 
         setproctitle("airflow remote-execution agent: idle runner")
     adapter = _workload_adapter()
-    agent_pid = os.getppid()
     while True:
         try:
             while not conn.poll(1.0):
@@ -106,7 +105,7 @@ class Runner:
 
     def __init__(self, ctx) -> None:
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_runner_main, args=(child,), name="workload-runner")
+        self.process = ctx.Process(target=_runner_main, args=(child, os.getpid()), name="workload-runner")
         self.process.start()
         child.close()
         self.busy = False
@@ -154,8 +153,9 @@ class Runner:
 
 
 class RunnerPool:
-    """Keeps ``size`` idle runners ready. A lease takes one (or forks one when none is idle); a runner
-    comes back when its workload ended, unless it was killed or the pool is full."""
+    """Up to ``size`` idle runners, forked ahead. A lease takes one (forking one cold when none is idle,
+    and more in the background); a runner comes back when its workload ended, unless it was killed or
+    the pool is full. Forks happen off the lease path."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -186,10 +186,15 @@ class RunnerPool:
             while self._idle:
                 runner = self._idle.pop()
                 if runner.alive():
-                    self._refill_wanted.set()
+                    if not self._idle:  # keep one warm for the next lease; returned runners refill the rest
+                        self._refill_wanted.set()
                     return runner
         self._refill_wanted.set()
         return Runner(self._ctx)  # cold: none idle (e.g. all held by supervisors finishing up)
+
+    def idle_count(self) -> int:
+        with self._lock:
+            return len(self._idle)
 
     def give_back(self, runner: Runner) -> None:
         with self._lock:
