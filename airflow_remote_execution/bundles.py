@@ -244,6 +244,8 @@ def _entry_problems(entry: Any, *, remote: bool, timeout: float) -> list[str]:
         _check_name(entry.get("name"))
     except BundleConfigError as e:
         problems.append(str(e))
+    if entry.get("team_name") is not None and not _multi_team():
+        problems.append("team_name needs [core] multi_team = True; remove it or enable multi-team")
     kwargs = entry.get("kwargs", {})
     if not isinstance(kwargs, dict):
         return [*problems, "kwargs must be a JSON object of the bundle class's arguments"]
@@ -261,6 +263,12 @@ def _entry_problems(entry: Any, *, remote: bool, timeout: float) -> list[str]:
     elif cls.__name__ == "LocalDagBundle":
         problems += _local_problems(kwargs)
     return problems
+
+
+def _multi_team() -> bool:
+    from airflow.configuration import conf
+
+    return conf.getboolean("core", "multi_team", fallback=False)
 
 
 def _import_bundle_class(classpath: str) -> type | str:
@@ -303,7 +311,12 @@ def _kwargs_problems(cls: type, kwargs: dict) -> list[str]:
 
 def _local_problems(kwargs: dict) -> list[str]:
     if "path" not in kwargs:
-        return []  # Airflow uses [core] dags_folder
+        from airflow import settings
+
+        if not Path(settings.DAGS_FOLDER).is_dir():
+            return [f"no kwargs.path, so [core] dags_folder {settings.DAGS_FOLDER!r} is used, and it is not a "
+                    "directory here: create it, set kwargs.path, or remove this bundle"]
+        return []
     path = Path(os.path.expanduser(kwargs["path"]))
     if not path.is_dir():
         return [f"kwargs.path {str(path)!r} is not a directory here: create it or fix the path"]

@@ -106,7 +106,7 @@ def test_builders_refuse_bad_input(call, error):
 # ------------------------------------------------------------------------------------------ validation, offline
 
 
-def test_each_structural_problem_is_reported_with_what_to_fix(tmp_path):
+def test_each_structural_problem_is_reported_with_what_to_fix(tmp_path, monkeypatch):
     git = bundles.GIT_BUNDLE
     entries = [
         {"name": "keys", "classpath": git, "kwargs": {"tracking_ref": "main", "repo_url": "https://h/r.git"}, "ref": 1},
@@ -121,7 +121,13 @@ def test_each_structural_problem_is_reported_with_what_to_fix(tmp_path):
         bundles.local_bundle("missing-dir", tmp_path / "nope"),
         bundles.local_bundle("missing-dir", tmp_path),
         {"name": "creds", "classpath": git, "kwargs": {"tracking_ref": "main", "repo_url": "https://u:t@h/r.git"}},
+        {"name": "team", "classpath": bundles.LOCAL_BUNDLE, "kwargs": {"path": str(tmp_path)}, "team_name": "a"},
+        {"name": "dags-folder", "classpath": bundles.LOCAL_BUNDLE, "kwargs": {}},
     ]
+    from airflow import settings
+
+    dags_folder = tmp_path / "no-dags"
+    monkeypatch.setattr(settings, "DAGS_FOLDER", str(dags_folder))
     got = [str(p) for p in bundles.validate(entries, remote=False)]
     assert got == [
         "keys: unknown key(s) ref: an entry has only name, classpath, kwargs, team_name (bundle options go inside "
@@ -141,6 +147,9 @@ def test_each_structural_problem_is_reported_with_what_to_fix(tmp_path):
         f"missing-dir: kwargs.path '{tmp_path / 'nope'}' is not a directory here: create it or fix the path",
         "missing-dir: the name is used by an earlier entry too; bundle names must be unique",
         "creds: repo_url carries a password/token: move it into the password of the git connection",
+        "team: team_name needs [core] multi_team = True; remove it or enable multi-team",
+        f"dags-folder: no kwargs.path, so [core] dags_folder '{dags_folder}' is used, and it is not a directory here: "
+        "create it, set kwargs.path, or remove this bundle",
     ]
 
 
