@@ -376,7 +376,7 @@ def test_add_and_remove_write_airflow_cfg(tmp_path, monkeypatch, capsys):
 def test_cli_on_an_agent_without_metadata_db(git_repo, tmp_path):
     """``airflow remote-execution bundles ...`` as a process with a DB URL that cannot work."""
     home = tmp_path / "home"
-    home.mkdir()
+    (home / "dags").mkdir(parents=True)  # for the default dags-folder bundle that --write keeps
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
         "AIRFLOW_HOME": str(home),
