@@ -16,10 +16,11 @@ from pathlib import Path
 import boto3
 import hvac
 import pytest
+import requests
 
 from airflow_remote_execution.secrets_config import KWARG_ENV_PREFIX, SecretsOptions, build
 from emulators import AWS_TEST_CREDENTIALS, OPENBAO_ROOT_TOKEN, moto, openbao
-from localplane import AIRFLOW, Agent, Plane, free_port, self_signed_cert
+from localplane import AIRFLOW, Agent, Plane, free_port, fresh_pg_database, self_signed_cert
 
 pytestmark = pytest.mark.e2e
 TEST_DAGS = Path(__file__).parent / "dags"
@@ -35,13 +36,13 @@ def backend_env(config, **kwarg_env: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, pg_url):
     base = tmp_path_factory.mktemp("secrets-e2e")
     dags = base / "dags"
     dags.mkdir()
     shutil.copy(TEST_DAGS / f"{DAG}.py", dags)
     cert, key = self_signed_cert(base / "tls")
-    plane = Plane(base / "plane", dags_folder=dags, tls=(cert, key))
+    plane = Plane(base / "plane", db_url=fresh_pg_database(pg_url, "secrets_e2e"), dags_folder=dags, tls=(cert, key))
     agents: list[Agent] = []
     with openbao() as bao, moto() as aws:
         vault = hvac.Client(url=bao.url, token=OPENBAO_ROOT_TOKEN)
@@ -56,7 +57,8 @@ def setup(tmp_path_factory):
         token_file.write_text(OPENBAO_ROOT_TOKEN)
         vault_config = build(SecretsOptions("vault", url=bao.url, token_file=str(token_file)))
         aws_config = build(SecretsOptions("aws", region="us-east-1", endpoint_url=aws.url))
-        common = {"AIRFLOW__REMOTE_EXECUTION__CA_BUNDLE": str(cert)}
+        # A loaded test machine can stall the api-server for many seconds: the Task SDK's 5 s default fails tasks.
+        common = {"AIRFLOW__REMOTE_EXECUTION__CA_BUNDLE": str(cert), "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60"}
         try:
             plane.start()
             for name, queue, env in (
@@ -69,6 +71,9 @@ def setup(tmp_path_factory):
                                     extra_env={**common, **env}).start())
             for agent in agents:
                 agent.wait_registered()
+            # The api-server's first execution-API request took 20-40 s on this loaded machine; tasks that meet
+            # it fail (Task SDK timeouts). Warm it up, as a deployment's health checks would.
+            requests.get(f"{plane.url}/execution/health", verify=str(cert), timeout=300).raise_for_status()
             yield plane, {a.name: a for a in agents}, {"cert": cert, "vault_config": vault_config}
         finally:
             for agent in agents:
@@ -81,7 +86,7 @@ def setup(tmp_path_factory):
 def test_tasks_read_connections_and_variables_only_from_the_agents_backend(setup):
     plane, agents, _ = setup
     run_id = plane.trigger(DAG)
-    state = plane.wait_run(DAG, run_id)
+    state = plane.wait_run(DAG, run_id, timeout=240)
     tis = {ti["task_id"]: ti for ti in plane.task_instances(DAG, run_id)}
     assert state == "success", ({t: ti["state"] for t, ti in tis.items()}, task_logs(agents.values()))
 
