@@ -246,6 +246,8 @@ def _entry_problems(entry: Any, *, remote: bool, timeout: float) -> list[str]:
         problems.append(str(e))
     if entry.get("team_name") is not None and not _multi_team():
         problems.append("team_name needs [core] multi_team = True; remove it or enable multi-team")
+    if "kwargs" not in entry:
+        problems.append('kwargs is missing: Airflow requires it, "kwargs": {} when the bundle needs none')
     kwargs = entry.get("kwargs", {})
     if not isinstance(kwargs, dict):
         return [*problems, "kwargs must be a JSON object of the bundle class's arguments"]

@@ -123,6 +123,7 @@ def test_each_structural_problem_is_reported_with_what_to_fix(tmp_path, monkeypa
         {"name": "creds", "classpath": git, "kwargs": {"tracking_ref": "main", "repo_url": "https://u:t@h/r.git"}},
         {"name": "team", "classpath": bundles.LOCAL_BUNDLE, "kwargs": {"path": str(tmp_path)}, "team_name": "a"},
         {"name": "dags-folder", "classpath": bundles.LOCAL_BUNDLE, "kwargs": {}},
+        {"name": "nokw", "classpath": bundles.LOCAL_BUNDLE},
     ]
     from airflow import settings
 
@@ -150,6 +151,7 @@ def test_each_structural_problem_is_reported_with_what_to_fix(tmp_path, monkeypa
         "team: team_name needs [core] multi_team = True; remove it or enable multi-team",
         f"dags-folder: no kwargs.path, so [core] dags_folder '{dags_folder}' is used, and it is not a directory here: "
         "create it, set kwargs.path, or remove this bundle",
+        'nokw: kwargs is missing: Airflow requires it, "kwargs": {} when the bundle needs none',
     ]
 
 
