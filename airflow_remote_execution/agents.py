@@ -114,31 +114,45 @@ def remove(session: Session, name: str, force: bool = False) -> None:
     session.flush()
 
 
-def mark_lost(session: Session) -> list[AgentModel]:
-    """Agents silent for ``lost_agent_threshold`` heartbeat intervals become LOST (their work is reclaimed).
+class LostAgentDetector:
+    """Declares agents silent for ``lost_agent_threshold`` heartbeat intervals LOST (their work is reclaimed).
 
     When *no* agent has been heard from within that window the plane itself (api-server, network)
-    is the likelier culprit, so nobody is declared lost: an API outage must not fail running tasks.
+    is the likelier culprit, so nobody is declared lost; and when agents are heard again after such a
+    silence (or after this scheduler started), each gets one more window to check in, since agents
+    resume at different moments. An API outage must not fail running tasks.
     """
-    from datetime import timedelta
 
-    from sqlalchemy import func
+    def __init__(self) -> None:
+        self.grace_until = timezone.utcnow() + self.window()
 
-    window = timedelta(seconds=config.getfloat("heartbeat_interval") * config.getint("lost_agent_threshold"))
-    cutoff = timezone.utcnow() - window
-    newest = session.scalar(select(func.max(AgentModel.last_heartbeat_at)))
-    if newest is None or newest < cutoff:
-        return []
-    query = select(AgentModel).where(
-        AgentModel.state.in_([AgentState.ACTIVE.value, AgentState.STOPPING.value]),
-        AgentModel.last_heartbeat_at < cutoff,
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    lost = list(session.scalars(query))
-    for agent in lost:
-        agent.state = AgentState.LOST.value
-    return lost
+    @staticmethod
+    def window():
+        from datetime import timedelta
+
+        return timedelta(seconds=config.getfloat("heartbeat_interval") * config.getint("lost_agent_threshold"))
+
+    def mark_lost(self, session: Session) -> list[AgentModel]:
+        from sqlalchemy import func
+
+        now = timezone.utcnow()
+        cutoff = now - self.window()
+        newest = session.scalar(select(func.max(AgentModel.last_heartbeat_at)))
+        if newest is None or newest < cutoff:
+            self.grace_until = now + self.window()  # silence everywhere: counts from when agents are heard again
+            return []
+        if now < self.grace_until:
+            return []
+        query = select(AgentModel).where(
+            AgentModel.state.in_([AgentState.ACTIVE.value, AgentState.STOPPING.value]),
+            AgentModel.last_heartbeat_at < cutoff,
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        lost = list(session.scalars(query))
+        for agent in lost:
+            agent.state = AgentState.LOST.value
+        return lost
 
 
 def list_agents(session: Session) -> list[AgentInfo]:

@@ -202,7 +202,7 @@ def test_silent_agent_is_lost_and_its_work_reclaimed(db):
     _age_heartbeat(db, silent, 16)  # default: 3 intervals of 5 s
 
     with db.session() as s:
-        lost = agents.mark_lost(s)
+        lost = _detector().mark_lost(s)
         assert [a.name for a in lost] == ["silent"]
         assert leases.reclaim_from_lost(s, lost[0]) == (1, 1)
     with db.session() as s:
@@ -222,13 +222,37 @@ def test_silent_agent_is_lost_and_its_work_reclaimed(db):
 
 
 def test_no_agent_is_lost_when_every_agent_is_silent(db):
-    """All heartbeats stale at once means the plane (not every agent) was away: fail nothing."""
+    """All heartbeats stale at once means the plane (not every agent) was away: fail nothing; and once
+    agents are heard again, the others get a full window to check in before any is lost."""
     a = register(db, new_token(db, "a", ["default"]))
     b = register(db, new_token(db, "b", ["default"]))
     _age_heartbeat(db, a, 60)
     _age_heartbeat(db, b, 60)
+    detector = _detector()
     with db.session() as s:
-        assert agents.mark_lost(s) == []
-    _age_heartbeat(db, b, 0)
+        assert detector.mark_lost(s) == []
+    _age_heartbeat(db, b, 0)  # the plane is back: b has checked in, a not yet
     with db.session() as s:
-        assert [x.name for x in agents.mark_lost(s)] == ["a"]
+        assert detector.mark_lost(s) == []
+    detector.grace_until -= detector.window()  # the window has passed and a is still silent
+    with db.session() as s:
+        assert [x.name for x in detector.mark_lost(s)] == ["a"]
+
+
+def test_a_new_scheduler_gives_agents_one_window_to_check_in(db):
+    a = register(db, new_token(db, "a", ["default"]))
+    register(db, new_token(db, "b", ["default"]))
+    _age_heartbeat(db, a, 60)
+    detector = agents.LostAgentDetector()
+    with db.session() as s:
+        assert detector.mark_lost(s) == []
+    detector.grace_until -= detector.window()
+    with db.session() as s:
+        assert [x.name for x in detector.mark_lost(s)] == ["a"]
+
+
+def _detector() -> agents.LostAgentDetector:
+    """A detector past its start-up grace window."""
+    detector = agents.LostAgentDetector()
+    detector.grace_until -= detector.window()
+    return detector

@@ -30,6 +30,7 @@ from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneE
 from airflow_remote_execution.agent.log_shipper import start_log_shipper
 from airflow_remote_execution.agent.runners import Runner, RunnerPool
 from airflow_remote_execution.agent.status import StatusPublisher
+from airflow_remote_execution.agent.task_sdk import share_tls_with_task_sdk
 from airflow_remote_execution.protocol import HeartbeatRequest, Lease, RegisterRequest, WorkState
 
 log = logging.getLogger("airflow_remote_execution.agent")
@@ -38,27 +39,6 @@ log = logging.getLogger("airflow_remote_execution.agent")
 def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
     """Capped exponential backoff with full jitter."""
     return random.uniform(0, min(cap, base * 2**attempt))
-
-
-def share_tls_with_task_sdk(ca_bundle: str, client_cert: str, client_key: str) -> None:
-    """Give the Task SDK's execution-API client the agent's TLS setup (explicit ``[api]`` settings win).
-
-    The SDK reads ``[api] ssl_ca_file``, ``client_ssl_cert`` and ``client_ssl_key`` into module
-    constants at import, which happens in the agent before our settings are known; so the forked
-    workload process sets both the options (for the task process it spawns) and the constants.
-    """
-    from airflow.configuration import conf
-    from airflow.sdk.api import client as sdk_client
-
-    key = client_key or client_cert
-    for option, constant, value in (
-        ("ssl_ca_file", "API_SSL_CA_FILE_PATH", ca_bundle),
-        ("client_ssl_cert", "API_CLIENT_SSL_CERT", client_cert),
-        ("client_ssl_key", "API_CLIENT_SSL_KEY", key),
-    ):
-        if value and not conf.get("api", option, fallback=None):
-            os.environ[f"AIRFLOW__API__{option.upper()}"] = value
-            setattr(sdk_client, constant, value)
 
 
 @dataclass

@@ -124,6 +124,9 @@ def run_components(names: list[str], args, poll: float = 0.5) -> int:
 @providers_configuration_loaded
 def agent_start(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from airflow_remote_execution.agent.task_sdk import tolerate_plane_outages
+
+    tolerate_plane_outages()
     names = parse_components(getattr(args, "components", None))
     if len(names) == 1:
         raise SystemExit(COMPONENTS[names[0]](args))

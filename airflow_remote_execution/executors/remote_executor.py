@@ -40,6 +40,7 @@ class RemoteExecutor(BaseExecutor):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._last_purge = 0.0
+        self._lost_agents = agents.LostAgentDetector()
 
     def start(self) -> None:
         self.log.info("RemoteExecutor started (parallelism=%s)", self.parallelism)
@@ -74,7 +75,7 @@ class RemoteExecutor(BaseExecutor):
 
     def sync(self) -> None:
         with create_session() as session:
-            for agent in agents.mark_lost(session):
+            for agent in self._lost_agents.mark_lost(session):
                 requeued, failed = leases.reclaim_from_lost(session, agent)
                 from airflow_remote_execution import triggers  # rare path: keep the executor's import light
 
