@@ -16,6 +16,7 @@ and Airflow's real backends run unchanged against their real host names:
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import json
 import secrets
 import select
@@ -39,8 +40,15 @@ def _pem_key(key) -> bytes:
                              serialization.NoEncryption())
 
 
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
 class TestCA:
-    """A throwaway CA in ``directory``; :meth:`issue` signs server certificates for DNS names."""
+    """A throwaway CA in ``directory``; :meth:`issue` signs server certificates for DNS names or IPs."""
 
     __test__ = False  # not a pytest class
 
@@ -70,7 +78,7 @@ class TestCA:
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0].lstrip("*."))]))
             .issuer_name(self.name).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([_san(n) for n in dns_names]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
@@ -314,3 +322,65 @@ class FakeSecretManager:
 
     def __exit__(self, *_):
         self.server.stop(grace=None)
+
+
+# ---------------------------------------------------------------------------------- Kubernetes TokenReview
+
+
+def service_account_jwt(namespace: str, name: str) -> str:
+    """A token shaped like a service account token, signed by a throwaway key: only the TokenReview
+    API (here :class:`FakeKubernetesAPI`) decides whether it is valid, as with Vault's default config."""
+    import jwt
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    claims = {
+        "iss": "kubernetes/serviceaccount", "sub": f"system:serviceaccount:{namespace}:{name}",
+        "kubernetes.io/serviceaccount/namespace": namespace,
+        "kubernetes.io/serviceaccount/secret.name": f"{name}-token",
+        "kubernetes.io/serviceaccount/service-account.name": name,
+        "kubernetes.io/serviceaccount/service-account.uid": "0a1b2c3d-sa",
+    }
+    return jwt.encode(claims, _pem_key(key), algorithm="RS256")
+
+
+class _TokenReviewHandler(_Handler):
+    def do_POST(self):  # noqa: N802
+        fake: FakeKubernetesAPI = self.server.fake
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        fake.requests.append(self.path)
+        if self.path != "/apis/authentication.k8s.io/v1/tokenreviews":
+            return self.reply(404, {"kind": "Status", "status": "Failure", "code": 404})
+        if self.headers.get("Authorization") != f"Bearer {fake.reviewer_jwt}":
+            return self.reply(401, {"kind": "Status", "status": "Failure", "code": 401, "reason": "Unauthorized"})
+        token = body.get("spec", {}).get("token", "")
+        identity = fake.tokens.get(token)
+        fake.reviews.append((token, identity is not None))
+        status: dict = {"authenticated": False, "error": "token not valid"}
+        if identity:
+            namespace, name = identity
+            status = {"authenticated": True, "audiences": body.get("spec", {}).get("audiences") or [],
+                      "user": {"username": f"system:serviceaccount:{namespace}:{name}", "uid": "0a1b2c3d-sa",
+                               "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}"]}}
+        self.reply(201, {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                         "spec": body.get("spec", {}), "status": status})
+
+
+class FakeKubernetesAPI:
+    """The one Kubernetes API call Vault's kubernetes auth makes, ``TokenReview``, over HTTPS.
+    ``tokens`` maps a service account token -> (namespace, name) it authenticates as."""
+
+    def __init__(self, tls: tuple[Path, Path], tokens: dict[str, tuple[str, str]]):
+        self.tokens = dict(tokens)
+        self.reviewer_jwt = secrets.token_urlsafe(24)
+        self.reviews: list[tuple[str, bool]] = []
+        self.requests: list[str] = []
+        self.https = _Server(_TokenReviewHandler, tls)
+        self.https.httpd.fake = self
+        self.url = f"https://127.0.0.1:{self.https.port}"
+
+    def __enter__(self) -> FakeKubernetesAPI:
+        self.https.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.https.__exit__(*exc)

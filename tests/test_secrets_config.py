@@ -211,19 +211,38 @@ def test_vault_approle_secret_id_from_env_override(bao, monkeypatch):
         wrong.get_variable("greeting")
 
 
-def test_vault_kubernetes_auth_builds_the_login(bao, tmp_path, monkeypatch):
-    """No Kubernetes here: the backend is built for Kubernetes auth with the right role and token file,
-    and its login is refused (the kubernetes auth method is not enabled on this OpenBao)."""
-    server, _ = bao
-    jwt = tmp_path / "sa-token"
-    jwt.write_text("eyJhbGciOiJSUzI1NiJ9.e30.sig")
-    config = build(SecretsOptions("vault", url=server.url, auth_type="kubernetes", kubernetes_role="airflow",
-                                  kubernetes_jwt_path=str(jwt)))
-    backend = use_backend(monkeypatch, config)
-    client = backend.vault_client
-    assert (client.auth_type, client.kubernetes_role, client.kubernetes_jwt_path) == ("kubernetes", "airflow", str(jwt))
-    with pytest.raises(hvac.exceptions.VaultError, match="Vault Authentication Error"):
-        backend.get_variable("greeting")
+def test_vault_kubernetes_auth(bao, test_ca, tmp_path, monkeypatch):
+    """No Kubernetes here: OpenBao's real kubernetes auth method asks a fake TokenReview API (the one
+    Kubernetes call it makes); the backend logs in with the service account token file."""
+    from secret_servers import FakeKubernetesAPI, service_account_jwt
+
+    server, client = bao
+    sa_token = service_account_jwt("airflow", "airflow-agent")
+    jwt_file = tmp_path / "sa-token"
+    jwt_file.write_text(sa_token)
+    with FakeKubernetesAPI(test_ca.issue("127.0.0.1"), {sa_token: ("airflow", "airflow-agent")}) as k8s:
+        client.sys.enable_auth_method("kubernetes")
+        client.write("auth/kubernetes/config", kubernetes_host=k8s.url, kubernetes_ca_cert=test_ca.path.read_text(),
+                     token_reviewer_jwt=k8s.reviewer_jwt, disable_local_ca_jwt=True)
+        client.write("auth/kubernetes/role/airflow", bound_service_account_names="airflow-agent",
+                     bound_service_account_namespaces="airflow", token_policies="airflow-read")
+        config = build(SecretsOptions("vault", url=server.url, auth_type="kubernetes", kubernetes_role="airflow",
+                                      kubernetes_jwt_path=str(jwt_file)))
+        backend = use_backend(monkeypatch, config)
+        vault = backend.vault_client
+        assert (vault.auth_type, vault.kubernetes_role, vault.kubernetes_jwt_path) == ("kubernetes", "airflow",
+                                                                                     str(jwt_file))
+        assert_resolves(backend)
+        assert k8s.reviews == [(sa_token, True)]
+
+        revoked = tmp_path / "revoked-sa-token"  # right claims, but the cluster no longer accepts it
+        revoked.write_text(service_account_jwt("airflow", "airflow-agent"))
+        refused = use_backend(monkeypatch, build(SecretsOptions(
+            "vault", url=server.url, auth_type="kubernetes", kubernetes_role="airflow",
+            kubernetes_jwt_path=str(revoked))))
+        with pytest.raises(hvac.exceptions.VaultError):
+            refused.get_variable("greeting")
+        assert k8s.reviews[-1] == (revoked.read_text(), False)
 
 
 # ------------------------------------------------------------------ the doctor's secrets check
