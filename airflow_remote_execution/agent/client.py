@@ -102,6 +102,18 @@ class PlaneClient:
             timeout=config.getfloat("request_timeout"),
         )
 
+    def reload_token(self) -> bool:
+        """Re-read the token from config (``token_file``); True if it changed and is now used."""
+        try:
+            token = config.agent_token()
+        except SystemExit:  # unreadable or empty file: keep the current token
+            return False
+        header = f"Bearer {token}"
+        if header == self.http.headers.get("Authorization"):
+            return False
+        self.http.headers["Authorization"] = header
+        return True
+
     def __repr__(self) -> str:
         return f"PlaneClient({self.base!r})"
 

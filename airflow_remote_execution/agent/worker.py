@@ -76,6 +76,7 @@ class AgentWorker:
         self.long_poll_wait = 20.0
         self.name = "?"
         self.pool: RunnerPool | None = None
+        self._token_warned_at = float("-inf")
         self.status = StatusPublisher()  # read by the sentinel beside the agent
 
     # ------------------------------------------------------------------ lifecycle
@@ -224,14 +225,34 @@ class AgentWorker:
                 if e.status == 409:  # plane forgot us (e.g. agent row removed): register again
                     self.register()
                     continue
+                if e.status == 401 and self._token_rejected(e):
+                    continue  # a new token was in token_file: lease with it at once
                 delay = backoff(attempt)
                 attempt += 1
-                log.warning("Lease request failed (%s); retrying in %.1fs", e.detail, delay)
+                if e.status != 401:  # that one is logged once a minute by _token_rejected
+                    log.warning("Lease request failed (%s); retrying in %.1fs", e.detail, delay)
                 self.status.error("lease", e.detail)
                 self.stopping.wait(delay)
                 continue
             for lease in leases:
                 self._start(lease)
+
+    def _token_rejected(self, error: PlaneError) -> bool:
+        """The plane refused our token (revoked, expired, replaced). Re-read ``token_file`` (a rotated token
+        is picked up without a restart) and return True if it changed; else say so, once a minute, while
+        leasing waits. Running tasks carry on: they talk to the execution API with their own tokens."""
+        if self.client.reload_token():
+            log.warning("Agent token rejected (%s); using the new token from [remote_execution] token_file", error.detail)
+            return True
+        now = time.monotonic()
+        if now - self._token_warned_at > 60:
+            self._token_warned_at = now
+            log.error(
+                "Agent token rejected: %s. Leasing no work until [remote_execution] token_file holds a valid "
+                "token (create or rotate one with `airflow remote-execution tokens ...` on the plane).",
+                error.detail,
+            )
+        return False
 
     def _start(self, lease: Lease) -> None:
         if self.stopping.is_set():
@@ -274,7 +295,9 @@ class AgentWorker:
                 log.warning("Outcome of work %s not accepted: %s", run.lease.work_id, e.detail)
                 break
             except PlaneError as e:
-                if not e.retryable:
+                if e.status == 401 and not self.exited.is_set():
+                    self._token_rejected(e)  # keep the outcome until a valid token is back
+                elif not e.retryable:
                     log.error("Outcome of work %s rejected: %s", run.lease.work_id, e.detail)
                     break
                 delay = backoff(attempt)
@@ -320,7 +343,10 @@ class AgentWorker:
             reply = self.client.heartbeat(request)
             self.status.heartbeat_ok()
         except PlaneError as e:
-            log.warning("Heartbeat failed: %s", e.detail)
+            if e.status == 401:
+                self._token_rejected(e)
+            else:
+                log.warning("Heartbeat failed: %s", e.detail)
             self.status.error("heartbeat", e.detail)
             return
         self.heartbeat_interval = reply.heartbeat_interval
