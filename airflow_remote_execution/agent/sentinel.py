@@ -42,7 +42,7 @@ COMPONENT_CHECKS = ("agent_alive", "agent_heartbeat", "agent_poll", "agent_slots
 RESOURCE_CHECKS = ("cpu", "memory", "disk")  # ``disk`` is the doctor's, in checks.py
 REQUIRED = ("agent_alive", "agent_heartbeat", "agent_poll")  # for the sentinel, "no agent here" is a failure
 CRITICAL = ("sentinel", "agent_alive", "report", "api", "token")  # failing: the agent cannot work at all
-CPU_FAIL_PERCENT = 95.0
+CPU_BUSY_PERCENT = 95.0
 MEMORY_FAIL_PERCENT = 95.0
 
 
@@ -175,8 +175,9 @@ def check_cpu() -> CheckResult:
     busy = psutil.cpu_percent(interval=None)
     load1 = psutil.getloadavg()[0]
     detail = f"CPU {busy:.0f}% busy, load {load1:.2f} on {psutil.cpu_count()} CPUs"
-    if busy >= CPU_FAIL_PERCENT:
-        return CheckResult("cpu", False, detail, "tasks will run slowly: lower [remote_execution] concurrency or add CPUs")
+    if busy >= CPU_BUSY_PERCENT:  # a warning, not a failure: busy is not broken (the sentinel says degraded)
+        hint = "tasks run slowly: lower [remote_execution] concurrency or add CPUs"
+        return CheckResult("cpu", True, detail, hint, warning=True)
     return CheckResult("cpu", True, detail)
 
 
@@ -236,14 +237,18 @@ class Evaluation:
 
 
 def aggregate(results: list[CheckResult]) -> Evaluation:
-    """ok / degraded / failing, and the probe answers, from a list of check results."""
+    """ok / degraded / failing, and the probe answers, from a list of check results.
+
+    Resource checks only degrade (also on a warning, such as a busy CPU); other warnings (say, a
+    token expiring in a few days) show in the checks without changing the status."""
     results = [
         replace(r, skipped=False) if r.skipped and r.name in REQUIRED else r for r in results
     ]
     failing = {r.name for r in results if not r.ok and not r.skipped}
+    strained = {r.name for r in results if r.name in RESOURCE_CHECKS and getattr(r, "warning", False)}
     healthy = not failing & {"sentinel", "agent_alive"} and "agent_alive" in {r.name for r in results}
     ready = healthy and not failing - set(RESOURCE_CHECKS)
-    status = "failing" if failing & set(CRITICAL) else "degraded" if failing else "ok"
+    status = "failing" if failing & set(CRITICAL) else "degraded" if failing or strained else "ok"
     return Evaluation(status, healthy, ready, results)
 
 

@@ -212,6 +212,9 @@ def test_aggregation():
     assert (lambda e: (e.status, e.healthy, e.ready))(with_failing("token")) == ("failing", True, False)
     assert (lambda e: (e.status, e.healthy, e.ready))(with_failing("agent_poll")) == ("degraded", True, False)
     assert (lambda e: (e.status, e.healthy, e.ready))(with_failing("xcom")) == ("ok", True, True)  # not there
+    busy = aggregate(ok + [CheckResult("cpu", True, "CPU 99% busy", warning=True), CheckResult("token", True, "", warning=True)])
+    assert (busy.status, busy.healthy, busy.ready) == ("degraded", True, True)
+    assert aggregate(ok + [CheckResult("token", True, "expires in 3 d", warning=True)]).status == "ok"
     resources = aggregate(ok + [CheckResult("memory", False, "97%"), CheckResult("secrets", False, "", skipped=True)])
     assert (resources.status, resources.healthy, resources.ready) == ("degraded", True, True)
     integration = aggregate(ok + [CheckResult("bundles", False, "cannot fetch")])
