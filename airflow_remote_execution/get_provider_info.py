@@ -56,9 +56,10 @@ def get_provider_info() -> dict:
                     ),
                     "lease_confirm_timeout": _opt(
                         "Seconds an agent has to confirm the start of leased work; unconfirmed work "
-                        "goes back to the queue after this.",
+                        "goes back to the queue after this (agents confirm within milliseconds; this bounds "
+                        "how long a dead agent's unstarted work waits).",
                         "integer",
-                        "30",
+                        "10",
                     ),
                     "wakeup_poll_interval": _opt(
                         "On databases without LISTEN/NOTIFY (SQLite), how often in seconds the API "
@@ -156,20 +157,6 @@ def get_provider_info() -> dict:
                         "integer",
                         "300",
                     ),
-                    # --- sentinel (beside the agent) ---
-                    "status_file": _opt(
-                        "Where the agent writes its status for the sentinel (JSON, rewritten every "
-                        "heartbeat). Empty means ``$AIRFLOW_HOME/remote-execution-agent.json``. Agent and "
-                        "sentinel must see the same file (e.g. a shared emptyDir in Kubernetes).",
-                        "string",
-                        "",
-                        "/var/run/airflow-agent/status.json",
-                    ),
-                    "sentinel_host": _opt("Address the sentinel's probe server listens on.", "string", "127.0.0.1"),
-                    "sentinel_port": _opt("Port of the sentinel's /healthz and /readyz.", "integer", "8990"),
-                    "sentinel_report_interval": _opt(
-                        "Seconds between the sentinel's status reports to the plane.", "float", "15"
-                    ),
                     "components": _opt(
                         "What ``airflow remote-execution agent start`` runs (comma-separated): ``worker`` "
                         "(tasks), ``dag-processor`` (parses this agent's DAG bundles for the plane), ``triggerer`` "
@@ -191,6 +178,20 @@ def get_provider_info() -> dict:
                         "0 turns partial uploads off (the log then appears when the task ends).",
                         "float",
                         "10",
+                    ),
+                    # --- sentinel (beside the agent) ---
+                    "status_file": _opt(
+                        "Where the agent writes its status for the sentinel (JSON, rewritten every "
+                        "heartbeat). Empty means ``$AIRFLOW_HOME/remote-execution-agent.json``. Agent and "
+                        "sentinel must see the same file (e.g. a shared emptyDir in Kubernetes).",
+                        "string",
+                        "",
+                        "/var/run/airflow-agent/status.json",
+                    ),
+                    "sentinel_host": _opt("Address the sentinel's probe server listens on.", "string", "127.0.0.1"),
+                    "sentinel_port": _opt("Port of the sentinel's /healthz and /readyz.", "integer", "8990"),
+                    "sentinel_report_interval": _opt(
+                        "Seconds between the sentinel's status reports to the plane.", "float", "15"
                     ),
                 },
             }
