@@ -193,6 +193,7 @@ class SentinelCheck(BaseModel):
     detail: str = Field(default="", max_length=2000)
     hint: str = Field(default="", max_length=2000)
     skipped: bool = False
+    warning: bool = Field(default=False, description="Passes, but worth attention.")
 
 
 class SentinelReport(Strict):

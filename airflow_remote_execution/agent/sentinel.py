@@ -231,8 +231,8 @@ class Evaluation:
             "status": self.status,
             "healthy": self.healthy,
             "ready": self.ready,
-            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail, "hint": c.hint, "skipped": c.skipped}
-                       for c in shown],
+            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail, "hint": c.hint, "skipped": c.skipped,
+                        "warning": getattr(c, "warning", False)} for c in shown],
         }
 
 
@@ -313,8 +313,8 @@ class Sentinel:
         evaluation = self.evaluate()
         report = SentinelReport(
             status=evaluation.status,
-            checks=[SentinelCheck(name=c.name, ok=c.ok, detail=c.detail[:2000], hint=c.hint[:2000], skipped=c.skipped)
-                    for c in evaluation.checks],
+            checks=[SentinelCheck(name=c.name, ok=c.ok, detail=c.detail[:2000], hint=c.hint[:2000], skipped=c.skipped,
+                                  warning=getattr(c, "warning", False)) for c in evaluation.checks],
             interval=self.report_interval,
             hostname=self.hostname[:250],
         )
