@@ -154,10 +154,17 @@ class WorkMonitor(threading.Thread):
         self.plane, self.interval = plane, interval
         self.samples: list[tuple[float, dict[int, tuple[str, str | None, int]]]] = []
         self.stop = threading.Event()
+        self.runs_done = threading.Event()  # set once every run in ``run_ids`` finished
+        self.run_ids: list[str] = []
         self.errors = 0
 
     def run(self) -> None:
+        last_runs_check = 0.0
         while not self.stop.wait(self.interval):
+            if self.run_ids and time.monotonic() - last_runs_check > 3:
+                last_runs_check = time.monotonic()
+                if runs_done(self.plane, self.run_ids):
+                    self.runs_done.set()
             try:
                 t = time.time()
                 seen = {}
@@ -333,13 +340,13 @@ class KillMode(Mode):
         self.start()
         self.monitor.start()
         t_trigger = self.trigger()
+        self.monitor.run_ids = self.run_ids
         rng = random.Random(args.seed)
         pending_restart: dict[str, float] = {}
         next_kill = time.time() + args.kill_every
         kill_until = t_trigger + args.kill_max
         skipped = 0
         done = False
-        last_check = 0.0
         while time.time() < kill_until:
             now = time.time()
             for slot in self.slots:
@@ -347,13 +354,11 @@ class KillMode(Mode):
                 if slot.name in pending_restart and now >= pending_restart[slot.name]:
                     del pending_restart[slot.name]
                     slot.start()
-            if now - last_check > 3:
-                last_check = now
-                if runs_done(self.plane, self.run_ids):
-                    done = True
-                    break
+            if self.monitor.runs_done.is_set():
+                done = True
+                break
             if now >= next_kill:
-                next_kill += args.kill_every
+                next_kill = now + args.kill_every  # from this kill: a slow API call never bunches kills up
                 alive = [s for s in self.slots if s.registered and s.agent.proc.alive()]
                 if not alive:
                     skipped += 1
