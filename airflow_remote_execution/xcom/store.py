@@ -181,9 +181,13 @@ def encode(value: Any) -> tuple[str, Iterator[bytes]]:
 
 
 def decode(fmt: str, data: bytearray) -> Any:
-    if fmt == "text":
-        return data.decode("utf-8", "surrogatepass")
-    return json.loads(data)
+    """Decode, then free the raw bytes before parsing: at most ~2x the value in memory, not 3x."""
+    text = data.decode("utf-8", "surrogatepass")
+    try:
+        data.clear()
+    except BufferError:  # still exported somewhere: it goes when the caller drops it
+        pass
+    return text if fmt == "text" else json.loads(text)
 
 
 # ------------------------------------------------------------------------------------------ stream io

@@ -166,7 +166,8 @@ def test_50_mib_between_two_agents(plane, agents):
 
     if kind != "local":
         return
-    # Clearing the producer reruns it (try 2 returns nothing): the Task SDK purges the old object first.
+    # Clearing the producer reruns it (returning nothing now): the Task SDK purges the old object first.
+    plane.api("POST", "/api/v2/variables", json={"key": "remote_big_xcom_empty", "value": "yes"}).raise_for_status()
     r = plane.api("POST", f"/api/v2/dags/{DAG}/clearTaskInstances",
                   json={"dry_run": False, "task_ids": ["produce"], "dag_run_id": run_id, "only_failed": False,
                         "include_downstream": False})
@@ -176,6 +177,7 @@ def test_50_mib_between_two_agents(plane, agents):
 
     wait_for(lambda: not _object_exists(agent_a, ref["ref"]), 120, "the cleared producer's object to be purged")
 
+    assert plane.api("DELETE", "/api/v2/variables/remote_big_xcom_empty").status_code == 204
     # An orphan (its run deleted on the plane) goes with gc, --dry-run first.
     run2 = plane.trigger(DAG, conf={"mib": 1, "seed": 3})
     assert plane.wait_run(DAG, run2, timeout=300) == "success"
