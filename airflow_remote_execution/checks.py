@@ -151,13 +151,25 @@ def classify_connection_error(exc: BaseException, url: str) -> tuple[str, str]:
             "if the plane requires a client certificate, set [remote_execution] client_cert and client_key",
         )
     if any(isinstance(e, socket.gaierror) for e in chain) or "NameResolution" in text or "Name or service" in text:
-        return f"DNS lookup of {host.rsplit(':', 1)[0]} failed", "check the host name in [remote_execution] api_url and DNS"
+        return (
+            f"DNS lookup of {host.rsplit(':', 1)[0]} failed",
+            "check the host name in [remote_execution] api_url and DNS",
+        )
     if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return f"connection to {host} timed out", "a firewall may drop outbound traffic: allow HTTPS egress (or set HTTPS_PROXY)"
+        return (
+            f"connection to {host} timed out",
+            "a firewall may drop outbound traffic: allow HTTPS egress (or set HTTPS_PROXY)",
+        )
     if any(isinstance(e, ConnectionRefusedError) for e in chain) or "Connection refused" in text:
-        return f"connection to {host} refused", "nothing listens there: check the port in api_url and that the api-server runs"
+        return (
+            f"connection to {host} refused",
+            "nothing listens there: check the port in api_url and that the api-server runs",
+        )
     if isinstance(exc, requests.exceptions.Timeout):
-        return f"no answer from {host} in time", "the plane or a proxy is overloaded; raise [remote_execution] request_timeout"
+        return (
+            f"no answer from {host} in time",
+            "the plane or a proxy is overloaded; raise [remote_execution] request_timeout",
+        )
     return f"{type(exc).__name__}", "check [remote_execution] api_url and the network path to the plane"
 
 
@@ -170,11 +182,15 @@ def check_api() -> CheckResult:
 
     api_url = config.get("api_url").rstrip("/")
     if not api_url.startswith(("http://", "https://")):
-        return CheckResult("api", False, f"api_url {api_url!r} is not a URL", "set [remote_execution] api_url=https://...")
+        return CheckResult(
+            "api", False, f"api_url {api_url!r} is not a URL", "set [remote_execution] api_url=https://..."
+        )
     ca_bundle, client_cert, client_key = config.get("ca_bundle"), config.get("client_cert"), config.get("client_key")
     for option, path in (("ca_bundle", ca_bundle), ("client_cert", client_cert), ("client_key", client_key)):
         if path and not Path(path).expanduser().is_file():
-            return CheckResult("api", False, f"{option} {path} is not a readable file", f"fix [remote_execution] {option}")
+            return CheckResult(
+                "api", False, f"{option} {path} is not a readable file", f"fix [remote_execution] {option}"
+            )
     url = api_url + config.API_V1 + "/agents/me"
     started = time.monotonic()
     try:
@@ -190,30 +206,40 @@ def check_api() -> CheckResult:
     ms = (time.monotonic() - started) * 1000
     if response.status_code == 404:
         return CheckResult(
-            "api", False, f"{api_url} answers, but has no Remote Execution API (404 on {config.API_V1})",
+            "api",
+            False,
+            f"{api_url} answers, but has no Remote Execution API (404 on {config.API_V1})",
             "api_url must be the plane's api-server base URL with the provider installed "
             "([remote_execution] api_enabled) and the proxy passing /remote_execution/",
         )
     if response.status_code != 401 or "detail" not in response.text:
         return CheckResult(
-            "api", False, f"{url} answered HTTP {response.status_code}, not the Remote Execution API",
+            "api",
+            False,
+            f"{url} answered HTTP {response.status_code}, not the Remote Execution API",
             "a proxy or another service answers at api_url; check the URL and the proxy routes",
         )
-    tls = "plain HTTP" if api_url.startswith("http://") else f"TLS verified with {ca_bundle or 'the system CA store'}"
+    trusted = ca_bundle or "the system CA store (or REQUESTS_CA_BUNDLE)"
+    tls = "plain HTTP" if api_url.startswith("http://") else f"TLS verified with {trusted}"
     detail = f"{api_url} reachable in {ms:.0f} ms, {tls}" + (", client certificate sent" if client_cert else "")
     # Tasks talk to Airflow's execution API, not to ours: a proxy that passes only /remote_execution breaks them.
     execution_url = config.execution_api_url().rstrip("/") + "/health"
     try:
-        health = requests.get(execution_url, timeout=min(config.getfloat("request_timeout"), 15.0),
-                              verify=ca_bundle or True,
-                              cert=(client_cert, client_key) if client_cert and client_key else client_cert or None)
+        health = requests.get(
+            execution_url,
+            timeout=min(config.getfloat("request_timeout"), 15.0),
+            verify=ca_bundle or True,
+            cert=(client_cert, client_key) if client_cert and client_key else client_cert or None,
+        )
         healthy = health.status_code == 200 and health.json().get("status") == "healthy"
         problem = f"answered HTTP {health.status_code}"
     except (requests.RequestException, ValueError) as e:
         healthy, problem = False, classify_connection_error(e, execution_url)[0] if isinstance(e, OSError) else str(e)
     if not healthy:
         return CheckResult(
-            "api", False, f"{detail}; but the execution API at {execution_url} {problem}",
+            "api",
+            False,
+            f"{detail}; but the execution API at {execution_url} {problem}",
             "tasks reach the plane's execution API at [remote_execution] execution_api_url (default "
             "<api_url>/execution/): let the proxy pass /execution/ or set execution_api_url",
         )
@@ -221,8 +247,11 @@ def check_api() -> CheckResult:
     if api_url.startswith("http://"):
         loopback = api_url.split("://", 1)[1].startswith(("127.", "localhost", "[::1]"))
         return CheckResult(
-            "api", loopback, detail + ("" if loopback else ": the token would cross the network in clear text"),
-            "use https:// for api_url", warning=loopback,
+            "api",
+            loopback,
+            detail + ("" if loopback else ": the token would cross the network in clear text"),
+            "use https:// for api_url",
+            warning=loopback,
         )
     return CheckResult("api", True, detail)
 
@@ -255,11 +284,14 @@ def _plane_call(name: str):
         return None, CheckResult(name, False, str(e), "set [remote_execution] token_file")
     except PlaneError as e:
         if e.status == 0:
-            return None, CheckResult(name, False, "plane not reachable (see the api check)", "fix the api check first",
-                                     skipped=True)
+            return None, CheckResult(
+                name, False, "plane not reachable (see the api check)", "fix the api check first", skipped=True
+            )
         if e.status == 401:
             return None, CheckResult(
-                name, False, f"token rejected: {e.detail}",
+                name,
+                False,
+                f"token rejected: {e.detail}",
                 "create a token on the plane (`airflow remote-execution tokens create --name <agent> --queues ...`) "
                 "and put it in [remote_execution] token_file",
             )
@@ -280,7 +312,9 @@ def check_token() -> CheckResult:
     outside = [q for q in wanted if q not in me.queues]
     if outside:
         return CheckResult(
-            "token", False, detail + f"; [remote_execution] queues {','.join(outside)} not allowed by the token",
+            "token",
+            False,
+            detail + f"; [remote_execution] queues {','.join(outside)} not allowed by the token",
             "serve only the token's queues, or create a token with those queues",
         )
     if me.token_expires_at is None:
@@ -289,14 +323,16 @@ def check_token() -> CheckResult:
     left = expires - datetime.now(timezone.utc)
     detail += f", expires {expires.isoformat(timespec='seconds')} (in {left.days} d)"
     if left.days < TOKEN_WARN_DAYS:
-        return CheckResult("token", True, detail, "rotate it: `airflow remote-execution tokens rotate <id>`",
-                           warning=True)
+        return CheckResult(
+            "token", True, detail, "rotate it: `airflow remote-execution tokens rotate <id>`", warning=True
+        )
     return CheckResult("token", True, detail)
 
 
 def clock_result(skew: float, round_trip: float) -> CheckResult:
     """Judge a measured skew (plane minus agent, seconds); the round trip bounds its error."""
-    detail = f"agent clock {abs(skew):.1f} s {'behind' if skew > 0 else 'ahead of'} the plane (±{round_trip / 2:.2f} s)"
+    direction = "behind" if skew > 0 else "ahead of"
+    detail = f"agent clock {abs(skew):.1f} s {direction} the plane (±{round_trip / 2:.2f} s)"
     hint = "sync the agent's clock (NTP/chrony); the execution API's tokens are valid only for a time window"
     if abs(skew) - round_trip / 2 > CLOCK_FAIL_SECONDS:
         return CheckResult("clock", False, detail, hint)
@@ -317,8 +353,19 @@ def check_clock() -> CheckResult:
 
 # ---------------------------------------------------------------------------------- secrets
 
-_AUTH_WORDS = ("Forbidden", "Unauthorized", "AccessDenied", "Authentication", "PermissionDenied", "Unauthenticated",
-               "InvalidRequest", "Credential", "UnrecognizedClient", "InvalidClientTokenId", "permission denied")
+_AUTH_WORDS = (
+    "Forbidden",
+    "Unauthorized",
+    "AccessDenied",
+    "Authentication",
+    "PermissionDenied",
+    "Unauthenticated",
+    "InvalidRequest",
+    "Credential",
+    "UnrecognizedClient",
+    "InvalidClientTokenId",
+    "permission denied",
+)
 
 
 def secrets_backend_class() -> str:
@@ -334,8 +381,10 @@ def _secrets_failure(backend: str, what: str, exc: Exception) -> CheckResult:
     if any(word.lower() in text.lower() for word in _AUTH_WORDS):
         hint = "the backend refused the agent's credentials: check the auth settings in secrets_backend_kwargs"
     elif any(word in text for word in ("Connect", "connect", "resolve", "Timeout", "timed out", "SSL", "Unavailable")):
-        hint = ("cannot reach the secrets backend: check its URL/endpoint in [workers] secrets_backend_kwargs, "
-                "DNS, egress and CA settings")
+        hint = (
+            "cannot reach the secrets backend: check its URL/endpoint in [workers] secrets_backend_kwargs, "
+            "DNS, egress and CA settings"
+        )
     else:
         hint = "see `airflow remote-execution secrets configure --help` and the backend's documentation"
     return CheckResult("secrets", False, f"{backend.rsplit('.', 1)[-1]}: {what} failed: {short}", hint)
@@ -347,7 +396,8 @@ def check_secrets(options: CheckOptions) -> CheckResult:
     backend_path = secrets_backend_class()
     if not backend_path:
         return CheckResult(
-            "secrets", True,
+            "secrets",
+            True,
             "no [workers] secrets_backend: tasks read connections and variables from env vars, then the plane",
             skipped=True,
         )
@@ -359,7 +409,11 @@ def check_secrets(options: CheckOptions) -> CheckResult:
     except Exception as e:  # noqa: BLE001 - import errors, bad kwargs, missing credentials
         text = f"{type(e).__name__}: {e}"
         provider = next((p for key, p in _PROVIDERS.items() if key in backend_path), "")
-        hint = f"install {provider}" if isinstance(e, ImportError) and provider else "check [workers] secrets_backend_kwargs"
+        hint = (
+            f"install {provider}"
+            if isinstance(e, ImportError) and provider
+            else "check [workers] secrets_backend_kwargs"
+        )
         return CheckResult("secrets", False, f"cannot load {backend_path}: {text[:300]}", hint)
     notes = []
     probes = [("connection", options.probe_conn), ("variable", options.probe_var)]
@@ -380,8 +434,10 @@ def check_secrets(options: CheckOptions) -> CheckResult:
         if key == PROBE_NAME:
             notes.append("answered a probe lookup" + (" (found)" if summary else ""))
         else:
-            notes.append(f"{kind} {key!r} " + (summary or "not found in the backend (tasks fall back to env vars, then "
-                                                            "the plane)"))
+            notes.append(
+                f"{kind} {key!r} "
+                + (summary or "not found in the backend (tasks fall back to env vars, then the plane)")
+            )
     return CheckResult("secrets", True, f"{name}: " + "; ".join(notes))
 
 
@@ -413,7 +469,9 @@ def disk_result(free: dict[str, tuple[Path, int]]) -> CheckResult:
     hint = "free space there (old task logs?) or move base_log_folder to a larger volume"
     if low < DISK_FAIL_BYTES:
         return CheckResult("disk", False, "; ".join(parts), hint)
-    return CheckResult("disk", True, "; ".join(parts), hint if low < DISK_WARN_BYTES else "", warning=low < DISK_WARN_BYTES)
+    return CheckResult(
+        "disk", True, "; ".join(parts), hint if low < DISK_WARN_BYTES else "", warning=low < DISK_WARN_BYTES
+    )
 
 
 @check("disk")

@@ -199,7 +199,9 @@ def _azure(opts: SecretsOptions, config: SecretsBackendConfig, conn: str, var: s
 def _gcp(opts: SecretsOptions, config: SecretsBackendConfig, conn: str, var: str, check_files: bool) -> None:
     project = _need(opts.project_id, "--project-id", "for --backend gcp")
     if not re.fullmatch(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", project):
-        raise SecretsConfigError(f"--project-id {project!r} is not a GCP project id (6-30 lowercase letters, digits, -)")
+        raise SecretsConfigError(
+            f"--project-id {project!r} is not a GCP project id (6-30 lowercase letters, digits, -)"
+        )
     for flag, prefix in (("--connections-prefix", conn), ("--variables-prefix", var)):
         if not re.fullmatch(r"[a-zA-Z0-9_-]+", prefix):
             raise SecretsConfigError(f"{flag} {prefix!r}: Secret Manager ids allow only letters, digits, '-' and '_'")
@@ -207,8 +209,10 @@ def _gcp(opts: SecretsOptions, config: SecretsBackendConfig, conn: str, var: str
     if opts.key_file:
         config.kwargs["gcp_key_path"] = _file(opts.key_file, "--key-file", check_files)
     else:
-        config.notes.append("Credentials: Application Default Credentials on the agent (workload identity, "
-                            "GOOGLE_APPLICATION_CREDENTIALS or the metadata server).")
+        config.notes.append(
+            "Credentials: Application Default Credentials on the agent (workload identity, "
+            "GOOGLE_APPLICATION_CREDENTIALS or the metadata server)."
+        )
 
 
 def _vault(opts: SecretsOptions, config: SecretsBackendConfig, conn: str, var: str, check_files: bool) -> None:
@@ -246,8 +250,10 @@ def _vault(opts: SecretsOptions, config: SecretsBackendConfig, conn: str, var: s
     else:  # kubernetes
         kwargs["kubernetes_role"] = _need(opts.kubernetes_role, "--kubernetes-role", "for --auth-type kubernetes")
         kwargs["kubernetes_jwt_path"] = _file(opts.kubernetes_jwt_path, "--kubernetes-jwt-path", False)
-        config.notes.append("Kubernetes auth logs in with the pod's service account token "
-                            f"({kwargs['kubernetes_jwt_path']}); bind that service account to the Vault role.")
+        config.notes.append(
+            "Kubernetes auth logs in with the pod's service account token "
+            f"({kwargs['kubernetes_jwt_path']}); bind that service account to the Vault role."
+        )
     config.kwargs.update(kwargs)
 
 
@@ -257,9 +263,13 @@ def write(config: SecretsBackendConfig, cfg_path: Path) -> None:
     values = {"secrets_backend": config.class_path, "secrets_backend_kwargs": config.kwargs_json}
     lines = cfg_path.read_text().splitlines() if cfg_path.exists() else []
     header = re.compile(r"^\s*\[([^\]]+)\]\s*$")
-    start = next((i for i, line in enumerate(lines) if (m := header.match(line)) and m.group(1).strip() == SECTION), None)
+    start = next(
+        (i for i, line in enumerate(lines) if (m := header.match(line)) and m.group(1).strip() == SECTION), None
+    )
     if start is None:
-        lines += ([""] if lines and lines[-1].strip() else []) + [f"[{SECTION}]"] + [f"{k} = {v}" for k, v in values.items()]
+        lines += (
+            ([""] if lines and lines[-1].strip() else []) + [f"[{SECTION}]"] + [f"{k} = {v}" for k, v in values.items()]
+        )
     else:
         end = next((i for i in range(start + 1, len(lines)) if header.match(lines[i])), len(lines))
         for key, value in values.items():

@@ -36,8 +36,9 @@ from cryptography.x509.oid import NameOID
 
 
 def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _san(name: str) -> x509.GeneralName:
@@ -59,9 +60,13 @@ class TestCA:
         self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "remote-execution test CA")])
         now = datetime.datetime.now(datetime.timezone.utc)
         self.cert = (
-            x509.CertificateBuilder().subject_name(self.name).issuer_name(self.name)
-            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            x509.CertificateBuilder()
+            .subject_name(self.name)
+            .issuer_name(self.name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
@@ -76,8 +81,11 @@ class TestCA:
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0].lstrip("*."))]))
-            .issuer_name(self.name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([_san(n) for n in dns_names]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -199,28 +207,56 @@ class _KeyVaultHandler(_Handler):
             fake.token_requests.append(parse_qs(url.query))
             if self.headers.get("X-IDENTITY-HEADER") != fake.identity_header:
                 return self.reply(401, {"error": "invalid identity header"})
-            return self.reply(200, {"access_token": fake.access_token, "expires_on": str(int(time.time()) + 3600),
-                                    "resource": parse_qs(url.query)["resource"][0], "token_type": "Bearer"})
+            return self.reply(
+                200,
+                {
+                    "access_token": fake.access_token,
+                    "expires_on": str(int(time.time()) + 3600),
+                    "resource": parse_qs(url.query)["resource"][0],
+                    "token_type": "Bearer",
+                },
+            )
         parts = [p for p in url.path.split("/") if p]
         if len(parts) < 2 or parts[0] != "secrets" or "api-version" not in parse_qs(url.query):
             return self.reply(400, {"error": {"code": "BadParameter", "message": f"unsupported {url.path}"}})
         auth = self.headers.get("Authorization", "")
         if auth != f"Bearer {fake.access_token}":
             fake.challenges += 1
-            challenge = (f'Bearer authorization="https://login.microsoftonline.com/{fake.tenant}", '
-                         'resource="https://vault.azure.net"')
-            return self.reply(401, {"error": {"code": "Unauthorized", "message": "AKV10000: Request is missing a "
-                                              "Bearer or PoP token."}}, {"WWW-Authenticate": challenge})
+            challenge = (
+                f'Bearer authorization="https://login.microsoftonline.com/{fake.tenant}", '
+                'resource="https://vault.azure.net"'
+            )
+            return self.reply(
+                401,
+                {"error": {"code": "Unauthorized", "message": "AKV10000: Request is missing a Bearer or PoP token."}},
+                {"WWW-Authenticate": challenge},
+            )
         name = parts[1]
         fake.reads.append(name)
         if name not in fake.secrets:
-            return self.reply(404, {"error": {"code": "SecretNotFound",
-                                              "message": f"A secret with (name/id) {name} was not found in this key "
-                                              "vault."}})
+            return self.reply(
+                404,
+                {
+                    "error": {
+                        "code": "SecretNotFound",
+                        "message": f"A secret with (name/id) {name} was not found in this key vault.",
+                    }
+                },
+            )
         host = self.headers.get("Host", "kv")
-        return self.reply(200, {"value": fake.secrets[name], "id": f"https://{host}/secrets/{name}/0123456789abcdef",
-                                "attributes": {"enabled": True, "created": 1700000000, "updated": 1700000000,
-                                               "recoveryLevel": "Recoverable+Purgeable"}})
+        return self.reply(
+            200,
+            {
+                "value": fake.secrets[name],
+                "id": f"https://{host}/secrets/{name}/0123456789abcdef",
+                "attributes": {
+                    "enabled": True,
+                    "created": 1700000000,
+                    "updated": 1700000000,
+                    "recoveryLevel": "Recoverable+Purgeable",
+                },
+            },
+        )
 
 
 class FakeKeyVault:
@@ -241,8 +277,10 @@ class FakeKeyVault:
 
     def identity_env(self) -> dict[str, str]:
         """Environment that makes azure-identity's ManagedIdentityCredential use this token endpoint."""
-        return {"IDENTITY_ENDPOINT": f"http://127.0.0.1:{self.http.port}/msi/token",
-                "IDENTITY_HEADER": self.identity_header}
+        return {
+            "IDENTITY_ENDPOINT": f"http://127.0.0.1:{self.http.port}/msi/token",
+            "IDENTITY_HEADER": self.identity_header,
+        }
 
     def __enter__(self) -> FakeKeyVault:
         self.https.__enter__()
@@ -260,12 +298,20 @@ class FakeKeyVault:
 def service_account_key(path: Path, project_id: str) -> rsa.RSAPrivateKey:
     """Write a service account key file (as GCP issues them) for a throwaway RSA key; return the key."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    path.write_text(json.dumps({
-        "type": "service_account", "project_id": project_id, "private_key_id": secrets.token_hex(20),
-        "private_key": _pem_key(key).decode(), "client_email": f"airflow-agent@{project_id}.iam.gserviceaccount.com",
-        "client_id": "1234567890", "token_uri": "https://oauth2.googleapis.com/token",
-        "auth_uri": "https://accounts.google.com/o/oauth2/auth",
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": project_id,
+                "private_key_id": secrets.token_hex(20),
+                "private_key": _pem_key(key).decode(),
+                "client_email": f"airflow-agent@{project_id}.iam.gserviceaccount.com",
+                "client_id": "1234567890",
+                "token_uri": "https://oauth2.googleapis.com/token",
+                "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+            }
+        )
+    )
     return key
 
 
@@ -290,8 +336,9 @@ class FakeSecretManager:
 
         auth = dict(context.invocation_metadata()).get("authorization", "")
         try:
-            jwt.decode(auth.removeprefix("Bearer "), self.public_key, algorithms=["RS256"],
-                       options={"verify_aud": False})
+            jwt.decode(
+                auth.removeprefix("Bearer "), self.public_key, algorithms=["RS256"], options={"verify_aud": False}
+            )
         except jwt.PyJWTError as e:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"invalid credentials: {e}")
         name = request.name.rsplit("/versions/", 1)[0]
@@ -306,13 +353,16 @@ class FakeSecretManager:
         import grpc
         from google.cloud.secretmanager_v1 import AccessSecretVersionRequest, AccessSecretVersionResponse
 
-        handler = grpc.method_handlers_generic_handler(self.SERVICE, {
-            "AccessSecretVersion": grpc.unary_unary_rpc_method_handler(
-                self._access,
-                request_deserializer=AccessSecretVersionRequest.deserialize,
-                response_serializer=AccessSecretVersionResponse.serialize,
-            ),
-        })
+        handler = grpc.method_handlers_generic_handler(
+            self.SERVICE,
+            {
+                "AccessSecretVersion": grpc.unary_unary_rpc_method_handler(
+                    self._access,
+                    request_deserializer=AccessSecretVersionRequest.deserialize,
+                    response_serializer=AccessSecretVersionResponse.serialize,
+                ),
+            },
+        )
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[handler])
         cert, key = self.tls
         credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
@@ -334,7 +384,8 @@ def service_account_jwt(namespace: str, name: str) -> str:
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     claims = {
-        "iss": "kubernetes/serviceaccount", "sub": f"system:serviceaccount:{namespace}:{name}",
+        "iss": "kubernetes/serviceaccount",
+        "sub": f"system:serviceaccount:{namespace}:{name}",
         "kubernetes.io/serviceaccount/namespace": namespace,
         "kubernetes.io/serviceaccount/secret.name": f"{name}-token",
         "kubernetes.io/serviceaccount/service-account.name": name,
@@ -358,11 +409,24 @@ class _TokenReviewHandler(_Handler):
         status: dict = {"authenticated": False, "error": "token not valid"}
         if identity:
             namespace, name = identity
-            status = {"authenticated": True, "audiences": body.get("spec", {}).get("audiences") or [],
-                      "user": {"username": f"system:serviceaccount:{namespace}:{name}", "uid": "0a1b2c3d-sa",
-                               "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}"]}}
-        self.reply(201, {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
-                         "spec": body.get("spec", {}), "status": status})
+            status = {
+                "authenticated": True,
+                "audiences": body.get("spec", {}).get("audiences") or [],
+                "user": {
+                    "username": f"system:serviceaccount:{namespace}:{name}",
+                    "uid": "0a1b2c3d-sa",
+                    "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}"],
+                },
+            }
+        self.reply(
+            201,
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenReview",
+                "spec": body.get("spec", {}),
+                "status": status,
+            },
+        )
 
 
 class FakeKubernetesAPI:

@@ -44,8 +44,17 @@ def tls_plane(tmp_path_factory):
     execution = FastAPI()  # Airflow's execution API health routes (the whole app needs the api-server's lifespan)
     execution.include_router(health.router)
     app = Starlette(routes=[Mount("/remote_execution", app=create_app()), Mount("/execution", app=execution)])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, ssl_certfile=str(cert),
-                                           ssl_keyfile=str(key), log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            ssl_certfile=str(cert),
+            ssl_keyfile=str(key),
+            log_level="warning",
+            lifespan="off",
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_for(lambda: server.started, 30, "uvicorn")
@@ -127,8 +136,10 @@ def test_system_store_does_not_trust_a_private_ca(tls_plane, agent_env):
 def test_unknown_host_is_a_dns_failure(agent_env):
     agent_env("https://plane.does-not-exist.invalid", new_token())
     api = results("api")["api"]
-    assert (api.status, api.detail) == ("FAIL", "https://plane.does-not-exist.invalid: DNS lookup of "
-                                                "plane.does-not-exist.invalid failed")
+    assert (api.status, api.detail) == (
+        "FAIL",
+        "https://plane.does-not-exist.invalid: DNS lookup of plane.does-not-exist.invalid failed",
+    )
     assert "host name" in api.hint
 
 
@@ -158,7 +169,9 @@ def test_execution_api_not_passed_by_the_proxy(tls_plane, agent_env, monkeypatch
     agent_env(url, new_token(), ca)
     monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__EXECUTION_API_URL", url + "/not-execution/")
     api = results("api")["api"]
-    assert api.status == "FAIL" and f"but the execution API at {url}/not-execution/health answered HTTP 404" in api.detail
+    assert (
+        api.status == "FAIL" and f"but the execution API at {url}/not-execution/health answered HTTP 404" in api.detail
+    )
     assert "execution_api_url" in api.hint
 
 
@@ -195,8 +208,19 @@ def test_clock_skew_against_a_plane_clock(agent_env, skew, status):
 
     def whoami(h):
         now = datetime.now(timezone.utc) + timedelta(seconds=skew)
-        h.reply(200, json.dumps({"agent_name": "a", "token_id": "0" * 16, "queues": ["default"],
-                                 "token_expires_at": None, "registered": True, "server_time": now.isoformat()}))
+        h.reply(
+            200,
+            json.dumps(
+                {
+                    "agent_name": "a",
+                    "token_id": "0" * 16,
+                    "queues": ["default"],
+                    "token_expires_at": None,
+                    "registered": True,
+                    "server_time": now.isoformat(),
+                }
+            ),
+        )
 
     with plain_server(whoami) as url:
         agent_env(url, new_token())

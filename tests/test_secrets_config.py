@@ -42,8 +42,13 @@ def use_backend(monkeypatch, config, **kwarg_env: str) -> object:
 
 def assert_resolves(backend, conn_id: str = "warehouse", var: str = "greeting", value: str = "hello from the backend"):
     conn = backend.get_connection(conn_id)
-    assert (conn.conn_type, conn.host, conn.login, conn.password, conn.port) == ("postgres", "db.internal", "app",
-                                                                              "s3cr3t-pw", 5432)
+    assert (conn.conn_type, conn.host, conn.login, conn.password, conn.port) == (
+        "postgres",
+        "db.internal",
+        "app",
+        "s3cr3t-pw",
+        5432,
+    )
     assert backend.get_variable(var) == value
     assert backend.get_variable("not-there") is None
 
@@ -54,12 +59,25 @@ def assert_resolves(backend, conn_id: str = "warehouse", var: str = "greeting", 
 def test_vault_approle_config_names_env_not_values(tmp_path):
     secret_id_file = tmp_path / "secret-id"
     secret_id_file.write_text("the-secret-id")
-    config = build(SecretsOptions("vault", url="https://vault:8200/", auth_type="approle", role_id="r-1",
-                                  secret_id_file=str(secret_id_file), connections_prefix="airflow/conns"))
+    config = build(
+        SecretsOptions(
+            "vault",
+            url="https://vault:8200/",
+            auth_type="approle",
+            role_id="r-1",
+            secret_id_file=str(secret_id_file),
+            connections_prefix="airflow/conns",
+        )
+    )
     assert config.class_path == "airflow.providers.hashicorp.secrets.vault.VaultBackend"
     assert config.kwargs == {
-        "connections_path": "airflow/conns", "variables_path": "variables", "mount_point": "secret",
-        "kv_engine_version": 2, "url": "https://vault:8200", "auth_type": "approle", "role_id": "r-1",
+        "connections_path": "airflow/conns",
+        "variables_path": "variables",
+        "mount_point": "secret",
+        "kv_engine_version": 2,
+        "url": "https://vault:8200",
+        "auth_type": "approle",
+        "role_id": "r-1",
     }
     assert config.env == {KWARG_ENV_PREFIX + "SECRET_ID": f'"$(cat {secret_id_file})"'}
     printed = config.as_ini() + config.as_env() + config.env_lines()
@@ -71,7 +89,10 @@ def test_vault_approle_config_names_env_not_values(tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (SecretsOptions("vault", url="https://v", auth_type="approle"), "--role-id is required for --auth-type approle"),
+        (
+            SecretsOptions("vault", url="https://v", auth_type="approle"),
+            "--role-id is required for --auth-type approle",
+        ),
         (SecretsOptions("vault"), "--url is required for --backend vault"),
         (SecretsOptions("vault", url="vault:8200"), "--url 'vault:8200' is not a http(s)://host URL"),
         (SecretsOptions("vault", url="https://v", auth_type="ldap"), "--auth-type 'ldap': use one of token, approle"),
@@ -95,14 +116,21 @@ def test_bad_input_says_what_to_fix(options, message):
 
 def test_other_backends_config():
     aws = build(SecretsOptions("aws", region="eu-west-1", role_arn="arn:aws:iam::123456789012:role/airflow"))
-    assert aws.kwargs == {"connections_prefix": "airflow/connections", "variables_prefix": "airflow/variables",
-                          "region_name": "eu-west-1", "role_arn": "arn:aws:iam::123456789012:role/airflow"}
+    assert aws.kwargs == {
+        "connections_prefix": "airflow/connections",
+        "variables_prefix": "airflow/variables",
+        "region_name": "eu-west-1",
+        "role_arn": "arn:aws:iam::123456789012:role/airflow",
+    }
     azure = build(SecretsOptions("azure", vault_url="https://kv.vault.azure.net", tenant_id="t", client_id="c"))
     assert azure.kwargs["vault_url"] == "https://kv.vault.azure.net"
     assert azure.env["AZURE_CLIENT_SECRET"].startswith("<") and "client_secret" not in azure.kwargs
     gcp = build(SecretsOptions("gcp", project_id="my-project-1"))
-    assert gcp.kwargs == {"connections_prefix": "airflow-connections", "variables_prefix": "airflow-variables",
-                          "project_id": "my-project-1"}
+    assert gcp.kwargs == {
+        "connections_prefix": "airflow-connections",
+        "variables_prefix": "airflow-variables",
+        "project_id": "my-project-1",
+    }
     k8s = build(SecretsOptions("vault", url="https://vault", auth_type="kubernetes", kubernetes_role="airflow"))
     assert k8s.kwargs["kubernetes_role"] == "airflow"
     assert k8s.kwargs["kubernetes_jwt_path"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
@@ -141,8 +169,18 @@ def test_cli_prints_and_writes(tmp_path, capsys):
         parsed.func(parsed)
         return capsys.readouterr().out
 
-    out = cli("--backend", "vault", "--url", "https://vault:8200", "--auth-type", "approle", "--role-id", "r-1",
-              "--format", "env")
+    out = cli(
+        "--backend",
+        "vault",
+        "--url",
+        "https://vault:8200",
+        "--auth-type",
+        "approle",
+        "--role-id",
+        "r-1",
+        "--format",
+        "env",
+    )
     assert "AIRFLOW__WORKERS__SECRETS_BACKEND=airflow.providers.hashicorp.secrets.vault.VaultBackend" in out
     assert "export AIRFLOW__WORKERS__SECRETS_BACKEND_KWARG__SECRET_ID=<the AppRole secret id" in out
     with pytest.raises(SystemExit, match="--role-id is required for --auth-type approle"):
@@ -166,8 +204,15 @@ def test_aws_secrets_manager_resolves_connection_and_variable(moto_server, monke
     sm = boto3.client("secretsmanager", endpoint_url=moto_server.url, **AWS_TEST_CREDENTIALS)
     sm.create_secret(Name="team-a/connections/warehouse", SecretString=json.dumps(CONN))
     sm.create_secret(Name="team-a/variables/greeting", SecretString="hello from the backend")
-    config = build(SecretsOptions("aws", connections_prefix="team-a/connections", variables_prefix="team-a/variables",
-                                  region="us-east-1", endpoint_url=moto_server.url))
+    config = build(
+        SecretsOptions(
+            "aws",
+            connections_prefix="team-a/connections",
+            variables_prefix="team-a/variables",
+            region="us-east-1",
+            endpoint_url=moto_server.url,
+        )
+    )
     # Credentials are the agent's (normally IRSA/instance profile); here Airflow's per-key env overrides.
     backend = use_backend(monkeypatch, config, aws_access_key_id="testing", aws_secret_access_key="testing")
     assert_resolves(backend)
@@ -222,24 +267,52 @@ def test_vault_kubernetes_auth(bao, test_ca, tmp_path, monkeypatch):
     jwt_file.write_text(sa_token)
     with FakeKubernetesAPI(test_ca.issue("127.0.0.1"), {sa_token: ("airflow", "airflow-agent")}) as k8s:
         client.sys.enable_auth_method("kubernetes")
-        client.write("auth/kubernetes/config", kubernetes_host=k8s.url, kubernetes_ca_cert=test_ca.path.read_text(),
-                     token_reviewer_jwt=k8s.reviewer_jwt, disable_local_ca_jwt=True)
-        client.write("auth/kubernetes/role/airflow", bound_service_account_names="airflow-agent",
-                     bound_service_account_namespaces="airflow", token_policies="airflow-read")
-        config = build(SecretsOptions("vault", url=server.url, auth_type="kubernetes", kubernetes_role="airflow",
-                                      kubernetes_jwt_path=str(jwt_file)))
+        client.write(
+            "auth/kubernetes/config",
+            kubernetes_host=k8s.url,
+            kubernetes_ca_cert=test_ca.path.read_text(),
+            token_reviewer_jwt=k8s.reviewer_jwt,
+            disable_local_ca_jwt=True,
+        )
+        client.write(
+            "auth/kubernetes/role/airflow",
+            bound_service_account_names="airflow-agent",
+            bound_service_account_namespaces="airflow",
+            token_policies="airflow-read",
+        )
+        config = build(
+            SecretsOptions(
+                "vault",
+                url=server.url,
+                auth_type="kubernetes",
+                kubernetes_role="airflow",
+                kubernetes_jwt_path=str(jwt_file),
+            )
+        )
         backend = use_backend(monkeypatch, config)
         vault = backend.vault_client
-        assert (vault.auth_type, vault.kubernetes_role, vault.kubernetes_jwt_path) == ("kubernetes", "airflow",
-                                                                                     str(jwt_file))
+        assert (vault.auth_type, vault.kubernetes_role, vault.kubernetes_jwt_path) == (
+            "kubernetes",
+            "airflow",
+            str(jwt_file),
+        )
         assert_resolves(backend)
         assert k8s.reviews == [(sa_token, True)]
 
         revoked = tmp_path / "revoked-sa-token"  # right claims, but the cluster no longer accepts it
         revoked.write_text(service_account_jwt("airflow", "airflow-agent"))
-        refused = use_backend(monkeypatch, build(SecretsOptions(
-            "vault", url=server.url, auth_type="kubernetes", kubernetes_role="airflow",
-            kubernetes_jwt_path=str(revoked))))
+        refused = use_backend(
+            monkeypatch,
+            build(
+                SecretsOptions(
+                    "vault",
+                    url=server.url,
+                    auth_type="kubernetes",
+                    kubernetes_role="airflow",
+                    kubernetes_jwt_path=str(revoked),
+                )
+            ),
+        )
         with pytest.raises(hvac.exceptions.VaultError):
             refused.get_variable("greeting")
         assert k8s.reviews[-1] == (revoked.read_text(), False)
@@ -256,8 +329,10 @@ def test_doctor_secrets_check(bao, tmp_path, monkeypatch):
     use_backend(monkeypatch, config)
 
     (found,) = run_checks(["secrets"], CheckOptions(probe_conn="warehouse", probe_var="greeting"))
-    assert (found.status, found.detail) == ("PASS", "VaultBackend: connection 'warehouse' found (conn_type postgres); "
-                                                    "variable 'greeting' found")
+    assert (found.status, found.detail) == (
+        "PASS",
+        "VaultBackend: connection 'warehouse' found (conn_type postgres); variable 'greeting' found",
+    )
     assert "s3cr3t" not in found.detail and "hello" not in found.detail
     (missing,) = run_checks(["secrets"], CheckOptions(probe_var="nope"))
     assert missing.status == "PASS" and "variable 'nope' not found in the backend" in missing.detail
@@ -294,9 +369,23 @@ def test_ca(tmp_path_factory):
 
 @pytest.fixture
 def no_cloud_env(monkeypatch):
-    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "grpc_proxy",
-                 "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET",
-                 "AZURE_FEDERATED_TOKEN_FILE", "MSI_ENDPOINT", "GOOGLE_APPLICATION_CREDENTIALS"):
+    for name in (
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "grpc_proxy",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "AZURE_CLIENT_ID",
+        "AZURE_TENANT_ID",
+        "AZURE_CLIENT_SECRET",
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "MSI_ENDPOINT",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -306,13 +395,16 @@ def test_azure_key_vault_with_managed_identity(test_ca, monkeypatch, no_cloud_en
     from secret_servers import FakeKeyVault, RedirectingProxy
 
     stored = {"airflow-connections-warehouse": CONN_URI, "airflow-variables-greeting": "hello from the backend"}
-    with FakeKeyVault(test_ca.issue("*.vault.azure.net"), stored) as vault, \
-            RedirectingProxy({"*.vault.azure.net": ("127.0.0.1", vault.https.port)}) as proxy:
+    with (
+        FakeKeyVault(test_ca.issue("*.vault.azure.net"), stored) as vault,
+        RedirectingProxy({"*.vault.azure.net": ("127.0.0.1", vault.https.port)}) as proxy,
+    ):
         monkeypatch.setenv("HTTPS_PROXY", proxy.url)
         for name, value in vault.identity_env().items():
             monkeypatch.setenv(name, value)
-        config = build(SecretsOptions("azure", vault_url="https://airflow-agents.vault.azure.net",
-                                      ca_bundle=str(test_ca.path)))
+        config = build(
+            SecretsOptions("azure", vault_url="https://airflow-agents.vault.azure.net", ca_bundle=str(test_ca.path))
+        )
         backend = use_backend(monkeypatch, config)
         assert_resolves(backend)
     assert vault.challenges >= 1 and vault.token_requests[0]["resource"] == ["https://vault.azure.net"]
@@ -327,15 +419,21 @@ def test_gcp_secret_manager_over_grpc(test_ca, tmp_path, monkeypatch, no_cloud_e
 
     key_file = tmp_path / "sa.json"
     key = service_account_key(key_file, "airflow-project-1")
-    stored = {"projects/airflow-project-1/secrets/airflow-connections-warehouse": CONN_URI,
-              "projects/airflow-project-1/secrets/airflow-variables-greeting": "hello from the backend"}
-    with FakeSecretManager(test_ca.issue("secretmanager.googleapis.com"), key.public_key(), stored) as sm, \
-            RedirectingProxy({"secretmanager.googleapis.com": ("127.0.0.1", sm.port)}) as proxy:
+    stored = {
+        "projects/airflow-project-1/secrets/airflow-connections-warehouse": CONN_URI,
+        "projects/airflow-project-1/secrets/airflow-variables-greeting": "hello from the backend",
+    }
+    with (
+        FakeSecretManager(test_ca.issue("secretmanager.googleapis.com"), key.public_key(), stored) as sm,
+        RedirectingProxy({"secretmanager.googleapis.com": ("127.0.0.1", sm.port)}) as proxy,
+    ):
         monkeypatch.setenv("grpc_proxy", proxy.url)
         monkeypatch.setenv("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", str(test_ca.path))
         config = build(SecretsOptions("gcp", project_id="airflow-project-1", key_file=str(key_file)))
         backend = use_backend(monkeypatch, config)
         assert_resolves(backend)
-    assert sm.reads[:2] == ["projects/airflow-project-1/secrets/airflow-connections-warehouse",
-                            "projects/airflow-project-1/secrets/airflow-variables-greeting"]
+    assert sm.reads[:2] == [
+        "projects/airflow-project-1/secrets/airflow-connections-warehouse",
+        "projects/airflow-project-1/secrets/airflow-variables-greeting",
+    ]
     assert set(proxy.tunnels) == {"secretmanager.googleapis.com:443"}
