@@ -2,22 +2,30 @@
 Wake long-polling lease requests the moment work is queued, within and across API servers.
 
 PostgreSQL: :func:`notify` issues ``pg_notify`` inside the queuing transaction, so it is delivered
-on commit; every API server LISTENs on one dedicated connection. Other databases (SQLite): each
-API server watches a cheap per-queue signature of queued work every ``wakeup_poll_interval``.
-Waiters re-check the table at least once a second anyway, so a lost wake-up costs at most that.
+on commit; every API server LISTENs on one dedicated connection. SQLite (one host by nature): on
+commit, :func:`notify` sends a datagram to each API server's Unix socket in a directory named after
+the database; API servers also watch a cheap per-queue signature of queued work every
+``wakeup_poll_interval`` in case a datagram is lost. Waiters re-check the table at least once a
+second anyway, so a lost wake-up costs at most that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
+import os
 import select as select_mod
+import socket
+import tempfile
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from pathlib import Path
 
-from sqlalchemy import func, select, text
+from sqlalchemy import event as sa_event, func, select, text
 from sqlalchemy.orm import Session
 
 CHANNEL = "remote_execution_work"
@@ -28,6 +36,43 @@ def notify(session: Session, queue: str) -> None:
     """Announce queued work on ``queue``; delivered when the caller's transaction commits."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_notify(:channel, :queue)"), {"channel": CHANNEL, "queue": queue})
+        return
+    pending = session.info.get("remote_execution_wake")
+    if pending is None:
+        pending = session.info["remote_execution_wake"] = set()
+        sa_event.listen(session, "after_commit", _send_local)
+        sa_event.listen(session, "after_rollback", lambda s: s.info.get("remote_execution_wake", set()).clear())
+    pending.add(queue)
+
+
+def local_socket_dir() -> Path:
+    """Where API servers sharing this (SQLite) database listen; short, as Unix socket paths must be."""
+    from airflow import settings
+
+    digest = hashlib.sha1(str(settings.SQL_ALCHEMY_CONN).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"rex-wakeup-{digest}"
+
+
+def _send_local(session: Session) -> None:
+    queues = session.info.get("remote_execution_wake")
+    if not queues:
+        return
+    payload = "\n".join(sorted(queues)).encode()
+    queues.clear()
+    try:
+        targets = list(local_socket_dir().glob("*.sock"))
+    except OSError:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        for target in targets:
+            try:
+                sock.sendto(payload, str(target))
+            except (ConnectionRefusedError, FileNotFoundError):
+                with contextlib.suppress(OSError):
+                    target.unlink()  # its API server is gone
+            except OSError:
+                pass  # full buffer: the waiter's own polling catches up
 
 
 class Waker:
@@ -119,17 +164,49 @@ class Waker:
             .where(WorkItemModel.state == "queued")
             .group_by(WorkItemModel.queue)
         )
-        while True:
-            with self._lock:
-                waiting = any(self._waiters.values())
-            if waiting:
-                with engine.connect() as conn:
-                    current = {row[0]: tuple(row[1:]) for row in conn.execute(query)}
-                changed = [q for q, sig in current.items() if seen.get(q) != sig]
-                seen = current
-                if changed:
-                    self.wake(changed)
-            time.sleep(interval)
+        with self._local_socket() as sock:
+            while True:
+                with self._lock:
+                    waiting = any(self._waiters.values())
+                if waiting:
+                    with engine.connect() as conn:
+                        current = {row[0]: tuple(row[1:]) for row in conn.execute(query)}
+                    changed = [q for q, sig in current.items() if seen.get(q) != sig]
+                    seen = current
+                    if changed:
+                        self.wake(changed)
+                if sock is None:
+                    time.sleep(interval)
+                    continue
+                # A datagram wakes waiters at once; the signature check above is the fallback.
+                if select_mod.select([sock], [], [], max(interval, 0.25))[0]:
+                    with contextlib.suppress(BlockingIOError):
+                        while True:
+                            self.wake(sock.recv(65536).decode().split("\n"))
+
+    @contextlib.contextmanager
+    def _local_socket(self):
+        path = None
+        sock = None
+        try:
+            directory = local_socket_dir()
+            directory.mkdir(mode=0o700, exist_ok=True)
+            path = directory / f"{os.getpid()}-{id(self):x}.sock"
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(str(path))
+            sock.setblocking(False)
+        except OSError as e:
+            log.warning("No local wake-up socket (%s); polling every wakeup_poll_interval instead", e)
+            if sock is not None:
+                sock.close()
+            sock = None
+        try:
+            yield sock
+        finally:
+            if sock is not None:
+                sock.close()
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
 
 waker = Waker()

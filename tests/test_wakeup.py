@@ -128,9 +128,36 @@ def test_sqlite_poller_wakes_a_waiter_when_work_is_queued(airflow_db):
     assert latency < 0.5, f"woken after {latency:.3f}s"
 
 
-def test_notify_is_a_no_op_on_sqlite(sqlite_db):
-    with sqlite_db.session() as s:
-        wakeup.notify(s, "default")  # no error, nothing to do
+def test_sqlite_notify_on_commit_wakes_a_waiter_at_once(airflow_db, monkeypatch):
+    """The datagram path, not the fallback poll (made too slow to matter here)."""
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__WAKEUP_POLL_INTERVAL", "30")
+    w = Waker()
+
+    def enqueue(task: str, commit: bool = True):
+        with create_session() as s:
+            leases.enqueue(s, key=key(task), kind="task", queue="dgram-q", priority_weight=1, workload="{}")
+            if not commit:
+                s.rollback()
+
+    async def main():
+        event = w.arm(["dgram-q"])
+        try:
+            deadline = time.monotonic() + 10
+            while not list(wakeup.local_socket_dir().glob("*.sock")):  # the listener binds its socket
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
+            later(0, lambda: enqueue("rolled-back", commit=False)).join()
+            assert not await woken(event, 0.5), "a rolled-back enqueue must not wake anyone"
+            queued_at = time.monotonic()
+            later(0, lambda: enqueue("committed"))
+            assert await woken(event, 5.0)
+            return time.monotonic() - queued_at
+        finally:
+            w.disarm(event)
+
+    latency = asyncio.run(main())
+    assert latency < 1.0, f"woken after {latency:.3f}s (the fallback poll is 30 s)"
 
 
 # ------------------------------------------------------------------ PostgreSQL: LISTEN/NOTIFY
