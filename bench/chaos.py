@@ -406,7 +406,23 @@ class KillMode(Mode):
         log(f"kill #{len(self.kills)}: {slot.name} ({sum(w['state'] == 'leased' for w in held)} leased, "
             f"{sum(w['state'] == 'running' for w in held)} running)")
 
+    def held_by_dead(self, kill: dict) -> list[dict]:
+        """What the dead victim held: its leases right after the kill, plus leases the plane granted to
+        its name before the restart (a long-poll lease request the api-server answered after the
+        agent died), as seen by the monitor."""
+        held = {(w["id"], w["fence"]): w for w in kill["held"]}
+        for t, seen in self.monitor.samples:
+            if kill["t"] <= t < kill["t"] + self.args.restart_pause:
+                for work_id, (state, agent, fence) in seen.items():
+                    if agent == kill["victim"] and (work_id, fence) not in held:
+                        held[(work_id, fence)] = {"id": work_id, "fence": fence, "state": state, "key": None, "late": True}
+        for w in held.values():
+            if w["key"] is None:
+                w["key"] = next((x["key"] for x in self.final_items if x["id"] == w["id"]), None)
+        return [w for w in held.values() if w["key"] is not None]
+
     def kill_figures(self, final: dict, execs: dict[tuple, list[dict]]) -> dict:
+        self.final_items = final["items"]
         items_by_id = {w["id"]: w for w in final["items"]}
         by_key: dict[tuple, list[dict]] = defaultdict(list)
         for w in final["items"]:
@@ -416,7 +432,7 @@ class KillMode(Mode):
         for k in self.kills:
             t, victim = k["t"], k["victim"]
             row = {"t": round(t - self.kills[0]["t"], 1), "victim": victim, "leased": 0, "running": 0}
-            for held in k["held"]:
+            for held in self.held_by_dead(k):
                 final_item = items_by_id.get(held["id"])
                 left = self.monitor.left_victim(held["id"], victim, held["fence"], t)
                 if held["state"] == "leased":
@@ -440,6 +456,7 @@ class KillMode(Mode):
                 nxt = [w for w in by_key.get((*key[:4], key[4] + 1), []) if w["started_at"]]
                 if nxt:
                     retry.append(min(epoch(w["started_at"]) for w in nxt) - t)
+            row["granted_after_death"] = sum(1 for w in self.held_by_dead(k) if w.get("late"))
             per_kill.append(row)
         return {
             "unstarted_requeue_s": {
@@ -540,7 +557,7 @@ def main() -> int:
     p.add_argument("--parallelism", type=int, default=32, help="[core] parallelism of the plane (default 32)")
     p.add_argument("--kill-every", type=float, default=10.0, help="seconds between kills (default 10)")
     p.add_argument("--restart-pause", type=float, default=5.0, help="seconds from a kill to the victim's restart (default 5)")
-    p.add_argument("--kill-max", type=float, default=900.0, help="stop killing after this many seconds (default 900)")
+    p.add_argument("--kill-max", type=float, default=None, help="stop killing after this many seconds (default 900, --quick 90)")
     p.add_argument("--outage", type=float, default=None, help="API outage in seconds (default 60, --quick 20)")
     p.add_argument("--outage-at", type=float, default=30.0, help="seconds after triggering the runs (default 30)")
     p.add_argument("--drain-timeout", type=float, default=600.0, help="wait this long for the runs after the chaos (default 600)")
@@ -553,6 +570,7 @@ def main() -> int:
     args = p.parse_args()
     args.runs = args.runs or (1 if args.quick else 5)
     args.tasks = args.tasks or (30 if args.quick else 100)
+    args.kill_max = args.kill_max or (90.0 if args.quick else 900.0)
     args.outage = args.outage if args.outage is not None else (20.0 if args.quick else 60.0)
     args.plane_env = dict(kv.split("=", 1) for kv in args.plane_env)
     args.agent_env = dict(kv.split("=", 1) for kv in args.agent_env)
