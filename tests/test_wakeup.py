@@ -184,7 +184,7 @@ class PgListener:
         finally:
             self.done.set()
 
-    def wait_listening(self, timeout: float = 10) -> None:
+    def wait_listening(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         with self.engine.connect() as conn:
             while not conn.execute(text(self.LISTENING.format(wakeup.CHANNEL))).all():
