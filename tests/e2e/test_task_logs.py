@@ -97,7 +97,13 @@ def cluster(tmp_path_factory, pg_url):
             token = plane.create_agent_token("logger", "default")
             agent = Agent(
                 "logger", base / "agent", plane.url, token, dags_folder=dags,
-                extra_env={**s3_logging(s3.url, AWS_TEST_CREDENTIALS), "AIRFLOW__REMOTE_EXECUTION__LOG_UPLOAD_INTERVAL": "2"},
+                extra_env={
+                    **s3_logging(s3.url, AWS_TEST_CREDENTIALS),
+                    "AIRFLOW__REMOTE_EXECUTION__LOG_UPLOAD_INTERVAL": "2",
+                    # A loaded machine has stalled the api-server for ~40 s on a task's first execution-API
+                    # call (seen in other e2e planes too); Airflow's default 5 tries of 5 s gave up on it.
+                    "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
+                },
             ).start()
             agent.wait_registered()
             yield plane, agent, client, tripwire
