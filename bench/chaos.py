@@ -275,6 +275,10 @@ class Mode:
         agents = self.plane.api("GET", "/remote_execution/v1/admin/agents").json()
         return {"tis": tis, "runs": runs, "items": items, "agents": agents}
 
+    def save_raw(self, final: dict, **extra) -> None:
+        """Everything the figures are computed from, next to the logs (kept with --keep)."""
+        (self.home / "raw.json").write_text(json.dumps({"run_ids": self.run_ids, "final": final, **extra}, default=str))
+
     def common_report(self, final: dict, execs: dict[tuple, list[dict]]) -> dict:
         tis, items = final["tis"], final["items"]
         not_success = [ti for ti in tis if ti["state"] != "success"]
@@ -295,6 +299,18 @@ class Mode:
             for a, b in combinations(spans, 2):  # sorted by start: b starts after a
                 if b[0] < a[1]:
                     concurrent.append({"key": list(key), "executions": [list(a), list(b)]})
+        # Different tries of one task instance running at the same time (a try failed by the plane while
+        # its process still ran somewhere, and the retry started): not a double run of one try, but
+        # the task's code running twice at once all the same.
+        by_ti: dict[tuple, list] = defaultdict(list)
+        for key, es in execs.items():
+            by_ti[key[:4]] += [(e["start"], e["end"] or self.killed_end(e), e["agent"], key[4]) for e in es if e["start"]]
+        cross_try = [
+            {"ti": list(ti), "executions": [list(a), list(b)]}
+            for ti, spans in by_ti.items()
+            for a, b in combinations(sorted(spans), 2)
+            if a[3] != b[3] and b[0] < a[1]
+        ]
         # The same from the plane: two work items of one try both started, their spans overlapping.
         by_key: dict[tuple, list[dict]] = defaultdict(list)
         for w in items:
@@ -318,6 +334,8 @@ class Mode:
             "tries_run_concurrently_twice": len(concurrent),
             "concurrent_examples": concurrent[:10],
             "work_items_of_one_try_overlapping": plane_concurrent,
+            "tis_with_two_tries_running_at_once": len(cross_try),
+            "two_tries_at_once_examples": cross_try[:10],
             "agents_at_end": {a["name"]: a["state"] for a in final["agents"]},
         }
 
@@ -378,6 +396,7 @@ class KillMode(Mode):
         self.monitor.stop.set()
         final = self.final_state()
         execs = self.executions()
+        self.save_raw(final, kills=self.kills, monitor=self.monitor.samples, t_trigger=t_trigger)
         report = self.common_report(final, execs)
         report.update(self.kill_figures(final, execs))
         report.update(
@@ -510,6 +529,7 @@ class OutageMode(Mode):
         time.sleep(args.settle)
         final = self.final_state()
         execs = self.executions()
+        self.save_raw(final, t_trigger=t_trigger, t_down=t_down, t_stopped=t_stopped, t_start=t_start, t_up=t_up)
         report = self.common_report(final, execs)
         retried = [ti for ti in final["tis"] if (ti["try_number"] or 0) > 1]
         failed_items = [w for w in final["items"] if w["state"] == "failed"]
