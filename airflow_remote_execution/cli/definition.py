@@ -26,7 +26,7 @@ ARG_OLD_VALID_FOR = Arg(
 ARG_CONCURRENCY = Arg(("--concurrency",), help="Override [remote_execution] concurrency", type=int)
 ARG_COMPONENTS = Arg(
     ("--components",),
-    help="Comma-separated: worker, dag-processor (default: [remote_execution] components, i.e. worker)",
+    help="Comma-separated components to run: worker, dag-processor, triggerer (default: the components option, worker)",
 )
 
 TOKEN_COMMANDS = (
