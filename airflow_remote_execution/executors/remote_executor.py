@@ -10,11 +10,13 @@ executors just to read logs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from airflow import settings
 from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
 from airflow.utils.session import create_session
@@ -104,7 +106,7 @@ class RemoteExecutor(BaseExecutor):
                 leases.purge_finished(session, timedelta(seconds=config.getint("finished_retention")))
 
     def revoke_task(self, *, ti: TaskInstance) -> None:
-        with create_session() as session:
+        with _callers_session() as session:
             leases.revoke(session, ti.key)
         self.running.discard(ti.key)
         self.queued_tasks.pop(ti.key, None)
@@ -112,7 +114,7 @@ class RemoteExecutor(BaseExecutor):
     def try_adopt_task_instances(self, tis: Sequence[TaskInstance]) -> Sequence[TaskInstance]:
         """Adopt task instances whose work item is still live (queued, leased or running)."""
         digests = {leases.key_digest(leases.key_to_json(ti.key)): ti for ti in tis}
-        with create_session() as session:
+        with _callers_session() as session:
             live = leases.unfinished_digests(session, digests)
         for digest in live:
             self.running.add(digests[digest].key)
@@ -123,3 +125,13 @@ class RemoteExecutor(BaseExecutor):
 
     def terminate(self) -> None:
         """Agents keep running their work; a restarted scheduler adopts it."""
+
+
+@contextlib.contextmanager
+def _callers_session():
+    """The scheduler calls ``revoke_task`` and ``try_adopt_task_instances`` inside its own scoped session,
+    holding ORM objects it uses afterwards: work in that transaction and leave commit and close to it
+    (``create_session()`` would return the same session and close it, detaching the caller's objects)."""
+    session = settings.Session()
+    yield session
+    session.flush()

@@ -342,3 +342,19 @@ def test_try_adopt_task_instances(executor):
     executor.sync()
     assert executor.get_event_buffer() == {live_running.key: (TaskInstanceState.SUCCESS, "agent-1")}
     assert executor.try_adopt_task_instances([]) == []
+
+
+def test_revoke_and_adopt_leave_the_schedulers_session_open(executor):
+    """The scheduler calls both inside its own scoped session and uses its ORM objects afterwards."""
+    from sqlalchemy import inspect
+
+    running, other = task_workload("held"), task_workload("other-held")
+    queue(executor, running, other)
+    agent = FakeAgentViaLeases()
+    with create_session() as session:  # what the scheduler's @provide_session does
+        held = session.get(AgentModel, agent.id)
+        executor.try_adopt_task_instances([orm_ti(other)])
+        executor.revoke_task(ti=orm_ti(running))
+        assert not inspect(held).detached and held.id == agent.id and held.state == "active"
+        assert session.scalar(select(WorkItemModel.state).where(WorkItemModel.id == row_for(running.key).id)) == "revoked"
+    assert row_for(running.key).state == "revoked"  # committed with the scheduler's transaction
