@@ -10,13 +10,17 @@ import os
 
 log = logging.getLogger("airflow_remote_execution.agent")
 
-# What an agent needs to ride out a plane outage of a minute or more: with Airflow's defaults (3 failed
-# heartbeats; 5 quick retries per call) a task is killed, or its final report fails, after ~15-30 s.
+# What an agent needs to ride out a plane outage of a minute or more, or a slow plane: with Airflow's
+# defaults (3 failed heartbeats; 5 quick retries per call; 5 s timeout) a task is killed, or its final
+# report fails, after ~15-30 s.
 # Applied only where the user kept Airflow's default.
 OUTAGE_DEFAULTS = {
     ("workers", "max_failed_heartbeats"): "20",  # >= 20 x [workers] min_heartbeat_interval (5 s) = 100 s
     ("workers", "execution_api_retries"): "20",
     ("workers", "execution_api_retry_wait_min"): "4.0",  # 19 waits of >= 4 s: a final report survives 76 s
+    # A busy plane can take tens of seconds over a task's first call; a retried "start" after a timeout
+    # finds the task already running (409) and fails it, so wait for the answer instead.
+    ("workers", "execution_api_timeout"): "60.0",
 }
 
 
@@ -50,6 +54,7 @@ def _reload_task_sdk_constants() -> None:
     sdk_client.API_RETRIES = conf.getint("workers", "execution_api_retries")
     sdk_client.API_RETRY_WAIT_MIN = conf.getfloat("workers", "execution_api_retry_wait_min")
     sdk_client.API_RETRY_WAIT_MAX = conf.getfloat("workers", "execution_api_retry_wait_max")
+    sdk_client.API_TIMEOUT = conf.getfloat("workers", "execution_api_timeout")
     retrying = getattr(sdk_client.Client.request, "retry", None)  # tenacity's decorator state, copied per call
     if retrying is not None:
         retrying.stop = stop_after_attempt(sdk_client.API_RETRIES)

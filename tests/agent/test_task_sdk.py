@@ -19,6 +19,7 @@ print(json.dumps({
     "attempts": retrying.stop.max_attempt_number,
     "wait_min": retrying.wait.min,
     "max_failed_heartbeats": supervisor.MAX_FAILED_HEARTBEATS,
+    "timeout": client.API_TIMEOUT,
 }))
 """
 
@@ -36,10 +37,10 @@ def _probe(tmp_path, **env) -> dict:
 def test_agent_rides_out_a_plane_outage_by_default(tmp_path):
     got = _probe(tmp_path)
     # The Task SDK is imported with airflow itself; its retry decorator and constants must still change.
-    assert (got["attempts"], got["wait_min"], got["max_failed_heartbeats"]) == (20, 4.0, 20)
+    assert (got["attempts"], got["wait_min"], got["max_failed_heartbeats"], got["timeout"]) == (20, 4.0, 20, 60.0)
 
 
 def test_user_settings_win(tmp_path):
     got = _probe(tmp_path, AIRFLOW__WORKERS__EXECUTION_API_RETRIES="7", AIRFLOW__WORKERS__MAX_FAILED_HEARTBEATS="4")
     assert (got["attempts"], got["max_failed_heartbeats"]) == (7, 4)
-    assert got["changed"] == {"workers.execution_api_retry_wait_min": "4.0"}
+    assert got["changed"] == {"workers.execution_api_retry_wait_min": "4.0", "workers.execution_api_timeout": "60.0"}
