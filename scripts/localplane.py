@@ -139,6 +139,7 @@ class Plane:
     tls: tuple[Path, Path] | None = None  # (certificate, key): serve the api-server over HTTPS
     port: int = field(default_factory=free_port)
     procs: dict[str, Proc] = field(default_factory=dict)
+    history: list[Proc] = field(default_factory=list)  # every process started, also the stopped ones
 
     def __post_init__(self):
         self.home.mkdir(parents=True, exist_ok=True)
@@ -205,6 +206,7 @@ class Plane:
     def start_component(self, name: str) -> Proc:
         proc = Proc(name, [AIRFLOW, name], self.env, self.logs)
         self.procs[name] = proc
+        self.history.append(proc)
         return proc
 
     def stop_component(self, name: str, sig: int = signal.SIGTERM) -> None:
@@ -339,6 +341,16 @@ class Agent:
 
     def stop(self) -> int | None:
         return self.proc.stop(60) if self.proc else None
+
+
+def shutdown(plane: Plane, agents=(), lines: int = 40) -> None:
+    """Stop agents, then the plane; print the end of every process's log (what a failed test needs)."""
+    agents = [a for a in agents if a is not None]
+    for agent in agents:
+        agent.stop()
+    plane.stop()
+    for proc in [*plane.history, *(a.proc for a in agents if a.proc)]:
+        print(f"--- {proc.name}\n{proc.tail(lines)}")
 
 
 def fresh_pg_database(server_url: str, name: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from localplane import Agent, Plane, fresh_pg_database, wait_for
+from localplane import Agent, Plane, fresh_pg_database, shutdown, wait_for
 
 pytestmark = pytest.mark.e2e
 TEST_DAGS = Path(__file__).parent / "dags"
@@ -67,8 +67,4 @@ def test_killed_agent_is_lost_and_its_task_retried_elsewhere(tmp_path, pg_url):
         states = {a["name"]: a["state"] for a in plane.api("GET", "/remote_execution/v1/admin/agents").json()}
         assert states == {"victim": "lost", "survivor": "active"}
     finally:
-        for agent in agents.values():
-            agent.stop()
-        plane.stop()
-        for proc in [*plane.procs.values(), *(a.proc for a in agents.values())]:
-            print(f"--- {proc.name}\n{proc.tail(30)}")
+        shutdown(plane, agents.values())

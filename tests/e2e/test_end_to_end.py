@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from localplane import EXAMPLE_DAGS, Agent, Plane, fresh_pg_database, wait_for
+from localplane import EXAMPLE_DAGS, Agent, Plane, fresh_pg_database, shutdown, wait_for
 
 pytestmark = pytest.mark.e2e
 TEST_DAGS = Path(__file__).parent / "dags"
@@ -43,11 +43,7 @@ def cluster(request, tmp_path_factory):
             agent.wait_registered()
         yield plane, {a.name: a for a in agents}
     finally:
-        for agent in agents:
-            agent.stop()
-        plane.stop()
-        for proc in [*plane.procs.values(), *(a.proc for a in agents)]:
-            print(f"--- {proc.name}\n{proc.tail(30)}")
+        shutdown(plane, agents)
 
 
 def test_installed_as_provider_with_documented_api(cluster):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from localplane import Agent, Plane, fresh_pg_database, wait_for
+from localplane import Agent, Plane, fresh_pg_database, shutdown, wait_for
 
 pytestmark = pytest.mark.e2e
 TEST_DAGS = Path(__file__).parent / "dags"
@@ -33,11 +33,7 @@ def cluster(tmp_path_factory, pg_url):
         agent.start().wait_registered()
         yield plane, agent
     finally:
-        if agent:
-            agent.stop()
-        plane.stop()
-        for proc in [*plane.procs.values(), *([agent.proc] if agent else [])]:
-            print(f"--- {proc.name}\n{proc.tail(40)}")
+        shutdown(plane, [agent])
 
 
 def _all_running(plane: Plane, run_id: str, n: int) -> bool:

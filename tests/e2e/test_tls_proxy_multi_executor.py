@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from forward_proxy import RecordingProxy
-from localplane import Agent, Plane, self_signed_cert
+from localplane import Agent, Plane, self_signed_cert, shutdown
 
 pytestmark = pytest.mark.e2e
 ALIAS_CONFIG = "LocalExecutor,RemoteExecutor:airflow_remote_execution.executors.RemoteExecutor"
@@ -68,9 +68,5 @@ def test_agent_over_tls_through_proxy_beside_local_executor(tmp_path):
         assert "Done. Returned value was: 21" in task_log
         assert len(tunnels) >= 3  # register + lease/start/finish + the task's execution API calls
     finally:
-        if agent:
-            agent.stop()
-        plane.stop()
+        shutdown(plane, [agent])
         proxy.stop()
-        for proc in [*plane.procs.values(), *([agent.proc] if agent else [])]:
-            print(f"--- {proc.name}\n{proc.tail(30)}")
