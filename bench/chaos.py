@@ -175,13 +175,17 @@ class WorkMonitor(threading.Thread):
             except Exception:  # noqa: BLE001 - the api-server may be down or slow; keep polling
                 self.errors += 1
 
-    def left_victim(self, work_id: int, victim: str, fence: int, after: float) -> float | None:
-        """First poll after ``after`` where the item was no longer the victim's lease ``fence``."""
+    def left_victim(self, work_id: int, victim: str, fence: int, after: float, held_at_kill: bool = True) -> float | None:
+        """First poll after ``after`` where the item was no longer the victim's lease ``fence`` (a lease
+        granted after the kill must have been seen first)."""
+        seen_held = held_at_kill
         for t, seen in self.samples:
             if t < after:
                 continue
             cur = seen.get(work_id)
-            if cur is None or cur[1] != victim or cur[2] != fence:
+            if cur is not None and cur[1] == victim and cur[2] == fence:
+                seen_held = True
+            elif seen_held:
                 return t
         return None
 
@@ -275,9 +279,24 @@ class Mode:
         agents = self.plane.api("GET", "/remote_execution/v1/admin/agents").json()
         return {"tis": tis, "runs": runs, "items": items, "agents": agents}
 
-    def save_raw(self, final: dict, **extra) -> None:
-        """Everything the figures are computed from, next to the logs (kept with --keep)."""
-        (self.home / "raw.json").write_text(json.dumps({"run_ids": self.run_ids, "final": final, **extra}, default=str))
+    def save_raw(self, final: dict, **extra) -> dict:
+        """Everything the figures are computed from, next to the logs (kept with --keep; ``--analyze``)."""
+        raw = {"run_ids": self.run_ids, "final": final, **extra}
+        (self.home / "raw.json").write_text(json.dumps(raw, default=str))
+        return json.loads((self.home / "raw.json").read_text())  # the figures come from what was saved
+
+    @classmethod
+    def from_raw(cls, args, home: Path) -> tuple[Mode, dict]:
+        """A finished mode from its saved data (no plane): recompute the figures with ``--analyze``."""
+        self = cls.__new__(cls)
+        self.name, self.args, self.home = home.name, args, home
+        self.exec_log = home / "executions.jsonl"
+        raw = json.loads((home / "raw.json").read_text())
+        self.run_ids = raw["run_ids"]
+        if isinstance(self, KillMode):
+            self.monitor = WorkMonitor.__new__(WorkMonitor)
+            self.load_raw(raw)
+        return self, raw
 
     def common_report(self, final: dict, execs: dict[tuple, list[dict]]) -> dict:
         tis, items = final["tis"], final["items"]
@@ -323,7 +342,7 @@ class Mode:
             "runs": final["runs"],
             "task_instances": len(tis),
             "ti_states": dict(ti_states),
-            "tasks_not_success": [f"{ti['run_id']}/{ti['task_id']}: {ti['state']} (try {ti['try_number']})" for ti in not_success][:50],
+            "tasks_not_success": [f"{ti['dag_run_id']}/{ti['task_id']}: {ti['state']} (try {ti['try_number']})" for ti in not_success][:50],
             "work_items_stuck_unfinished": [
                 {k: w[k] for k in ("id", "key", "state", "agent_name", "fence", "leased_at", "started_at")} for w in stuck
             ][:50],
@@ -394,19 +413,29 @@ class KillMode(Mode):
         log(f"kill: runs {'finished' if done else 'NOT finished'} after {time.time() - t_trigger:.0f}s")
         time.sleep(args.settle)  # agents report outcomes after their supervisors exit
         self.monitor.stop.set()
-        final = self.final_state()
-        execs = self.executions()
-        self.save_raw(final, kills=self.kills, monitor=self.monitor.samples, t_trigger=t_trigger)
+        raw = self.save_raw(
+            self.final_state(), kills=self.kills, monitor=self.monitor.samples, t_trigger=t_trigger, t_end=time.time(),
+            skipped=skipped, killing_s=killing_s, done=done, monitor_errors=self.monitor.errors,
+            registration_s=[x for s in self.slots for x in s.registration_s[1:]],
+        )
+        return self.report(raw)
+
+    def load_raw(self, raw: dict) -> None:
+        self.kills = raw["kills"]
+        self.monitor.samples = [(t, {int(k): tuple(v) for k, v in seen.items()}) for t, seen in raw["monitor"]]
+
+    def report(self, raw: dict) -> dict:
+        final, execs = raw["final"], self.executions()
         report = self.common_report(final, execs)
         report.update(self.kill_figures(final, execs))
         report.update(
             kills=len(self.kills),
-            kill_ticks_skipped_no_registered_agent=skipped,
-            killing_s=round(killing_s, 1),
-            wall_s=round(time.time() - t_trigger, 1),
-            runs_finished=done,
-            agent_registration_after_start_s=seconds_summary([x for s in self.slots for x in s.registration_s[1:]]),
-            monitor_poll_errors=self.monitor.errors,
+            kill_ticks_skipped_no_registered_agent=raw.get("skipped"),
+            killing_s=round(raw["killing_s"], 1) if raw.get("killing_s") else None,
+            wall_s=round(raw["t_end"] - raw["t_trigger"], 1) if raw.get("t_end") else None,
+            runs_finished=raw.get("done"),
+            agent_registration_after_start_s=seconds_summary(raw.get("registration_s", [])),
+            monitor_poll_errors=raw.get("monitor_errors"),
         )
         return report
 
@@ -453,7 +482,7 @@ class KillMode(Mode):
             row = {"t": round(t - self.kills[0]["t"], 1), "victim": victim, "leased": 0, "running": 0}
             for held in self.held_by_dead(k):
                 final_item = items_by_id.get(held["id"])
-                left = self.monitor.left_victim(held["id"], victim, held["fence"], t)
+                left = self.monitor.left_victim(held["id"], victim, held["fence"], t, held_at_kill=not held.get("late"))
                 if held["state"] == "leased":
                     row["leased"] += 1
                     if left is not None:
@@ -527,20 +556,27 @@ class OutageMode(Mode):
         done = self.wait_runs(args.drain_timeout)
         log(f"outage: runs {'finished' if done else 'NOT finished'} after {time.time() - t_trigger:.0f}s")
         time.sleep(args.settle)
-        final = self.final_state()
-        execs = self.executions()
-        self.save_raw(final, t_trigger=t_trigger, t_down=t_down, t_stopped=t_stopped, t_start=t_start, t_up=t_up)
+        raw = self.save_raw(
+            self.final_state(), t_trigger=t_trigger, t_down=t_down, t_stopped=t_stopped, t_start=t_start, t_up=t_up,
+            t_end=time.time(), done=done, agents=[s.name for s in self.slots],
+        )
+        return self.report(raw)
+
+    def report(self, raw: dict) -> dict:
+        args, final, execs = self.args, raw["final"], self.executions()
+        t_trigger, t_down, t_stopped, t_start, t_up = (raw[k] for k in ("t_trigger", "t_down", "t_stopped", "t_start", "t_up"))
+        agent_names = raw.get("agents") or sorted({w["agent_name"] for w in final["items"] if w["agent_name"]})
         report = self.common_report(final, execs)
         retried = [ti for ti in final["tis"] if (ti["try_number"] or 0) > 1]
         failed_items = [w for w in final["items"] if w["state"] == "failed"]
         resumed = {}
-        for slot in self.slots:
-            leases_after = [epoch(w["leased_at"]) for w in final["items"] if w["agent_name"] == slot.name and w["leased_at"] and epoch(w["leased_at"]) > t_start]
-            resumed[slot.name] = round(min(leases_after) - t_up, 2) if leases_after else None
+        for name in agent_names:
+            leases_after = [epoch(w["leased_at"]) for w in final["items"] if w["agent_name"] == name and w["leased_at"] and epoch(w["leased_at"]) > t_start]
+            resumed[name] = round(min(leases_after) - t_up, 2) if leases_after else None
         spanning = [e for es in execs.values() for e in es if e["start"] and e["start"] < t_down and (e["end"] is None or e["end"] > t_stopped)]
         report.update(
             task_failures=len(retried) + sum(1 for ti in final["tis"] if ti["state"] != "success"),
-            tis_with_try_number_gt_1=[f"{ti['run_id']}/{ti['task_id']} try {ti['try_number']}: {ti['state']}" for ti in retried][:50],
+            tis_with_try_number_gt_1=[f"{ti['dag_run_id']}/{ti['task_id']} try {ti['try_number']}: {ti['state']}" for ti in retried][:50],
             work_items_failed=len(failed_items),
             work_items_failed_info=sorted({w["info"] or "" for w in failed_items}),
             outage={
@@ -555,10 +591,11 @@ class OutageMode(Mode):
                 "definition": "api-server healthy again -> first leased_at of a work item by that agent",
                 **resumed,
             },
-            wall_s=round(time.time() - t_trigger, 1),
-            runs_finished=done,
+            wall_s=round(raw["t_end"] - t_trigger, 1) if raw.get("t_end") else None,
+            runs_finished=raw.get("done"),
         )
-        lost_lines = [ln for ln in (self.plane.logs / "scheduler.log").read_text(errors="replace").splitlines() if " is lost:" in ln]
+        scheduler_log = self.home / "plane" / "logs-processes" / "scheduler.log"
+        lost_lines = [ln for ln in scheduler_log.read_text(errors="replace").splitlines() if " is lost:" in ln]
         report["scheduler_lost_agent_lines"] = lost_lines[:10]
         return report
 
@@ -587,6 +624,7 @@ def main() -> int:
     p.add_argument("--agent-env", action="append", default=[], metavar="KEY=VALUE", help="extra env for the agents (repeatable)")
     p.add_argument("--keep", action="store_true", help="keep the temporary homes and logs")
     p.add_argument("--out", type=Path, help="also write the JSON to this file")
+    p.add_argument("--analyze", type=Path, metavar="DIR", help="recompute the figures from a kept work dir (no run)")
     args = p.parse_args()
     args.runs = args.runs or (1 if args.quick else 5)
     args.tasks = args.tasks or (30 if args.quick else 100)
@@ -606,13 +644,19 @@ def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _stop)
 
-    base = Path(tempfile.mkdtemp(prefix="rex-chaos-"))
-    os.chmod(base, 0o755)  # the postgres user (when running as root) must reach the cluster dir
-    log(f"work dir {base}")
     started = time.monotonic()
     load_before = os.getloadavg()
     git_state = _git_state()
     results: dict[str, dict] = {}
+    if args.analyze:
+        for name in modes:
+            mode, raw = (KillMode if name == "kill" else OutageMode).from_raw(args, args.analyze / name)
+            results[name] = mode.report(raw)
+        print(json.dumps(build_report(args, modes, git_state, load_before, results, started), indent=2))
+        return 0
+    base = Path(tempfile.mkdtemp(prefix="rex-chaos-"))
+    os.chmod(base, 0o755)  # the postgres user (when running as root) must reach the cluster dir
+    log(f"work dir {base}")
     cluster = PostgresCluster(base / "pg")
     try:
         pg_server = cluster.start()
@@ -637,7 +681,16 @@ def main() -> int:
         else:
             shutil.rmtree(base, ignore_errors=True)
 
-    report = {
+    report = build_report(args, modes, git_state, load_before, results, started)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def build_report(args, modes: list[str], git_state, load_before, results: dict, started: float) -> dict:
+    return {
         "benchmark": "chaos",
         "config": {
             "modes": modes,
@@ -662,11 +715,6 @@ def main() -> int:
         "comparison": compare(results),
         "elapsed_s": round(time.monotonic() - started, 1),
     }
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
-    return 0
 
 
 def compare(results: dict) -> dict:
