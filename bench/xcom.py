@@ -241,7 +241,10 @@ def main() -> None:
     parser.add_argument("--ref-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     big = args.big_mib * MIB
+    out = sys.stdout
+    sys.stdout = sys.stderr  # Airflow and provider logs go to stdout: keep it for the JSON alone
     if args.child:
+        sys.stdout = out
         child(args.child, big, args.ref_file)
         return
 
@@ -279,7 +282,7 @@ def main() -> None:
     import shutil
 
     shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2), file=out)
 
 
 if __name__ == "__main__":

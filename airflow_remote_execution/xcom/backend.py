@@ -81,7 +81,7 @@ class ObjectStorageXComBackend(BaseXCom):
             store._zstandard()  # fail before opening anything if it is not installed
         if settings.is_local():
             path.parent.mkdir(parents=True, exist_ok=True)  # object stores need no directories (nor new buckets)
-        fileobj = path.open("wb")
+        fileobj = path.open("wb", block_size=store.IO_BLOCK)  # s3fs would buffer 50 MiB parts
         try:
             written = store.write_stream(fileobj, head, rest, settings.compression)
         except BaseException:
@@ -147,7 +147,10 @@ def read_object(ref: dict) -> Any:
     path = _path_of(ref)
     writer = ref.get("written_by", "an unknown task")
     try:
-        fileobj = path.open("rb")
+        # Uncompressed objects are read in IO_BLOCK ranges straight into the result buffer (no read-ahead
+        # cache: one GET per block, no extra copy); decompressors read small pieces, so they keep the cache.
+        plain = ref.get("compression", "none") == "none"
+        fileobj = path.open("rb", block_size=store.IO_BLOCK, **({"cache_type": "none"} if plain else {}))
     except FileNotFoundError:
         raise XComStorageError(
             f"XCom object {ref['ref']} written by {writer} is missing from the store: it was deleted "
