@@ -74,11 +74,11 @@ def quiet() -> None:
     logging.getLogger("airflow_remote_execution.xcom").setLevel(logging.WARNING)
 
 
-def push(value):
+def push(value, key: str = "return_value"):
     from airflow_remote_execution.xcom import ObjectStorageXComBackend
 
     return ObjectStorageXComBackend.serialize_value(
-        value, key="return_value", dag_id="bench", run_id="bench_run", task_id="produce", map_index=-1
+        value, key=key, dag_id="bench", run_id="bench_run", task_id="produce", map_index=-1
     )
 
 
@@ -95,6 +95,9 @@ def child(mode: str, size: int, ref_file: str) -> None:
     quiet()
     from airflow.sdk import ObjectStoragePath  # noqa: F401
 
+    # Warm up: the first ObjectStoragePath use loads every provider's filesystem (s3fs, gcsfs, adlfs ...),
+    # ~100+ MiB per process whatever the value size; the baseline is taken after it.
+    pull(push("warm-up", key="warm_up"))
     baseline = rss_mib()
     started = time.perf_counter()
     if mode == "push":

@@ -147,10 +147,10 @@ def read_object(ref: dict) -> Any:
     path = _path_of(ref)
     writer = ref.get("written_by", "an unknown task")
     try:
-        # Uncompressed objects are read in IO_BLOCK ranges straight into the result buffer (no read-ahead
+        # Uncompressed objects are read in READ_BLOCK ranges straight into the result buffer (no read-ahead
         # cache: one GET per block, no extra copy); decompressors read small pieces, so they keep the cache.
         plain = ref.get("compression", "none") == "none"
-        fileobj = path.open("rb", block_size=store.IO_BLOCK, **({"cache_type": "none"} if plain else {}))
+        fileobj = path.open("rb", block_size=store.READ_BLOCK, **({"cache_type": "none"} if plain else {}))
     except FileNotFoundError:
         raise XComStorageError(
             f"XCom object {ref['ref']} written by {writer} is missing from the store: it was deleted "

@@ -22,7 +22,8 @@ from typing import IO, Any
 from airflow_remote_execution import config
 
 CHUNK = 1 << 20  # encode/hash/compress/write in 1 MiB pieces: bounded memory beside the value itself
-IO_BLOCK = 16 << 20  # upload part / download range size of object stores (S3 parts must be >= 5 MiB)
+IO_BLOCK = 16 << 20  # upload part size for object stores (S3 parts must be >= 5 MiB)
+READ_BLOCK = 64 << 20  # download range size: few requests (each has a fixed cost), hashing overlaps the next
 COMPRESSIONS = {"none": "", "gzip": ".gz", "zstd": ".zst"}
 DEFAULT_THRESHOLD = 65536
 MARKER = "__remote_execution_xcom__"  # key of the reference dict kept in the DB instead of a large value
@@ -327,7 +328,7 @@ def read_stream(fileobj: IO[bytes], size: int, compression: str) -> Read:
     pos = 0
     try:
         while pos < size:
-            n = src.readinto(view[pos : pos + IO_BLOCK])
+            n = src.readinto(view[pos : pos + READ_BLOCK])
             if not n:
                 break
             digest.update(view[pos : pos + n])  # hashed in place by the hashing thread, no copy
