@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from git_server import GitServer
-from localplane import NO_DB, Agent, Plane, wait_for
+from localplane import EXAMPLE_DAGS, NO_DB, Agent, Plane, wait_for
 
 pytestmark = pytest.mark.e2e
 BUNDLE_SRC = Path(__file__).parent / "dags_bundle"
@@ -50,6 +50,7 @@ def setup(tmp_path_factory):
     agent_home = base / "agent"
     local_bundle = agent_home / "bundle"
     shutil.copytree(BUNDLE_SRC, local_bundle, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(EXAMPLE_DAGS / "remote_deferrable.py", local_bundle)  # its trigger runs on the agent too
     with GitServer() as git:
         repo = git.create_repo("dags")
         first_sha = repo.commit({"dags/git_versioned.py": _git_dag("a")}, "first version")
@@ -66,7 +67,7 @@ def setup(tmp_path_factory):
             agent = Agent(
                 "parser", agent_home, plane.url, token, dags_folder=local_bundle,
                 extra_env={
-                    "AIRFLOW__REMOTE_EXECUTION__COMPONENTS": "worker,dag-processor",
+                    "AIRFLOW__REMOTE_EXECUTION__COMPONENTS": "worker,dag-processor,triggerer",
                     "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(bundles),
                     "AIRFLOW__DAG_PROCESSOR__BUNDLE_REFRESH_CHECK_INTERVAL": "1",
                     "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_STORAGE_PATH": str(agent_home / "dag_bundles"),
@@ -84,6 +85,22 @@ def setup(tmp_path_factory):
                 print(f"--- {proc.name}\n{proc.tail(40)}")
             if agent:
                 print(f"--- agent log\n{agent.proc.tail(80)}")
+
+
+def test_parsing_triggers_and_tasks_all_on_the_agent(setup):
+    """The whole of "code stays home": a DAG the plane never saw defers, its trigger fires on the agent's
+    triggerer, and the task resumes on the agent; the plane runs no dag-processor and no triggerer."""
+    plane, agent, *_ = setup
+    assert set(plane.procs) == {"api-server", "scheduler"}
+    assert _dag(plane, "remote_deferrable")["bundle_name"] == "agent-local"
+    run_id = plane.trigger("remote_deferrable", conf={"wait_seconds": 5})
+    assert plane.wait_run("remote_deferrable", run_id, timeout=300) == "success"
+    tis = {t["task_id"]: t for t in plane.task_instances("remote_deferrable", run_id)}
+    assert {k: v["state"] for k, v in tis.items()} == {k: "success" for k in ("short_wait", "wait_until", "after_waiting")}
+    log = agent.proc.log_path.read_text(errors="replace")
+    assert "DateTimeTrigger" in log and "event reported" in log  # the trigger ran on this agent
+    items = plane.settled_work_items(dag_id="remote_deferrable", run_id=run_id, timeout=60)
+    assert {w["agent_name"] for w in items} == {"parser"} and {w["key"][2] for w in items} >= set(tis)
 
 
 def _dag(plane: Plane, dag_id: str, timeout: float = 180) -> dict:
