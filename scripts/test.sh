@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 .venv/bin/ruff check --no-cache airflow_remote_execution scripts bench tests
-exec .venv/bin/python -m pytest "$@"
+# Test files run in parallel (one process each; a module's plane stays in its process): most of an
+# end-to-end test's time is waiting on real processes. PYTEST_WORKERS=0 runs everything in one process.
+exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-3}" --dist loadfile "$@"

@@ -37,7 +37,7 @@ def test_killed_agent_is_lost_and_its_task_retried_elsewhere(tmp_path, pg_url):
         tmp_path / "plane",
         db_url=fresh_pg_database(pg_url, "agent_failures"),
         dags_folder=dags,
-        extra_env={"AIRFLOW__REMOTE_EXECUTION__HEARTBEAT_INTERVAL": "1"},
+        extra_env={"AIRFLOW__REMOTE_EXECUTION__HEARTBEAT_INTERVAL": "3"},
     )
     agents: dict[str, Agent] = {}
     try:
