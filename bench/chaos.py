@@ -477,10 +477,19 @@ class KillMode(Mode):
             by_key[ti_key(w["key"])].append(w)
         unstarted, unstarted_plane, unstarted_never = [], [], 0
         retry, failed_by_plane, still_running, lost_declared, per_kill = [], [], 0, 0, []
+        counted: set[tuple[int, int]] = set()
+        stale = 0
         for k in self.kills:
             t, victim = k["t"], k["victim"]
-            row = {"t": round(t - self.kills[0]["t"], 1), "victim": victim, "leased": 0, "running": 0}
+            row = {"t": round(t - self.kills[0]["t"], 1), "victim": victim, "leased": 0, "running": 0, "stale": 0}
             for held in self.held_by_dead(k):
+                if (held["id"], held["fence"]) in counted:
+                    # Still the victim's from an earlier kill: that incarnation's work was never taken back
+                    # (it re-registered before it was declared lost). Timed from the first kill only.
+                    row["stale"] += 1
+                    stale += 1
+                    continue
+                counted.add((held["id"], held["fence"]))
                 final_item = items_by_id.get(held["id"])
                 left = self.monitor.left_victim(held["id"], victim, held["fence"], t, held_at_kill=not held.get("late"))
                 if held["state"] == "leased":
@@ -521,7 +530,8 @@ class KillMode(Mode):
             },
             "running_retry_s": {
                 "definition": "per kill: tries the victim was RUNNING -> started_at of the next try (try_number + 1) on "
-                "any live agent process (the retry waits for the plane to fail the try, then Airflow's retry_delay = 1 s)",
+                "any live agent process (the retry waits for the plane to fail the try, then Airflow's retry_delay = 1 s, "
+                "then behind the work already queued: a new try is a new work item at the back of the queue)",
                 **seconds_summary(retry),
             },
             "running_failed_by_plane_s": {
@@ -530,6 +540,12 @@ class KillMode(Mode):
                 **seconds_summary(failed_by_plane),
             },
             "victim_running_items_never_failed": still_running,
+            "items_still_held_from_an_earlier_kill": {
+                "definition": "leased/running items listed for a victim that it already held at an earlier kill of the "
+                "same agent: the restarted agent re-registered before the plane declared it lost, and the plane never "
+                "took that work back (sum over kills)",
+                "count": stale,
+            },
             "per_kill": per_kill,
         }
 
