@@ -342,6 +342,21 @@ class Agent:
     def stop(self) -> int | None:
         return self.proc.stop(60) if self.proc else None
 
+    def kill(self) -> None:
+        """SIGKILL the agent and everything under it (runners, supervisors, tasks), as a node death would."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for p in procs:
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
 
 def shutdown(plane: Plane, agents=(), lines: int = 40) -> None:
     """Stop agents, then the plane; print the end of every process's log (what a failed test needs)."""

@@ -5,28 +5,15 @@ intervals, fails its running try so Airflow retries it, and a healthy agent runs
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 from pathlib import Path
 
-import psutil
 import pytest
 
 from localplane import Agent, Plane, fresh_pg_database, shutdown, wait_for
 
 pytestmark = pytest.mark.e2e
 TEST_DAGS = Path(__file__).parent / "dags"
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and everything under it, as a node or container death would."""
-    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    for p in procs:
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def test_killed_agent_is_lost_and_its_task_retried_elsewhere(tmp_path, pg_url):
@@ -56,7 +43,7 @@ def test_killed_agent_is_lost_and_its_task_retried_elsewhere(tmp_path, pg_url):
             "survivor", tmp_path / "survivor", plane.url, plane.create_agent_token("survivor", "drain"), dags_folder=dags
         ).start()
         agents["survivor"].wait_registered()
-        kill_tree(agents["victim"].proc.pid)
+        agents["victim"].kill()
 
         assert plane.wait_run("remote_sleepy", run_id, timeout=120) == "success"
         tries = {w["key"][5]: w for w in plane.settled_work_items(dag_id="remote_sleepy", run_id=run_id)}

@@ -8,14 +8,11 @@ triggerer health threshold, which is set far out of reach here).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from localplane import EXAMPLE_DAGS, Agent, Plane, Proc, fresh_pg_database, wait_for
@@ -51,13 +48,7 @@ class TriggeringAgent:
         return f"Starting trigger {trigger_id} " in self.log()
 
     def kill(self) -> None:
-        """SIGKILL the agent and all its processes, as a node death would."""
-        root = psutil.Process(self.agent.proc.pid)
-        for p in [root, *root.children(recursive=True)]:
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self.agent.kill()
 
     def stop(self) -> None:
         self.agent.stop()

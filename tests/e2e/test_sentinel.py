@@ -8,8 +8,6 @@ the plane marks the silent sentinel's last report stale.
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import psutil
 import pytest
@@ -19,16 +17,6 @@ from localplane import AIRFLOW, Agent, Plane, Proc, free_port, fresh_pg_database
 
 pytestmark = pytest.mark.e2e
 REPORT_INTERVAL = 2.0  # stale on the plane after 3 x 2 + 10 s
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL the agent and everything under it, as an OOM kill or node failure would."""
-    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    for p in procs:
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def probe(url: str, path: str) -> tuple[int, dict]:
@@ -102,7 +90,7 @@ def test_sentinel_follows_the_agent(setup):
     print(f"sentinel memory: rss {rss.rss / 2**20:.0f} MiB, pss {rss.pss / 2**20:.0f} MiB")
 
     # kill -9: the probes fail, and the plane hears it from the sentinel while the agent is down.
-    kill_tree(agent.proc.pid)
+    agent.kill()
     wait_for(lambda: not agent.proc.alive(), 10, "the agent to die")
     body = probe_until(url, "/healthz", 503, 10)
     assert "is not running" in failing(body)["agent_alive"]
