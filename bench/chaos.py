@@ -589,7 +589,14 @@ class OutageMode(Mode):
         for name in agent_names:
             leases_after = [epoch(w["leased_at"]) for w in final["items"] if w["agent_name"] == name and w["leased_at"] and epoch(w["leased_at"]) > t_start]
             resumed[name] = round(min(leases_after) - t_up, 2) if leases_after else None
-        spanning = [e for es in execs.values() for e in es if e["start"] and e["start"] < t_down and (e["end"] is None or e["end"] > t_stopped)]
+        # Task code running at some point while the API was going down or down (the stop drains requests).
+        spanning = [e for es in execs.values() for e in es if e["start"] and e["start"] < t_up and (e["end"] is None or e["end"] > t_down)]
+        # Workloads an agent had started before the API went away and finished after it was gone: their
+        # supervisors and the agent's outcome report had to ride out the outage.
+        items_spanning = [
+            w for w in final["items"]
+            if w["started_at"] and epoch(w["started_at"]) < t_stopped and (not w["finished_at"] or epoch(w["finished_at"]) > t_stopped)
+        ]
         report.update(
             task_failures=len(retried) + sum(1 for ti in final["tis"] if ti["state"] != "success"),
             tis_with_try_number_gt_1=[f"{ti['dag_run_id']}/{ti['task_id']} try {ti['try_number']}: {ti['state']}" for ti in retried][:50],
@@ -602,7 +609,12 @@ class OutageMode(Mode):
                 "api_server_startup_s": round(t_up - t_start, 1),
                 "at_s_after_trigger": round(t_down - t_trigger, 1),
             },
-            executions_spanning_outage=len(spanning),
+            task_code_running_during_outage=len(spanning),
+            work_items_spanning_outage={
+                "definition": "started before the api-server was stopped, finished after: supervisor and outcome report rode it out",
+                "count": len(items_spanning),
+                "states": sorted({w["state"] for w in items_spanning}),
+            },
             agents_resumed_leasing_s={
                 "definition": "api-server healthy again -> first leased_at of a work item by that agent",
                 **resumed,
