@@ -47,6 +47,8 @@ def register(session: Session, token: AgentTokenModel, req: RegisterRequest) -> 
     if agent is None:
         agent = AgentModel(name=token.agent_name, registered_at=now, versions={}, drained=False)
         session.add(agent)
+    else:  # a restarted agent may be back before it was found lost: what its predecessor held is gone
+        leases.reclaim_from_lost(session, agent, keep=req.running, why="restarted (work of the previous process)")
     agent.state = AgentState.ACTIVE.value
     agent.queues = queues
     agent.concurrency = req.concurrency
@@ -136,16 +138,17 @@ class LostAgentDetector:
         from sqlalchemy import func
 
         now = timezone.utcnow()
-        cutoff = now - self.window()
         newest = session.scalar(select(func.max(AgentModel.last_heartbeat_at)))
-        if newest is None or newest < cutoff:
+        if newest is None or newest < now - self.window():
             self.grace_until = now + self.window()  # silence everywhere: counts from when agents are heard again
             return []
         if now < self.grace_until:
             return []
+        # Silent for a window *after another agent was heard*: when the plane goes away, agents' last
+        # heartbeats differ by up to an interval and must not count as one agent outliving another.
         query = select(AgentModel).where(
             AgentModel.state.in_([AgentState.ACTIVE.value, AgentState.STOPPING.value]),
-            AgentModel.last_heartbeat_at < cutoff,
+            AgentModel.last_heartbeat_at < newest - self.window(),
         )
         if session.get_bind().dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True)

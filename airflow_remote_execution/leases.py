@@ -160,22 +160,28 @@ def _requeue_where(session: Session, condition) -> int:
     return len(rows)
 
 
-def reclaim_from_lost(session: Session, agent: AgentModel) -> tuple[int, int]:
-    """A lost agent's unstarted leases go back to the queue; its running work fails (so retries apply).
+def reclaim_from_lost(
+    session: Session, agent: AgentModel, *, keep: Sequence[int] = (), why: str = "lost (no heartbeat)"
+) -> tuple[int, int]:
+    """A lost (or restarted) agent's unstarted leases go back to the queue; its running work fails (so
+    retries apply), except the items in ``keep`` that it says it still runs.
 
     Its fence on each item is dead from now on: any later report gets 409, and its next heartbeat
     tells it to kill what it still runs.
     """
     now = timezone.utcnow()
-    requeued = _requeue_where(session, WorkItemModel.agent_id == agent.id)
+    mine = WorkItemModel.agent_id == agent.id
+    if keep:
+        mine = mine & WorkItemModel.id.not_in(list(keep))
+    requeued = _requeue_where(session, mine)
     failed = session.execute(
         update(WorkItemModel)
-        .where(WorkItemModel.agent_id == agent.id, WorkItemModel.state == WorkState.RUNNING.value)
+        .where(mine, WorkItemModel.state == WorkState.RUNNING.value)
         .values(
             state=WorkState.FAILED.value,
             report_pending=True,
             finished_at=now,
-            info=f"agent {agent.name} lost (no heartbeat)",
+            info=f"agent {agent.name} {why}",
         )
         .execution_options(synchronize_session=False)
     ).rowcount

@@ -48,6 +48,12 @@ class RegisterRequest(Strict):
     concurrency: int = Field(ge=1, le=10_000)
     hostname: str = Field(default="", max_length=250)
     versions: dict[str, str] = Field(default_factory=dict)
+    running: list[int] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="Work this agent process still runs (when it registers again). Everything else the agent "
+        "held is taken back: a restarted agent holds nothing.",
+    )
 
 
 class RegisterResponse(BaseModel):

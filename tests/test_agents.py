@@ -256,3 +256,40 @@ def _detector() -> agents.LostAgentDetector:
     detector = agents.LostAgentDetector()
     detector.grace_until -= detector.window()
     return detector
+
+def test_agents_heard_last_at_different_moments_before_a_plane_outage_are_not_lost(db):
+    """The plane went away; agent a's last heartbeat came a little before b's. Seen from the plane, a is
+    silent for more than a window while b is not yet: that is not a lost agent, both were cut off."""
+    a = register(db, new_token(db, "a", ["default"]))
+    b = register(db, new_token(db, "b", ["default"]))
+    _age_heartbeat(db, a, 15.6)
+    _age_heartbeat(db, b, 14.9)
+    with db.session() as s:
+        assert _detector().mark_lost(s) == []
+    _age_heartbeat(db, b, 0)  # b is heard again and a stays silent: now a is lost
+    with db.session() as s:
+        assert [x.name for x in _detector().mark_lost(s)] == ["a"]
+
+
+def test_a_restarted_agent_gets_none_of_its_predecessors_work(db):
+    """A killed agent's replacement can register before the old one is found lost: whatever the agent
+    held and does not say it still runs is taken back at once (leases requeued, running work failed)."""
+    agent = register(db, new_token(db, "phoenix", ["default"]))
+    with db.session() as s:
+        for name in ("leased", "running", "kept"):
+            leases.enqueue(s, key=name_key(name), kind="task", queue="default", priority_weight=1, workload="{}")
+    with db.session() as s:
+        held = {i.key[2]: (i.id, i.fence) for i in leases.lease(s, s.get(AgentModel, agent.id), ["default"], 3, 30)}
+    with db.session() as s:
+        for name in ("running", "kept"):
+            leases.confirm_start(s, s.get(AgentModel, agent.id), *held[name])
+
+    register(db, new_token(db, "phoenix", ["default"]), running=[held["kept"][0]])
+
+    with db.session() as s:
+        state = {n: s.get(leases.WorkItemModel, held[n][0]) for n in held}
+        assert (state["leased"].state, state["leased"].agent_id) == ("queued", None)
+        assert (state["running"].state, state["running"].info) == (
+            "failed", "agent phoenix restarted (work of the previous process)"
+        )
+        assert state["kept"].state == "running"  # re-registering after a 409 keeps what it still runs

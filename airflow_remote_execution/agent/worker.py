@@ -93,6 +93,7 @@ class AgentWorker:
                 "airflow-remote-execution": __version__,
                 "python": sys.version.split()[0],
             },
+            running=list(self.running),  # empty at start: the plane takes back what a predecessor held
         )
         attempt = 0
         while not self.stopping.is_set():
