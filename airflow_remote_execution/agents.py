@@ -119,10 +119,10 @@ def remove(session: Session, name: str, force: bool = False) -> None:
 class LostAgentDetector:
     """Declares agents silent for ``lost_agent_threshold`` heartbeat intervals LOST (their work is reclaimed).
 
-    When *no* agent has been heard from within that window the plane itself (api-server, network)
-    is the likelier culprit, so nobody is declared lost; and when agents are heard again after such a
-    silence (or after this scheduler started), each gets one more window to check in, since agents
-    resume at different moments. An API outage must not fail running tasks.
+    When *no* agent has been heard for two intervals the plane itself (api-server down or stalled,
+    network) is the likelier culprit, so nobody is declared lost; and when agents are heard again after
+    such a silence (or after this scheduler started), each gets one more window to check in, since
+    agents resume at different moments. An API outage or stall must not fail running tasks.
     """
 
     def __init__(self) -> None:
@@ -137,10 +137,14 @@ class LostAgentDetector:
     def mark_lost(self, session: Session) -> list[AgentModel]:
         from sqlalchemy import func
 
+        from datetime import timedelta
+
         now = timezone.utcnow()
         newest = session.scalar(select(func.max(AgentModel.last_heartbeat_at)))
-        if newest is None or newest < now - self.window():
-            self.grace_until = now + self.window()  # silence everywhere: counts from when agents are heard again
+        # No agent heard for two intervals: the plane (api-server stalled or down, network) is the likelier
+        # culprit. Nobody is lost now, and every agent gets a full window once they are heard again.
+        if newest is None or newest < now - timedelta(seconds=2 * config.getfloat("heartbeat_interval")):
+            self.grace_until = now + self.window()
             return []
         if now < self.grace_until:
             return []

@@ -293,3 +293,19 @@ def test_a_restarted_agent_gets_none_of_its_predecessors_work(db):
             "failed", "agent phoenix restarted (work of the previous process)"
         )
         assert state["kept"].state == "running"  # re-registering after a 409 keeps what it still runs
+
+
+def test_a_stalled_plane_starts_a_grace_window(db):
+    """No heartbeat for two intervals (an api-server stalled, then answering everyone at once): the agent
+    whose heartbeat lands a moment after another's is not lost; it has a window to check in."""
+    a = register(db, new_token(db, "a", ["default"]))
+    b = register(db, new_token(db, "b", ["default"]))
+    _age_heartbeat(db, a, 11)
+    _age_heartbeat(db, b, 11)
+    detector = _detector()
+    with db.session() as s:
+        assert detector.mark_lost(s) == []  # 11 s of silence everywhere (> 2 x 5 s): the plane stalled
+    _age_heartbeat(db, a, 16)
+    _age_heartbeat(db, b, 0)  # the stall ends: b's heartbeat got in first
+    with db.session() as s:
+        assert detector.mark_lost(s) == []

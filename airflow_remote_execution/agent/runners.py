@@ -107,6 +107,8 @@ class Runner:
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_runner_main, args=(child, os.getpid()), name="workload-runner")
         self.process.start()
+        with contextlib.suppress(OSError):  # the child does this too; done here, a kill right away finds the group
+            os.setpgid(self.process.pid, self.process.pid)
         child.close()
         self.busy = False
 
