@@ -314,6 +314,9 @@ def failing_checks(body: dict) -> dict[str, str]:
 
 def test_sentinel_probes_and_reports(plane_api, status_file, monkeypatch):
     monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__API_URL", plane_api)
+    # The doctor's integration checks (api, token, bundles, ...) need a configured agent home; whether
+    # they are registered in this process depends on which test files ran before (the e2e covers them).
+    monkeypatch.setattr(Sentinel, "integration_names", lambda self: [])
     with create_session() as s:
         clear = tokens.create(s, agent_name="agent-1", queues=["default"])[0]
     client = PlaneClient(plane_api, clear, timeout=5)
