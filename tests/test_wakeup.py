@@ -169,7 +169,12 @@ class PgListener:
     LISTENING = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query = 'LISTEN {}'"
 
     def __init__(self, engine):
-        self.engine = engine
+        # A pool of its own: the session engine's pool is shared with other test files in this process
+        # (and with processes they fork), and the listener holds its connection for the whole test.
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        self.engine = create_engine(engine.url, poolclass=NullPool)
         self.waker = Waker()
         self.errors: list[BaseException] = []
         self.done = threading.Event()
