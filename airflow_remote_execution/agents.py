@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from datetime import timedelta
+
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from airflow.sdk import timezone
@@ -129,16 +131,10 @@ class LostAgentDetector:
         self.grace_until = timezone.utcnow() + self.window()
 
     @staticmethod
-    def window():
-        from datetime import timedelta
-
+    def window() -> timedelta:
         return timedelta(seconds=config.getfloat("heartbeat_interval") * config.getint("lost_agent_threshold"))
 
     def mark_lost(self, session: Session) -> list[AgentModel]:
-        from sqlalchemy import func
-
-        from datetime import timedelta
-
         now = timezone.utcnow()
         newest = session.scalar(select(func.max(AgentModel.last_heartbeat_at)))
         # No agent heard for two intervals: the plane (api-server stalled or down, network) is the likelier
