@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from git_server import GitServer
-from localplane import EXAMPLE_DAGS, NO_DB, Agent, Plane, wait_for
+from localplane import EXAMPLE_DAGS, NO_DB, Agent, Plane, shutdown, wait_for
 
 pytestmark = pytest.mark.e2e
 BUNDLE_SRC = Path(__file__).parent / "dags_bundle"
@@ -78,13 +78,7 @@ def setup(tmp_path_factory):
             agent.wait_registered()
             yield plane, agent, repo, first_sha, base
         finally:
-            if agent:
-                agent.stop()
-            plane.stop()
-            for proc in [*plane.procs.values(), *([agent.proc] if agent else [])]:
-                print(f"--- {proc.name}\n{proc.tail(40)}")
-            if agent:
-                print(f"--- agent log\n{agent.proc.tail(80)}")
+            shutdown(plane, [agent], lines=80)
 
 
 def test_parsing_triggers_and_tasks_all_on_the_agent(setup):

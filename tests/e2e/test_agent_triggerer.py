@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from localplane import EXAMPLE_DAGS, Agent, Plane, Proc, fresh_pg_database, wait_for
+from localplane import EXAMPLE_DAGS, Agent, Plane, Proc, fresh_pg_database, shutdown, wait_for
 
 pytestmark = pytest.mark.e2e
 DAG = "remote_deferrable"
@@ -83,11 +83,7 @@ def cluster(tmp_path_factory, pg_url):
         plane.wait_dag(DAG)
         yield plane, agents
     finally:
-        for agent in agents.values():
-            agent.stop()
-        plane.stop()
-        for proc in [*plane.procs.values(), *(a.proc for a in agents.values())]:
-            print(f"--- {proc.name}\n{proc.tail(40)}")
+        shutdown(plane, [a.agent for a in agents.values()])
 
 
 def _states(plane: Plane, run_id: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from git_server import GitServer
-from localplane import AIRFLOW, Agent, Plane, wait_for
+from localplane import AIRFLOW, Agent, Plane, shutdown, wait_for
 
 from airflow_remote_execution.bundles import git_bundle
 
@@ -80,11 +80,7 @@ def setup(tmp_path_factory):
             agent.wait_registered()
             yield plane, agent, repo, sha_a, agent_storage
         finally:
-            if agent:
-                agent.stop()
-            plane.stop()
-            for proc in [*plane.procs.values(), *([agent.proc] if agent else [])]:
-                print(f"--- {proc.name}\n{proc.tail(30)}")
+            shutdown(plane, [agent], lines=30)
 
 
 def _result(plane: Plane, run_id: str) -> dict:
