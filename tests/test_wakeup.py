@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -164,9 +165,11 @@ def test_sqlite_notify_on_commit_wakes_a_waiter_at_once(airflow_db, monkeypatch)
 
 
 class PgListener:
-    """A Waker whose listener thread LISTENs on the given PostgreSQL engine (what ``Waker._run`` does for Airflow's)."""
+    """A Waker whose listener thread LISTENs on the given PostgreSQL engine (what ``Waker._run`` does for Airflow's).
 
-    LISTENING = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query = 'LISTEN {}'"
+    Readiness is proven by a NOTIFY that wakes a probe waiter, not by reading ``pg_stat_activity.query``
+    (which timed out once in CI with the listener alive); the backend is found by its application_name.
+    """
 
     def __init__(self, engine):
         # A pool of its own: the session engine's pool is shared with other test files in this process
@@ -174,7 +177,9 @@ class PgListener:
         from sqlalchemy import create_engine
         from sqlalchemy.pool import NullPool
 
-        self.engine = create_engine(engine.url, poolclass=NullPool)
+        self.name = f"rex-test-listener-{os.getpid()}-{id(self):x}"
+        self.engine = create_engine(engine.url, poolclass=NullPool, connect_args={"application_name": self.name})
+        self.probe_engine = create_engine(engine.url, poolclass=NullPool)
         self.waker = Waker()
         self.errors: list[BaseException] = []
         self.done = threading.Event()
@@ -189,18 +194,38 @@ class PgListener:
         finally:
             self.done.set()
 
+    def backend(self) -> list:
+        with self.probe_engine.connect() as conn:
+            sql = "SELECT pid, state, wait_event, query FROM pg_stat_activity WHERE application_name = :n"
+            return [tuple(r) for r in conn.execute(text(sql), {"n": self.name})]
+
     def wait_listening(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        with self.engine.connect() as conn:
-            while not conn.execute(text(self.LISTENING.format(wakeup.CHANNEL))).all():
-                assert not self.done.is_set(), f"listener failed: {self.errors!r}"
-                assert time.monotonic() < deadline, "listener did not start"
-                time.sleep(0.02)
+        probe_queue = f"probe-{self.name}"
+
+        async def probe() -> bool:
+            event = self.waker.arm([probe_queue])
+            try:
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline and not self.done.is_set():
+                    with self.probe_engine.begin() as conn:
+                        conn.execute(text("SELECT pg_notify(:c, :q)"), {"c": wakeup.CHANNEL, "q": probe_queue})
+                    if await woken(event, 0.2):
+                        return True
+                return False
+            finally:
+                self.waker.disarm(event)
+
+        ok = asyncio.run(probe())
+        assert not self.done.is_set(), f"listener failed: {self.errors!r}"
+        assert ok, f"listener did not start within {timeout}s; its backend: {self.backend()!r}"
 
     def stop(self) -> None:
-        with self.engine.connect() as conn:
-            conn.execute(text(self.LISTENING.format(wakeup.CHANNEL).replace("SELECT pid", "SELECT pg_terminate_backend(pid)")))
+        with self.probe_engine.connect() as conn:
+            sql = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :n"
+            conn.execute(text(sql), {"n": self.name})
         assert self.done.wait(10), "listener thread did not stop"
+        self.engine.dispose()
+        self.probe_engine.dispose()
 
 
 @pytest.fixture
