@@ -38,7 +38,7 @@ class ObjectStorageXComBackend(BaseXCom):
     ``[core] xcom_backend = airflow_remote_execution.xcom.ObjectStorageXComBackend``.
 
     Values whose JSON exceeds ``[remote_execution] xcom_threshold`` bytes are streamed (hashed, optionally
-    compressed) to ``xcom_path``; the DB keeps a readable reference. Reads verify the sha256 and fail
+    compressed) to ``xcom_path``; the DB keeps a readable reference. Reads verify the checksum and fail
     loudly, naming the object and its writer, when the object is missing or corrupted.
     """
 
@@ -96,7 +96,7 @@ class ObjectStorageXComBackend(BaseXCom):
             "stored_bytes": written.stored_bytes,
             "format": fmt,
             "compression": settings.compression,
-            "sha256": written.sha256,
+            store.CHECKSUM: written.checksum,
             "written_by": where.writer(),
         }
         log.info("XCom %s stored in %s (%s, %s stored)", where.key, ref["ref"], ref["size"],
@@ -147,10 +147,10 @@ def read_object(ref: dict) -> Any:
     path = _path_of(ref)
     writer = ref.get("written_by", "an unknown task")
     try:
-        # Uncompressed objects are read in READ_BLOCK ranges straight into the result buffer (no read-ahead
-        # cache: one GET per block, no extra copy); decompressors read small pieces, so they keep the cache.
+        # Uncompressed objects are read in IO_BLOCK ranges (no read-ahead cache: one GET per block, no
+        # extra copy); decompressors read small pieces, so they keep the cache.
         plain = ref.get("compression", "none") == "none"
-        fileobj = path.open("rb", block_size=store.READ_BLOCK, **({"cache_type": "none"} if plain else {}))
+        fileobj = path.open("rb", block_size=store.IO_BLOCK, **({"cache_type": "none"} if plain else {}))
     except FileNotFoundError:
         raise XComStorageError(
             f"XCom object {ref['ref']} written by {writer} is missing from the store: it was deleted "
@@ -158,22 +158,24 @@ def read_object(ref: dict) -> Any:
         ) from None
     with fileobj:
         try:
-            got = store.read_stream(fileobj, int(ref["bytes"]), ref.get("compression", "none"))
+            got = store.read_text(fileobj, int(ref["bytes"]), ref.get("compression", "none"))
         except XComStorageError:
             raise
         except Exception as e:  # noqa: BLE001 - a broken compressed stream is a corrupted object
             raise XComStorageError(
                 f"XCom object {ref['ref']} written by {writer} is corrupted: {type(e).__name__}: {e}"
             ) from None
-    if got.bytes != int(ref["bytes"]) or got.sha256 != ref["sha256"]:
+    expected = ref.get(store.CHECKSUM)
+    if got.bytes != int(ref["bytes"]) or got.checksum != expected:
         raise XComStorageError(
             f"XCom object {ref['ref']} written by {writer} is corrupted: expected {ref['bytes']} bytes with "
-            f"sha256 {ref['sha256']}, found {got.bytes if got.bytes <= int(ref['bytes']) else 'more'} bytes"
-            f"{'' if got.bytes != int(ref['bytes']) else ' with sha256 ' + got.sha256}. Clear and rerun that task."
+            f"{store.CHECKSUM} {expected}, found {got.bytes if got.bytes <= int(ref['bytes']) else 'more'} bytes"
+            f"{'' if got.bytes != int(ref['bytes']) else f' with {store.CHECKSUM} {got.checksum}'}. "
+            "Clear and rerun that task."
         )
-    data = got.data
+    text = got.text
     del got
-    return store.decode(ref.get("format", "json"), data)
+    return store.decode(ref.get("format", "json"), text)
 
 
 def delete_object(ref: dict) -> None:

@@ -10,20 +10,19 @@ which XCom row (dag, run, task, map index, key) it belongs to.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import queue
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
 from airflow_remote_execution import config
 
-CHUNK = 1 << 20  # encode/hash/compress/write in 1 MiB pieces: bounded memory beside the value itself
-IO_BLOCK = 16 << 20  # upload part size for object stores (S3 parts must be >= 5 MiB)
-READ_BLOCK = 64 << 20  # download range size: few requests (each has a fixed cost), hashing overlaps the next
+CHUNK = 1 << 20  # encode/checksum/compress/write in 1 MiB pieces: bounded memory beside the value itself
+IO_BLOCK = 16 << 20  # upload part size (S3 parts must be >= 5 MiB) and download block: few requests
+CHECKSUM = "xxh3_128"  # the reference's key holding the checksum of the serialised bytes
 COMPRESSIONS = {"none": "", "gzip": ".gz", "zstd": ".zst"}
 DEFAULT_THRESHOLD = 65536
 MARKER = "__remote_execution_xcom__"  # key of the reference dict kept in the DB instead of a large value
@@ -182,13 +181,7 @@ def encode(value: Any) -> tuple[str, Iterator[bytes]]:
     return "json", iter_json(value)
 
 
-def decode(fmt: str, data: bytearray) -> Any:
-    """Decode, then free the raw bytes before parsing: at most ~2x the value in memory, not 3x."""
-    text = data.decode("utf-8", "surrogatepass")
-    try:
-        data.clear()
-    except BufferError:  # still exported somewhere: it goes when the caller drops it
-        pass
+def decode(fmt: str, text: str) -> Any:
     return text if fmt == "text" else json.loads(text)
 
 
@@ -222,56 +215,115 @@ class _Counting:
         pass
 
 
+class _BackgroundWriter:
+    """Calls ``write`` on a second thread, at most ``depth`` chunks behind: compressors and file/socket
+    writes release the GIL, so compression and upload overlap encoding on another core. A failed write
+    is raised by the next :meth:`write` or by :meth:`close`; later chunks are dropped, never written."""
+
+    def __init__(self, write: Callable[[Any], Any], depth: int = 2):
+        self._write = write
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="xcom-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._write(data)
+                except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+                    self._error = e
+
+    def write(self, data) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def _buffer_reader(src: IO[bytes], block: int, limit: int, depth: int = 2) -> Iterator[memoryview]:
+    """Blocks of ``src`` (up to ``limit`` bytes in all), read by a second thread into ``depth`` reused
+    buffers while the caller works on the previous one. Each view is valid until the next is asked for."""
+    free: queue.Queue = queue.Queue()
+    full: queue.Queue = queue.Queue()
+    for _ in range(depth):
+        free.put(bytearray(block))
+
+    def run() -> None:
+        total = 0
+        try:
+            while (buf := free.get()) is not None:
+                view = memoryview(buf)
+                want = min(block, limit - total)
+                n = 0
+                while n < want and (got := src.readinto(view[n:want])):
+                    n += got
+                view.release()
+                total += n
+                full.put((buf, n))
+                if n < want or total >= limit:
+                    break
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+            full.put((e, 0))
+        full.put((None, 0))
+
+    thread = threading.Thread(target=run, name="xcom-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            buf, n = full.get()
+            if buf is None:
+                return
+            if isinstance(buf, BaseException):
+                raise buf
+            view = memoryview(buf)[:n]
+            try:
+                yield view
+            finally:
+                view.release()
+            free.put(buf)
+    finally:
+        free.put(None)
+
+
+def _utf8_length(lead: int) -> int:
+    """The length of the UTF-8 character starting with byte ``lead`` (1 for bytes that cannot start one:
+    decoding them raises)."""
+    return 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if lead >= 0xF0 else 1
+
+
+def _complete_utf8(view: memoryview) -> int:
+    """How many leading bytes of ``view`` are whole UTF-8 characters (a block may end inside one)."""
+    n = len(view)
+    i = n - 1
+    while i >= max(0, n - 4) and view[i] & 0xC0 == 0x80:  # continuation bytes
+        i -= 1
+    return i if i >= 0 and n - i < _utf8_length(view[i]) else n
+
+
 @dataclass(frozen=True)
 class Written:
     bytes: int  # serialised (uncompressed) size
     stored_bytes: int
-    sha256: str
+    checksum: str  # CHECKSUM of the serialised bytes
 
 
-class _Sha256:
-    """sha256 fed from a second thread once the data is larger than one chunk: hashlib releases the GIL
-    on large buffers, so hashing overlaps encoding, compression and upload (sha256 alone is ~600 MB/s
-    on a small VM core, slower than a local disk). Chunks are hashed in order; nothing is copied."""
+def _digest():
+    import xxhash  # ~25 GB/s; sha256 (~0.8 GB/s here) cost more than the upload itself
 
-    def __init__(self):
-        self._digest = hashlib.sha256()
-        self._queue: queue.Queue | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def update(self, data) -> None:
-        if self._thread is None and len(data) < CHUNK:
-            self._digest.update(data)
-            return
-        if self._thread is None:
-            self._queue = queue.Queue(maxsize=4)  # bounds memory: at most 4 chunks waiting
-            self._thread = threading.Thread(target=self._run, name="xcom-sha256", daemon=True)
-            self._thread.start()
-        self._queue.put(data)
-
-    def _run(self) -> None:
-        try:
-            while (data := self._queue.get()) is not None:
-                self._digest.update(data)
-        except BaseException as e:  # noqa: BLE001 - surfaced by hexdigest()
-            self._error = e
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
-    def hexdigest(self) -> str:
-        self.close()
-        if self._error:
-            raise self._error
-        return self._digest.hexdigest()
+    return xxhash.xxh3_128()
 
 
 def write_stream(fileobj: IO[bytes], first: bytes, rest: Iterator[bytes], compression: str) -> Written:
-    """Write ``first`` then ``rest`` through sha256 (of the uncompressed bytes) and the compressor."""
+    """Write ``first`` then ``rest`` through the checksum (of the uncompressed bytes) and the compressor;
+    compression and writes run on a second thread."""
     counting = _Counting(fileobj)
     if compression == "gzip":
         out: Any = gzip.GzipFile(fileobj=counting, mode="wb", compresslevel=6, mtime=0)
@@ -279,13 +331,14 @@ def write_stream(fileobj: IO[bytes], first: bytes, rest: Iterator[bytes], compre
         out = _zstandard().ZstdCompressor(level=3).stream_writer(counting, closefd=False)
     else:
         out = counting
-    digest = _Sha256()
+    digest = _digest()
     size = 0
+    writer = _BackgroundWriter(out.write)
 
     def emit(chunk) -> None:
         nonlocal size
         digest.update(chunk)
-        out.write(chunk)
+        writer.write(chunk)  # the writer owns ``chunk`` from here: it is never changed again
         size += len(chunk)
 
     try:
@@ -300,42 +353,71 @@ def write_stream(fileobj: IO[bytes], first: bytes, rest: Iterator[bytes], compre
                 buf = bytearray()
         if buf:
             emit(buf)
-        if out is not counting:
-            out.close()
     finally:
-        digest.close()
+        writer.close()
+    if out is not counting:
+        out.close()
     return Written(size, counting.count, digest.hexdigest())
 
 
 @dataclass
 class Read:
-    data: bytearray
-    sha256: str
+    text: str
+    checksum: str
     bytes: int  # how many uncompressed bytes the object really had (up to the expected size + 1)
 
 
-def read_stream(fileobj: IO[bytes], size: int, compression: str) -> Read:
-    """Read exactly ``size`` uncompressed bytes into one preallocated buffer, hashing as it goes."""
+def _concat(pieces: Iterable[str]) -> str:
+    """``"".join(pieces)`` without holding the pieces and the result at once: CPython grows a string in
+    place when ``+=`` holds its only reference. The interpreter takes that path only once this loop is
+    warm (specialised), hence the warm-up call at import."""
+    text = ""
+    for piece in pieces:
+        text += piece
+    return text
+
+
+_concat("x" for _ in range(256))
+
+
+def read_text(fileobj: IO[bytes], size: int, compression: str) -> Read:
+    """Read and decode up to ``size + 1`` uncompressed bytes as UTF-8, checksumming as it goes.
+
+    Reads and decompression run on a second thread; the text grows in place block by block, so a pull
+    peaks near the value's size plus a few blocks, not twice it.
+    """
     if compression == "gzip":
         src: Any = gzip.GzipFile(fileobj=fileobj, mode="rb")
     elif compression == "zstd":
         src = _zstandard().ZstdDecompressor().stream_reader(fileobj, closefd=False)
     else:
         src = fileobj
-    data = bytearray(size)
-    view = memoryview(data)
-    digest = _Sha256()
-    pos = 0
-    try:
-        while pos < size:
-            n = src.readinto(view[pos : pos + READ_BLOCK])
-            if not n:
-                break
-            digest.update(view[pos : pos + n])  # hashed in place by the hashing thread, no copy
-            pos += n
-        extra = src.read(1) if pos == size else b""
-    finally:
-        digest.close()
-    sha = digest.hexdigest()
-    view.release()
-    return Read(data, sha, pos + len(extra))
+    digest = _digest()
+    total = 0
+
+    def pieces() -> Iterator[str]:
+        nonlocal total
+        carry = b""  # the start of a character split between two blocks
+        for view in _buffer_reader(src, max(1, min(IO_BLOCK, size + 1)), size + 1):
+            digest.update(view)
+            total += len(view)
+            start = 0
+            if carry:
+                start = min(len(view), _utf8_length(carry[0]) - len(carry))
+                carry += bytes(view[:start])
+                if len(carry) < _utf8_length(carry[0]):
+                    continue
+                yield carry.decode("utf-8", "surrogatepass")
+            end = start + _complete_utf8(view[start:])
+            while start < end:  # CHUNK-sized pieces: the piece being appended stays small
+                stop = min(start + CHUNK, end)
+                if stop < end:
+                    stop = start + (_complete_utf8(view[start:stop]) or stop - start)
+                yield str(view[start:stop], "utf-8", "surrogatepass")
+                start = stop
+            carry = bytes(view[end:])
+        if carry:
+            yield carry.decode("utf-8", "surrogatepass")  # raises: the object ends inside a character
+
+    text = _concat(pieces())
+    return Read(text, digest.hexdigest(), total)

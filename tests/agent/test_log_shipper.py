@@ -14,7 +14,7 @@ import boto3
 import pytest
 
 from airflow_remote_execution.agent.log_shipper import LogShipper, TaskLog, remote_log_io
-from emulators import AWS_TEST_CREDENTIALS, azurite, azurite_connection_string, fake_gcs, moto
+from emulators import AWS_TEST_CREDENTIALS, GcsNotFoundText, azurite, azurite_connection_string, fake_gcs, moto
 
 BUCKET = "customer-logs"
 REL = "dag_id=d/run_id=r/task_id=t/attempt=1.log"
@@ -33,7 +33,9 @@ def gcs_server():
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    with fake_gcs() as server, pytest.MonkeyPatch.context() as mp:
+    # GCSRemoteLogIO.write only creates a log whose read failed with real GCS's 404 text ("No such
+    # object"); the shim gives fake-gcs-server that text (bare, it refuses every first upload).
+    with fake_gcs() as upstream, GcsNotFoundText(upstream) as server, pytest.MonkeyPatch.context() as mp:
         mp.setenv("STORAGE_EMULATOR_HOST", server.url)
         storage.Client(project="test", credentials=AnonymousCredentials()).create_bucket(BUCKET)
         yield server
@@ -100,12 +102,7 @@ def _azure(server, prefix: str) -> tuple[str, dict, Callable[[str], str | None]]
     return f"wasb://{prefix}", conn, read
 
 
-# GCSRemoteLogIO.write only creates a log whose read failed with "No such object" (real GCS's 404 text);
-# fake-gcs-server answers "Not Found", so the IO refuses every first upload there - its own final one too.
-GCS_404_QUIRK = pytest.mark.xfail(strict=True, reason="fake-gcs-server's 404 text is not GCS's 'No such object'")
-
-
-@pytest.fixture(params=["s3", pytest.param("gcs", marks=GCS_404_QUIRK), "azure"])
+@pytest.fixture(params=["s3", "gcs", "azure"])
 def store(request, tmp_path, monkeypatch):
     """Remote logging configured as on an agent: [logging] options and the connection from the environment.
 
