@@ -6,6 +6,11 @@ runner only pays for the supervisor's own fork of the task process.
 
 A runner is its own process group, so the agent can kill a workload (supervisor and runner) with
 one signal; a killed runner is not reused.
+
+A task can be handed over *gated*, before the plane confirmed its lease: the runner sets up the
+supervisor and forks the task process while the agent's start confirmation is in flight, then waits
+for :meth:`Runner.go` before the supervisor tells the execution API the task started (the task
+process does nothing until then). :meth:`Runner.abort` kills the unstarted task process instead.
 """
 
 from __future__ import annotations
@@ -22,6 +27,46 @@ from multiprocessing.connection import Connection
 log = logging.getLogger("airflow_remote_execution.agent")
 
 _STOP = None
+_GO = "go"
+_ABORT = "abort"
+_gate: dict = {}  # in a runner while a gated task is being set up: {"conn": ..., "passed": bool}
+
+
+class StartAborted(RuntimeError):
+    """The agent's start confirmation failed: the forked task process was killed before it started."""
+
+
+def _receive(conn: Connection, agent_pid: int, or_else=_STOP):
+    """The agent's next message, or ``or_else`` once the agent is gone (siblings hold our pipe open, so
+    its death is no EOF: the parent pid tells)."""
+    try:
+        while not conn.poll(1.0):
+            if os.getppid() != agent_pid:
+                return or_else
+        return conn.recv()
+    except (EOFError, OSError):
+        return or_else
+
+
+def _gate_task_start() -> None:
+    """Make the supervisor wait for the agent's go before it reports the task started (gated tasks only)."""
+    from airflow.sdk.execution_time.supervisor import ActivitySubprocess
+
+    if getattr(ActivitySubprocess, "_rex_start_gated", False):
+        return
+    original = ActivitySubprocess._on_child_started
+
+    def _on_child_started(self, **kwargs):
+        if _gate and not _gate["passed"]:
+            _gate["passed"] = True
+            message = _receive(_gate["conn"], _gate["agent_pid"], or_else=_ABORT)
+            if message != _GO:
+                self.kill(signal.SIGKILL, force=True)
+                raise StartAborted("the plane did not confirm the lease; the task was not started")
+        return original(self, **kwargs)
+
+    ActivitySubprocess._on_child_started = _on_child_started
+    ActivitySubprocess._rex_start_gated = True
 
 
 def _fix_supervisor_exit_race() -> None:
@@ -66,32 +111,37 @@ def run_one(workload_json: str, server: str, adapter=None) -> int:
 
 
 def _runner_main(conn: Connection, agent_pid: int) -> None:
-    """Body of a runner: receive ``(workload_json, server)``, run it, send the exit code; repeat."""
+    """Body of a runner: receive ``(workload_json, server, gated)``, run it, send the exit code; repeat."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.setpgrp()  # the agent kills the whole group: runner/supervisor and task
     _fix_supervisor_exit_race()
+    _gate_task_start()
     with contextlib.suppress(ImportError):
         from setproctitle import setproctitle
 
         setproctitle("airflow remote-execution agent: idle runner")
     adapter = _workload_adapter()
     while True:
-        try:
-            while not conn.poll(1.0):
-                if os.getppid() != agent_pid:  # the agent died: siblings hold our pipe open, so no EOF
-                    os._exit(0)
-            message = conn.recv()
-        except (EOFError, OSError):
-            os._exit(0)
+        message = _receive(conn, agent_pid)
         if message is _STOP:
             os._exit(0)
-        workload_json, server = message
+        if message in (_GO, _ABORT):
+            continue  # cannot happen: a gated workload consumes its own go/abort below
+        workload_json, server, gated = message
+        if gated:
+            _gate.update(conn=conn, agent_pid=agent_pid, passed=False)
         try:
             code = run_one(workload_json, server, adapter)
+        except StartAborted:
+            code = 1
         except BaseException:  # noqa: BLE001 - report a failure, never take the runner down silently
             log.exception("Workload failed in the supervisor")
             code = 1
+        if gated:
+            if not _gate["passed"] and _receive(conn, agent_pid) is _STOP:  # failed before the fork: take
+                os._exit(0)  # its go/abort anyway, so the next workload is not fed it
+            _gate.clear()
         sys.stdout.flush()
         sys.stderr.flush()
         try:
@@ -119,9 +169,16 @@ class Runner:
     def alive(self) -> bool:
         return self.process.is_alive()
 
-    def submit(self, workload_json: str, server: str) -> None:
+    def submit(self, workload_json: str, server: str, gated: bool = False) -> None:
+        """Run a workload; ``gated``: only a task, which then waits for :meth:`go` or :meth:`abort`."""
         self.busy = True
-        self.conn.send((workload_json, server))
+        self.conn.send((workload_json, server, gated))
+
+    def go(self) -> None:
+        self.conn.send(_GO)
+
+    def abort(self) -> None:
+        self.conn.send(_ABORT)
 
     def done(self, timeout: float) -> bool:
         """True once the workload's exit code is there or the runner died."""

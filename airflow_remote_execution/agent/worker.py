@@ -262,13 +262,26 @@ class AgentWorker:
             except PlaneError as e:
                 log.warning("Could not release work %s: %s", lease.work_id, e.detail)
             return
+        # A task's runner sets up its supervisor and forks the task process while the start confirmation
+        # is in flight; the supervisor tells the execution API the task started only after ``go``.
+        gated = lease.kind == "task"
+        runner = self.pool.take()
+        if gated:
+            runner.submit(json.dumps(lease.workload), self.execution_api_url, gated=True)
         try:
             self.client.start(lease.work_id, lease.fence)
         except PlaneError as e:
             log.warning("Not starting work %s: %s", lease.work_id, e.detail)
+            if gated:
+                runner.abort()
+                runner.done(60)
+                runner.result()
+            self.pool.give_back(runner)
             return
-        runner = self.pool.take()
-        runner.submit(json.dumps(lease.workload), self.execution_api_url)
+        if gated:
+            runner.go()
+        else:
+            runner.submit(json.dumps(lease.workload), self.execution_api_url)
         run = Running(lease=lease, runner=runner)
         with self.lock:
             self.running[lease.work_id] = run

@@ -87,3 +87,114 @@ def _alive(pid: int) -> bool:
     # reparented to init (or us): a zombie counts as gone
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split()[2] != "Z"
+
+
+# ------------------------------------------------------------------ gated start (confirmation in flight)
+
+
+class _ExecutionApi:
+    """A loopback HTTP server that records what the supervisor asks of the execution API and answers
+    409 (the task is not queued), which ends the supervision at once."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        seen = self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_PATCH(self):
+                seen.append((time.monotonic(), self.command, self.path))
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = b'{"detail": {"reason": "invalid_state", "message": "not queued"}}'
+                self.send_response(409)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_PUT = do_POST = do_GET = do_PATCH
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/execution/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def execution_api():
+    api = _ExecutionApi()
+    yield api
+    api.close()
+
+
+def _task_json(tmp_path) -> str:
+    import uuid
+
+    from airflow.executors import workloads
+
+    ti = workloads.TaskInstanceDTO(
+        id=uuid.uuid4(), task_id="t", dag_id="d", run_id="r", try_number=1, map_index=-1,
+        dag_version_id=uuid.uuid4(), queue="default", pool_slots=1, priority_weight=1,
+    )
+    return workloads.ExecuteTask(
+        ti=ti, dag_rel_path="d.py", bundle_info=workloads.BundleInfo(name="dags-folder"),
+        log_path=str(tmp_path / "t.log"), token="jwt",
+    ).model_dump_json()
+
+
+def _task_children(runner) -> list:
+    import psutil
+
+    return [c for c in psutil.Process(runner.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_gated_task_is_forked_but_not_started_until_go(pool, execution_api, tmp_path):
+    runner = pool.take()
+    runner.submit(_task_json(tmp_path), execution_api.url, gated=True)
+    deadline = time.monotonic() + 30
+    while not _task_children(runner):  # the supervisor forked the task process ahead of the confirmation
+        assert time.monotonic() < deadline, "the task process was not forked while gated"
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert execution_api.requests == [], "the execution API heard of the task before go"
+    go_at = time.monotonic()
+    runner.go()
+    assert _finish(runner) != 0  # the stand-in API refuses the start
+    starts = [r for r in execution_api.requests if r[2].endswith("/run")]
+    assert starts and starts[0][0] >= go_at
+    pool.give_back(runner)
+    assert runner.alive()
+
+
+def test_aborted_gated_task_never_starts_and_the_runner_is_reused(pool, execution_api, tmp_path):
+    runner = pool.take()
+    runner.submit(_task_json(tmp_path), execution_api.url, gated=True)
+    deadline = time.monotonic() + 30
+    while not (children := _task_children(runner)):
+        assert time.monotonic() < deadline, "the task process was not forked while gated"
+        time.sleep(0.01)
+    runner.abort()
+    assert _finish(runner) == 1
+    assert not any(c.is_running() and c.status() != "zombie" for c in children), "the unstarted task process lives on"
+    assert execution_api.requests == []
+    pool.give_back(runner)
+    # The next workload on the same runner is not confused by the gate.
+    again = pool.take()
+    again.submit('{"type": "NotAWorkload"}', "http://127.0.0.1:9/execution/")
+    assert _finish(again) == 1
+
+
+def test_gated_workload_failing_before_the_fork_still_takes_its_go(pool, tmp_path):
+    runner = pool.take()
+    runner.submit('{"type": "NotAWorkload"}', "http://127.0.0.1:9/execution/", gated=True)
+    runner.go()
+    assert _finish(runner) == 1
+    runner.submit('{"type": "NotAWorkload"}', "http://127.0.0.1:9/execution/")  # not fed the stale "go"
+    assert _finish(runner) == 1
