@@ -189,6 +189,7 @@ def test_aborted_gated_task_never_starts_and_the_runner_is_reused(pool, executio
     again = pool.take()
     again.submit('{"type": "NotAWorkload"}', "http://127.0.0.1:9/execution/")
     assert _finish(again) == 1
+    pool.give_back(again)
 
 
 def test_gated_workload_failing_before_the_fork_still_takes_its_go(pool, tmp_path):
@@ -198,3 +199,4 @@ def test_gated_workload_failing_before_the_fork_still_takes_its_go(pool, tmp_pat
     assert _finish(runner) == 1
     runner.submit('{"type": "NotAWorkload"}', "http://127.0.0.1:9/execution/")  # not fed the stale "go"
     assert _finish(runner) == 1
+    pool.give_back(runner)
