@@ -153,7 +153,7 @@ def test_50_mib_between_two_agents(plane, agents):
         "zstd": ".zst", "gzip": ".gz", "none": ""}[KINDS[kind]]
     assert ref["size"] == "50.0 MiB" and ref["bytes"] > MIB << 20
     assert ref["written_by"] == f"{DAG}.produce in run {run_id} (key 'return_value')"
-    assert len(ref["sha256"]) == 64 and ref["compression"] == KINDS[kind]
+    assert len(ref["xxh3_128"]) == 32 and ref["compression"] == KINDS[kind]
     if KINDS[kind] != "none":
         assert ref["stored_bytes"] < ref["bytes"]
     assert _object_exists(agent_a, ref["ref"])
