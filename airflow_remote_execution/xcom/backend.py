@@ -147,8 +147,8 @@ def read_object(ref: dict) -> Any:
     path = _path_of(ref)
     writer = ref.get("written_by", "an unknown task")
     try:
-        # Uncompressed objects are read in IO_BLOCK ranges (no read-ahead cache: one GET per block, no
-        # extra copy); decompressors read small pieces, so they keep the cache.
+        # Uncompressed objects are read in IO_BLOCK ranges (no read-ahead cache: one GET per block);
+        # decompressors read small pieces, so they keep the cache.
         plain = ref.get("compression", "none") == "none"
         fileobj = path.open("rb", block_size=store.IO_BLOCK, **({"cache_type": "none"} if plain else {}))
     except FileNotFoundError:
