@@ -6,11 +6,16 @@ once the server answers, and stops it afterwards.
 
 from __future__ import annotations
 
+import http.client
+import http.server
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,73 +133,71 @@ def fake_gcs() -> ServerProcess:
 
 
 
-class GcsNotFoundText:
-    """A loopback reverse proxy in front of fake-gcs-server that answers 404s as real GCS does.
+class LoopbackHttp:
+    """An in-process ``ThreadingHTTPServer`` on a free loopback port, served from a daemon thread."""
 
-    Real GCS says ``No such object: <bucket>/<object>``; fake-gcs-server says ``Not Found``. Airflow's
-    ``GCSRemoteLogIO.write`` appends to a log only if reading it failed with GCS's text, so behind the bare
-    emulator it refuses every first upload. Everything else passes through unchanged.
-    """
-
-    def __init__(self, upstream: ServerProcess):
-        import http.server
-        import threading
-        import urllib.parse
-
-        target = urllib.parse.urlsplit(upstream.url)
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def _forward(self) -> None:
-                import http.client
-                import json
-
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                out_headers = [(k, v) for k, v in resp.getheaders()
-                               if k.lower() not in ("content-length", "transfer-encoding", "connection")]
-                if resp.status == 404:
-                    path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-                    parts = path.split("/b/", 1)[-1].split("/o/", 1)
-                    what = "/".join(parts) if len(parts) == 2 else parts[0]
-                    message = f"No such object: {what}" if len(parts) == 2 else f"The specified bucket does not exist: {what}"
-                    data = json.dumps({"error": {"code": 404, "message": message,
-                                                 "errors": [{"message": message, "domain": "global",
-                                                             "reason": "notFound"}]}}).encode()
-                    out_headers = [(k, v) for k, v in out_headers if k.lower() != "content-type"]
-                    out_headers.append(("Content-Type", "application/json; charset=UTF-8"))
-                self.send_response(resp.status)
-                for k, v in out_headers:
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler], name: str = "loopback-http"):
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, name="gcs-404-shim", daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, name=name, daemon=True)
 
-    def __enter__(self) -> GcsNotFoundText:
+    def __enter__(self) -> LoopbackHttp:
         self._thread.start()
         return self
 
     def __exit__(self, *_exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def gcs_not_found_text(upstream: ServerProcess) -> LoopbackHttp:
+    """A loopback reverse proxy in front of fake-gcs-server that answers 404s as real GCS does.
+
+    Real GCS says ``No such object: <bucket>/<object>``; fake-gcs-server says ``Not Found``. Airflow's
+    ``GCSRemoteLogIO.write`` appends to a log only if reading it failed with GCS's text, so behind the bare
+    emulator it refuses every first upload. Everything else passes through unchanged.
+    """
+    target = urllib.parse.urlsplit(upstream.url)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def _forward(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            out_headers = [(k, v) for k, v in resp.getheaders()
+                           if k.lower() not in ("content-length", "transfer-encoding", "connection")]
+            if resp.status == 404:
+                path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+                parts = path.split("/b/", 1)[-1].split("/o/", 1)
+                what = "/".join(parts) if len(parts) == 2 else parts[0]
+                message = f"No such object: {what}" if len(parts) == 2 else f"The specified bucket does not exist: {what}"
+                data = json.dumps({"error": {"code": 404, "message": message,
+                                             "errors": [{"message": message, "domain": "global",
+                                                         "reason": "notFound"}]}}).encode()
+                out_headers = [(k, v) for k, v in out_headers if k.lower() != "content-type"]
+                out_headers.append(("Content-Type", "application/json; charset=UTF-8"))
+            self.send_response(resp.status)
+            for k, v in out_headers:
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            conn.close()
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
+
+    return LoopbackHttp(Handler, name="gcs-404-shim")
 
 
 OPENBAO_ROOT_TOKEN = "root-token-for-tests"

@@ -14,7 +14,7 @@ import boto3
 import pytest
 
 from airflow_remote_execution.agent.log_shipper import LogShipper, TaskLog, remote_log_io
-from emulators import AWS_TEST_CREDENTIALS, GcsNotFoundText, azurite, azurite_connection_string, fake_gcs, moto
+from emulators import AWS_TEST_CREDENTIALS, azurite, azurite_connection_string, fake_gcs, gcs_not_found_text, moto
 
 BUCKET = "customer-logs"
 REL = "dag_id=d/run_id=r/task_id=t/attempt=1.log"
@@ -35,7 +35,7 @@ def gcs_server():
 
     # GCSRemoteLogIO.write only creates a log whose read failed with real GCS's 404 text ("No such
     # object"); the shim gives fake-gcs-server that text (bare, it refuses every first upload).
-    with fake_gcs() as upstream, GcsNotFoundText(upstream) as server, pytest.MonkeyPatch.context() as mp:
+    with fake_gcs() as upstream, gcs_not_found_text(upstream) as server, pytest.MonkeyPatch.context() as mp:
         mp.setenv("STORAGE_EMULATOR_HOST", server.url)
         storage.Client(project="test", credentials=AnonymousCredentials()).create_bucket(BUCKET)
         yield server

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import pytest
+
+from emulators import LoopbackHttp
 
 from airflow_remote_execution.agent.runners import RunnerPool
 
@@ -33,7 +37,10 @@ def test_runner_is_reused_after_a_workload(pool):
     assert _finish(runner) == 1  # an invalid workload fails; the runner survives it
     assert runner.alive()
     pool.give_back(runner)
-    assert {pool.take().pid, pool.take().pid} >= {pid}
+    taken = [pool.take(), pool.take()]
+    assert {r.pid for r in taken} >= {pid}
+    for r in taken:  # an idle runner left out of the pool would be joined forever at interpreter exit
+        pool.give_back(r)
 
 
 def test_killed_runner_reports_the_signal_and_is_not_reused(pool):
@@ -41,7 +48,10 @@ def test_killed_runner_reports_the_signal_and_is_not_reused(pool):
     os.killpg(runner.pid, signal.SIGKILL)  # the agent's kill: the runner's whole process group
     assert _finish(runner) == -signal.SIGKILL
     pool.give_back(runner)
-    assert runner.pid not in {pool.take().pid, pool.take().pid}
+    taken = [pool.take(), pool.take()]
+    assert runner.pid not in {r.pid for r in taken}
+    for r in taken:
+        pool.give_back(r)
 
 
 def test_pool_forks_cold_when_none_is_idle_and_caps_what_it_keeps(pool):
@@ -92,46 +102,30 @@ def _alive(pid: int) -> bool:
 # ------------------------------------------------------------------ gated start (confirmation in flight)
 
 
-class _ExecutionApi:
-    """A loopback HTTP server that records what the supervisor asks of the execution API and answers
-    409 (the task is not queued), which ends the supervision at once."""
-
-    def __init__(self):
-        import http.server
-        import threading
-
-        seen = self.requests = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_PATCH(self):
-                seen.append((time.monotonic(), self.command, self.path))
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                body = b'{"detail": {"reason": "invalid_state", "message": "not queued"}}'
-                self.send_response(409)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_PUT = do_POST = do_GET = do_PATCH
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/execution/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def execution_api():
-    api = _ExecutionApi()
-    yield api
-    api.close()
+    """A stand-in execution API on loopback: records what the supervisor asks (``.requests``) and answers
+    409 (the task is not queued), which ends the supervision at once."""
+    seen: list[tuple[float, str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_PATCH(self):
+            seen.append((time.monotonic(), self.command, self.path))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = b'{"detail": {"reason": "invalid_state", "message": "not queued"}}'
+            self.send_response(409)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_PUT = do_POST = do_GET = do_PATCH
+
+    with LoopbackHttp(Handler) as server:
+        yield SimpleNamespace(url=server.url + "/execution/", requests=seen)
 
 
 def _task_json(tmp_path) -> str:
