@@ -138,26 +138,31 @@ class AgentWorker:
             signal.signal(sig, lambda *_: self.stopping.set())
         self._preload(self.client.tls)
         self.pool = RunnerPool(self.concurrency)
-        self.pool.fill()
-        start_log_shipper(self)  # partial task-log uploads if remote logging is on; before any fork
-        self.status.publish(self)
-        self.register()
-        self.status.publish(self)
-        threads = [
-            threading.Thread(target=self._poll_loop, name="poller", daemon=True),
-            threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
-        ]
-        for t in threads:
-            t.start()
-        # Airflow cleans old dag bundle versions only in dag processors and local-executor schedulers.
-        from airflow_remote_execution.bundles import remove_stale_versions_periodically
+        try:
+            self.pool.fill()
+            start_log_shipper(self)  # partial task-log uploads if remote logging is on; before any fork
+            self.status.publish(self)
+            self.register()
+            self.status.publish(self)
+            threads = [
+                threading.Thread(target=self._poll_loop, name="poller", daemon=True),
+                threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
+            ]
+            for t in threads:
+                t.start()
+            # Airflow cleans old dag bundle versions only in dag processors and local-executor schedulers.
+            from airflow_remote_execution.bundles import remove_stale_versions_periodically
 
-        threading.Thread(
-            target=remove_stale_versions_periodically, args=(self.stopping,), name="bundle-cleanup", daemon=True
-        ).start()
-        while not self.stopping.wait(0.5):
-            pass
-        return self._drain()
+            threading.Thread(
+                target=remove_stale_versions_periodically, args=(self.stopping,), name="bundle-cleanup", daemon=True
+            ).start()
+            while not self.stopping.wait(0.5):
+                pass
+            return self._drain()
+        finally:
+            # Idle runners are non-daemon children that outlive a living parent: left running, the
+            # interpreter's exit would join them forever (e.g. after "registration refused").
+            self.pool.close()
 
     def _drain(self) -> int:
         log.info("Stopping: no new work; waiting up to %ss for %d running", self.shutdown_timeout, len(self.running))
@@ -265,9 +270,10 @@ class AgentWorker:
         # A task's runner sets up its supervisor and forks the task process while the start confirmation
         # is in flight; the supervisor tells the execution API the task started only after ``go``.
         gated = lease.kind == "task"
+        workload_json = json.dumps(lease.workload)
         runner = self.pool.take()
         if gated:
-            runner.submit(json.dumps(lease.workload), self.execution_api_url, gated=True)
+            runner.submit(workload_json, self.execution_api_url, gated=True)
         try:
             self.client.start(lease.work_id, lease.fence)
         except PlaneError as e:
@@ -281,7 +287,7 @@ class AgentWorker:
         if gated:
             runner.go()
         else:
-            runner.submit(json.dumps(lease.workload), self.execution_api_url)
+            runner.submit(workload_json, self.execution_api_url)
         run = Running(lease=lease, runner=runner)
         with self.lock:
             self.running[lease.work_id] = run
