@@ -110,6 +110,39 @@ class WorkStateResponse(BaseModel):
     fence: int
 
 
+class TaskProcess(Strict):
+    """A task's process, forked and waiting for its start: what the execution API's start report needs."""
+
+    pid: int = Field(ge=1)
+    hostname: str = Field(max_length=1000)
+    unixname: str = Field(max_length=1000)
+    api_version: str = Field(max_length=100, description="The Task SDK's execution API version.")
+
+
+class StartRequest(FencedRequest):
+    task: TaskProcess | None = Field(
+        default=None,
+        description="For a task: have the plane make the execution API's start report once the lease is "
+        "confirmed (one round trip instead of two).",
+    )
+
+
+class ExecutionApiReply(BaseModel):
+    """The execution API's answer to the start report, passed through for the task's supervisor."""
+
+    status: int
+    headers: dict[str, str]
+    body: str
+
+
+class StartResponse(WorkStateResponse):
+    task_run: ExecutionApiReply | None = Field(
+        default=None,
+        description="The execution API's answer to the start report; absent when the plane did not make it "
+        "(no task in the request, or no execution API in this api-server): the supervisor reports itself.",
+    )
+
+
 class Problem(BaseModel):
     detail: str
 

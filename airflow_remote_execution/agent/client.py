@@ -25,6 +25,9 @@ from airflow_remote_execution.protocol import (
     RegisterResponse,
     SentinelReport,
     SentinelReportResponse,
+    StartRequest,
+    StartResponse,
+    TaskProcess,
     WhoAmIResponse,
     WorkState,
 )
@@ -167,10 +170,9 @@ class PlaneClient:
     def lease(self, slots: int, wait: float) -> list[Lease]:
         return self._post("/leases", LeaseRequest(slots=slots, wait=wait), LeaseResponse, wait + self.timeout).leases
 
-    def start(self, work_id: int, fence: int) -> None:
-        from airflow_remote_execution.protocol import FencedRequest
-
-        self._post(f"/work/{work_id}/start", FencedRequest(fence=fence))
+    def start(self, work_id: int, fence: int, task: TaskProcess | None = None) -> StartResponse:
+        """Confirm the lease (LeaseLost: do not start); with ``task``, the plane also reports the task started."""
+        return self._post(f"/work/{work_id}/start", StartRequest(fence=fence, task=task), StartResponse)
 
     def finish(self, work_id: int, fence: int, outcome: WorkState, info: str | None = None) -> None:
         from airflow_remote_execution.protocol import FinishRequest

@@ -7,10 +7,12 @@ runner only pays for the supervisor's own fork of the task process.
 A runner is its own process group, so the agent can kill a workload (supervisor and runner) with
 one signal; a killed runner is not reused.
 
-A task can be handed over *gated*, before the plane confirmed its lease: the runner sets up the
-supervisor and forks the task process while the agent's start confirmation is in flight, then waits
-for :meth:`Runner.go` before the supervisor tells the execution API the task started (the task
-process does nothing until then). :meth:`Runner.abort` kills the unstarted task process instead.
+A task is handed over *gated*, before the plane confirmed its lease: the runner sets up the supervisor
+and forks the task process (which does nothing until it is sent its startup details), tells the agent
+the task's pid (:meth:`Runner.wait_forked`), and waits. The agent confirms the lease with that pid, and
+the plane makes the execution API's start report in the same round trip. :meth:`Runner.go` hands the
+plane's answer to the supervisor, which uses it in place of asking the execution API itself (or asks
+itself when there is no answer); :meth:`Runner.abort` kills the unstarted task process instead.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 
 log = logging.getLogger("airflow_remote_execution.agent")
@@ -29,6 +32,7 @@ log = logging.getLogger("airflow_remote_execution.agent")
 _STOP = None
 _GO = "go"
 _ABORT = "abort"
+_FORKED = "forked"
 _gate: dict = {}  # in a runner while a gated task is being set up: {"conn": ..., "passed": bool}
 
 
@@ -49,7 +53,7 @@ def _receive(conn: Connection, agent_pid: int, or_else=_STOP):
 
 
 def _gate_task_start() -> None:
-    """Make the supervisor wait for the agent's go before it reports the task started (gated tasks only)."""
+    """Make the supervisor of a gated task wait for the agent's go before it reports the task started."""
     from airflow.sdk.execution_time.supervisor import ActivitySubprocess
 
     if getattr(ActivitySubprocess, "_rex_start_gated", False):
@@ -59,14 +63,58 @@ def _gate_task_start() -> None:
     def _on_child_started(self, **kwargs):
         if _gate and not _gate["passed"]:
             _gate["passed"] = True
+            _gate["conn"].send(_forked(self.pid))
             message = _receive(_gate["conn"], _gate["agent_pid"], or_else=_ABORT)
-            if message != _GO:
+            if not (isinstance(message, tuple) and message[0] == _GO):
                 self.kill(signal.SIGKILL, force=True)
                 raise StartAborted("the plane did not confirm the lease; the task was not started")
+            with _start_report_answered(message[1]):
+                return original(self, **kwargs)
         return original(self, **kwargs)
 
     ActivitySubprocess._on_child_started = _on_child_started
     ActivitySubprocess._rex_start_gated = True
+
+
+def _forked(pid: int) -> tuple:
+    from airflow.sdk.api.client import get_hostname, getuser
+    from airflow.sdk.api.datamodels._generated import API_VERSION
+
+    return (_FORKED, {"pid": pid, "hostname": get_hostname(), "unixname": getuser(), "api_version": API_VERSION})
+
+
+@contextlib.contextmanager
+def _start_report_answered(reply: dict | None):
+    """While the supervisor starts its task, its start report gets the plane's reply (an
+    ``ExecutionApiReply``) instead of making a request, through the client's own response hooks (token
+    swap, errors). No reply, or a 5xx, leaves the report to the supervisor's own request and retries.
+    (A runner supervises one task at a time, in one thread.)"""
+    if reply is None or reply["status"] >= 500:
+        yield
+        return
+    import httpx
+
+    from airflow.sdk.api.client import TaskInstanceOperations
+    from airflow.sdk.api.datamodels._generated import TIRunContext
+
+    def start(operations, id, pid, when):  # noqa: A002 - Airflow's signature
+        client = operations.client
+        response = httpx.Response(
+            reply["status"],
+            headers=reply["headers"],
+            content=reply["body"].encode(),
+            request=client.build_request("PATCH", f"task-instances/{id}/run"),
+        )
+        for hook in client.event_hooks["response"]:
+            hook(response)
+        return TIRunContext.model_validate_json(response.content)
+
+    own = TaskInstanceOperations.start
+    TaskInstanceOperations.start = start
+    try:
+        yield
+    finally:
+        TaskInstanceOperations.start = own
 
 
 def _fix_supervisor_exit_race() -> None:
@@ -126,8 +174,6 @@ def _runner_main(conn: Connection, agent_pid: int) -> None:
         message = _receive(conn, agent_pid)
         if message is _STOP:
             os._exit(0)
-        if message in (_GO, _ABORT):
-            continue  # cannot happen: a gated workload consumes its own go/abort below
         workload_json, server, gated = message
         if gated:
             _gate.update(conn=conn, agent_pid=agent_pid, passed=False)
@@ -138,10 +184,7 @@ def _runner_main(conn: Connection, agent_pid: int) -> None:
         except BaseException:  # noqa: BLE001 - report a failure, never take the runner down silently
             log.exception("Workload failed in the supervisor")
             code = 1
-        if gated:
-            if not _gate["passed"] and _receive(conn, agent_pid) is _STOP:  # failed before the fork: take
-                os._exit(0)  # its go/abort anyway, so the next workload is not fed it
-            _gate.clear()
+        _gate.clear()  # failed before the fork: the agent gets the code instead of the pid, and sends no go
         sys.stdout.flush()
         sys.stderr.flush()
         try:
@@ -161,6 +204,7 @@ class Runner:
             os.setpgid(self.process.pid, self.process.pid)
         child.close()
         self.busy = False
+        self._code: int | None = None  # an exit code that came while waiting for the fork
 
     @property
     def pid(self) -> int:
@@ -170,18 +214,41 @@ class Runner:
         return self.process.is_alive()
 
     def submit(self, workload_json: str, server: str, gated: bool = False) -> None:
-        """Run a workload; ``gated``: only a task, which then waits for :meth:`go` or :meth:`abort`."""
+        """Run a workload; ``gated``: only a task, whose forked process then waits for :meth:`go` or
+        :meth:`abort` (after :meth:`wait_forked` returned it)."""
         self.busy = True
+        self._code = None
         self.conn.send((workload_json, server, gated))
 
-    def go(self) -> None:
-        self.conn.send(_GO)
+    def wait_forked(self, timeout: float) -> dict | None:
+        """A gated task's process, forked and waiting (a ``TaskProcess``); None if the workload ended before
+        (its exit code is kept for :meth:`result`), the runner died, or ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        while self._code is None:
+            try:
+                if not self.conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
+                    if not self.process.is_alive() or time.monotonic() >= deadline:
+                        return None
+                    continue
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                return None
+            if isinstance(message, tuple) and message[0] == _FORKED:
+                return message[1]
+            self._code = int(message)
+        return None
+
+    def go(self, start_report: dict | None = None) -> None:
+        """Start the gated task; ``start_report``: the execution API's answer to its start report."""
+        self.conn.send((_GO, start_report))
 
     def abort(self) -> None:
         self.conn.send(_ABORT)
 
     def done(self, timeout: float) -> bool:
-        """True once the workload's exit code is there or the runner died."""
+        """True once the workload's exit code (or a gated task's pid) is there or the runner died."""
+        if self._code is not None:
+            return True
         try:
             if self.conn.poll(timeout):
                 return True
@@ -191,6 +258,10 @@ class Runner:
 
     def result(self) -> int:
         """The workload's exit code; a dead runner's exit code (negative: killed by that signal)."""
+        if self._code is not None:
+            self.busy = False
+            code, self._code = self._code, None
+            return code
         try:
             if self.conn.poll(0):
                 self.busy = False

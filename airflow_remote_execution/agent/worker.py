@@ -31,9 +31,10 @@ from airflow_remote_execution.agent.log_shipper import start_log_shipper
 from airflow_remote_execution.agent.runners import Runner, RunnerPool
 from airflow_remote_execution.agent.status import StatusPublisher
 from airflow_remote_execution.agent.task_sdk import share_tls_with_task_sdk
-from airflow_remote_execution.protocol import HeartbeatRequest, Lease, RegisterRequest, WorkState
+from airflow_remote_execution.protocol import HeartbeatRequest, Lease, RegisterRequest, TaskProcess, WorkState
 
 log = logging.getLogger("airflow_remote_execution.agent")
+FORK_TIMEOUT = 60.0  # a runner that has not forked its task by then is stuck: the lease goes back
 
 
 def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
@@ -240,8 +241,7 @@ class AgentWorker:
                 self.status.error("lease", e.detail)
                 self.stopping.wait(delay)
                 continue
-            for lease in leases:
-                self._start(lease)
+            self._start_all(leases)
 
     def _token_rejected(self, error: PlaneError) -> bool:
         """The plane refused our token (revoked, expired, replaced). Re-read ``token_file`` (a rotated token
@@ -260,39 +260,62 @@ class AgentWorker:
             )
         return False
 
-    def _start(self, lease: Lease) -> None:
+    def _start_all(self, leases: list[Lease]) -> None:
+        """Start leased work. Each task's runner forks its task process first (all at once), then the
+        plane confirms each lease and reports the task started in one round trip; other workloads start
+        once confirmed."""
         if self.stopping.is_set():
-            try:
-                self.client.release(lease.work_id, lease.fence)
-            except PlaneError as e:
-                log.warning("Could not release work %s: %s", lease.work_id, e.detail)
+            for lease in leases:
+                self._release(lease)
             return
-        # A task's runner sets up its supervisor and forks the task process while the start confirmation
-        # is in flight; the supervisor tells the execution API the task started only after ``go``.
-        gated = lease.kind == "task"
-        workload_json = json.dumps(lease.workload)
-        runner = self.pool.take()
-        if gated:
-            runner.submit(workload_json, self.execution_api_url, gated=True)
+        handed = []
+        for lease in leases:
+            runner = self.pool.take()
+            if lease.kind == "task":
+                runner.submit(json.dumps(lease.workload), self.execution_api_url, gated=True)
+            handed.append((lease, runner))
+        for lease, runner in handed:
+            self._start(lease, runner)
+
+    def _start(self, lease: Lease, runner: Runner) -> None:
+        """A task: wait for its runner to fork the task process, then confirm the lease with the process's
+        pid, so the plane reports the task started in the same round trip. Other work: confirm, then run."""
+        task = None
+        if lease.kind == "task":
+            forked = runner.wait_forked(FORK_TIMEOUT)
+            if forked is None and not runner.done(0):  # stuck before the fork: let another agent have it
+                log.warning("Work %s: the runner did not fork its task within %ss", lease.work_id, FORK_TIMEOUT)
+                runner.stop()
+                self._release(lease)
+                return
+            # A task that failed before the fork is confirmed all the same, so its failure is reported.
+            task = TaskProcess(**forked) if forked else None
         try:
-            self.client.start(lease.work_id, lease.fence)
+            reply = self.client.start(lease.work_id, lease.fence, task)
         except PlaneError as e:
             log.warning("Not starting work %s: %s", lease.work_id, e.detail)
-            if gated:
-                runner.abort()
+            if lease.kind == "task":
+                if task:
+                    runner.abort()
                 runner.done(60)
                 runner.result()
             self.pool.give_back(runner)
             return
-        if gated:
-            runner.go()
-        else:
-            runner.submit(workload_json, self.execution_api_url)
+        if task:
+            runner.go(reply.task_run.model_dump() if reply.task_run else None)
+        elif lease.kind != "task":
+            runner.submit(json.dumps(lease.workload), self.execution_api_url)
         run = Running(lease=lease, runner=runner)
         with self.lock:
             self.running[lease.work_id] = run
         log.info("Started work %s (%s) pid=%s", lease.work_id, lease.kind, runner.pid)
         threading.Thread(target=self._reap, args=(run,), name=f"reaper-{lease.work_id}", daemon=True).start()
+
+    def _release(self, lease: Lease) -> None:
+        try:
+            self.client.release(lease.work_id, lease.fence)
+        except PlaneError as e:
+            log.warning("Could not release work %s: %s", lease.work_id, e.detail)
 
     def _reap(self, run: Running) -> None:
         self._wait_for_task_process(run)

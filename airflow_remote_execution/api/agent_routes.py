@@ -16,6 +16,7 @@ from airflow.sdk import timezone
 from airflow.utils.session import create_session
 
 from airflow_remote_execution import agents, config, leases, tokens
+from airflow_remote_execution.api import task_start
 from airflow_remote_execution.models import AgentModel, AgentTokenModel, WorkItemModel
 from airflow_remote_execution.protocol import (
     FencedRequest,
@@ -30,6 +31,8 @@ from airflow_remote_execution.protocol import (
     RegisterResponse,
     SentinelReport,
     SentinelReportResponse,
+    StartRequest,
+    StartResponse,
     WhoAmIResponse,
     WorkStateResponse,
 )
@@ -146,10 +149,20 @@ async def _wait(event, timeout: float) -> None:
     await asyncio.wait_for(event.wait(), timeout)
 
 
-@agent_router.post("/work/{work_id}/start", response_model=WorkStateResponse)
-async def start(work_id: int, body: FencedRequest, authorization: Authorization = None) -> WorkStateResponse:
-    """Confirm the lease is still this agent's before starting; 409 means: do not start."""
-    return await _report(authorization, lambda s, a: leases.confirm_start(s, a, work_id, body.fence))
+@agent_router.post("/work/{work_id}/start", response_model=StartResponse)
+async def start(work_id: int, body: StartRequest, request: Request, authorization: Authorization = None) -> StartResponse:
+    """Confirm the lease is still this agent's before starting; 409 means: do not start. With ``task``, the
+    plane then also makes the execution API's start report for the task and returns its answer."""
+
+    def run(session, _t, agent) -> tuple[StartResponse, str | None]:
+        item = leases.confirm_start(session, agent, work_id, body.fence)
+        reply = StartResponse(work_id=item.id, state=item.state, fence=item.fence)
+        return reply, item.workload if body.task is not None and item.kind == "task" else None
+
+    reply, workload = await run_in_threadpool(_as_agent(authorization, run))
+    if workload is not None:  # the confirmation is committed: the task may start
+        reply.task_run = await task_start.report_started(request.scope, workload, body.task)
+    return reply
 
 
 @agent_router.post("/work/{work_id}/finish", response_model=WorkStateResponse)

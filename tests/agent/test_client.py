@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneError
-from airflow_remote_execution.protocol import HeartbeatRequest, RegisterRequest, WorkState
+from airflow_remote_execution.protocol import HeartbeatRequest, RegisterRequest, TaskProcess, WorkState
 from forward_proxy import RecordingProxy
 
 TOKEN = "rex_0123456789abcdef_" + "S3cr3t-" * 6 + "x"
@@ -135,7 +135,8 @@ def test_calls_send_the_bearer_token_and_json(plane, caplog):
     assert hb.kill == [4] and hb.drain is True and hb.heartbeat_interval == 3
     (lease,) = client.lease(3, wait=0.5)
     assert (lease.work_id, lease.fence, lease.workload) == (4, 2, {"a": 1})
-    client.start(4, 2)
+    task = TaskProcess(pid=7, hostname="h", unixname="u", api_version="2026-04-01")
+    assert client.start(4, 2, task).task_run is None  # a plane that did not report the start
     client.finish(4, 2, WorkState.FAILED, "exit code 1")
     client.release(4, 2)
 
@@ -151,7 +152,7 @@ def test_calls_send_the_bearer_token_and_json(plane, caplog):
     assert bodies[0]["concurrency"] == 2 and bodies[0]["queues"] == ["default"] and bodies[0]["hostname"] == "h"
     assert bodies[1] == {"running": [4], "free_slots": 1, "draining": False, "offline": False}
     assert bodies[2] == {"slots": 3, "wait": 0.5}
-    assert bodies[3] == {"fence": 2} and bodies[5] == {"fence": 2}
+    assert bodies[3] == {"fence": 2, "task": task.model_dump()} and bodies[5] == {"fence": 2}
     assert bodies[4] == {"fence": 2, "outcome": "failed", "info": "exit code 1"}
     assert_no_secret(caplog.text)  # not even urllib3's debug log carries it
 

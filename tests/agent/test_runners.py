@@ -104,16 +104,16 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture
 def execution_api():
-    """A stand-in execution API on loopback: records what the supervisor asks (``.requests``) and answers
-    409 (the task is not queued), which ends the supervision at once."""
-    seen: list[tuple[float, str, str]] = []
+    """A stand-in execution API on loopback: records what the supervisor asks (``.requests``: time, method,
+    path, Authorization) and answers 409 (the task is not queued), which ends the supervision at once."""
+    seen: list[tuple[float, str, str, str]] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
         def do_PATCH(self):
-            seen.append((time.monotonic(), self.command, self.path))
+            seen.append((time.monotonic(), self.command, self.path, self.headers.get("Authorization", "")))
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
             body = b'{"detail": {"reason": "invalid_state", "message": "not queued"}}'
             self.send_response(409)
@@ -149,31 +149,84 @@ def _task_children(runner) -> list:
     return [c for c in psutil.Process(runner.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
 
 
+def _forked(runner) -> dict:
+    forked = runner.wait_forked(30)
+    assert forked is not None, "the task process was not forked while gated"
+    assert [c.pid for c in _task_children(runner)] == [forked["pid"]]
+    assert forked["hostname"] and forked["unixname"] and forked["api_version"]
+    return forked
+
+
 def test_gated_task_is_forked_but_not_started_until_go(pool, execution_api, tmp_path):
     runner = pool.take()
     runner.submit(_task_json(tmp_path), execution_api.url, gated=True)
-    deadline = time.monotonic() + 30
-    while not _task_children(runner):  # the supervisor forked the task process ahead of the confirmation
-        assert time.monotonic() < deadline, "the task process was not forked while gated"
-        time.sleep(0.01)
+    _forked(runner)  # the supervisor forked the task process ahead of the confirmation, and said so
     time.sleep(0.3)
     assert execution_api.requests == [], "the execution API heard of the task before go"
     go_at = time.monotonic()
-    runner.go()
+    runner.go()  # no answer from the plane: the supervisor reports the start itself
     assert _finish(runner) != 0  # the stand-in API refuses the start
     starts = [r for r in execution_api.requests if r[2].endswith("/run")]
-    assert starts and starts[0][0] >= go_at
+    assert starts and starts[0][0] >= go_at and starts[0][3] == "Bearer jwt"
     pool.give_back(runner)
     assert runner.alive()
+
+
+def _reply(status: int, body: dict, **headers) -> dict:
+    import json
+
+    return {"status": status, "headers": {"content-type": "application/json", **headers}, "body": json.dumps(body)}
+
+
+def test_the_planes_start_report_answer_is_used_instead_of_a_request(pool, execution_api, tmp_path):
+    """The plane made the start report: the supervisor takes its answer (and the execution token it
+    carries) through the Task SDK client's own hooks, and never sends PATCH .../run itself."""
+    runner = pool.take()
+    runner.submit(_task_json(tmp_path), execution_api.url, gated=True)
+    _forked(runner)
+    context = {
+        "dag_run": {
+            "dag_id": "d", "run_id": "r", "logical_date": None, "data_interval_start": None,
+            "data_interval_end": None, "run_after": "2026-01-01T00:00:00Z", "start_date": None,
+            "end_date": None, "run_type": "manual", "state": "running", "consumed_asset_events": [],
+            "partition_key": None,
+        },
+        "max_tries": 0,
+    }
+    runner.go(_reply(200, context, **{"refreshed-api-token": "execution-jwt"}))
+    assert _finish(runner) != 0  # the task cannot load d.py; its failure goes to the stand-in API
+    assert not [r for r in execution_api.requests if r[2].endswith("/run")], "the supervisor reported the start again"
+    assert execution_api.requests, "the task's failure was not reported"
+    assert {r[3] for r in execution_api.requests} == {"Bearer execution-jwt"}  # the swapped token, not the workload's
+    pool.give_back(runner)
+    # The next task on this runner reports its start itself again (the answer was for one task only).
+    again = pool.take()
+    again.submit(_task_json(tmp_path), execution_api.url, gated=True)
+    _forked(again)
+    again.go()
+    assert _finish(again) != 0
+    assert [r for r in execution_api.requests if r[2].endswith("/run")]
+    pool.give_back(again)
+
+
+def test_a_refused_start_report_kills_the_task_before_it_starts(pool, execution_api, tmp_path):
+    runner = pool.take()
+    runner.submit(_task_json(tmp_path), execution_api.url, gated=True)
+    pid = _forked(runner)["pid"]
+    runner.go(_reply(409, {"detail": {"reason": "invalid_state", "previous_state": "running"}}))
+    assert _finish(runner) == 1
+    assert not [r for r in execution_api.requests if r[2].endswith("/run")]
+    import psutil
+
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    pool.give_back(runner)
 
 
 def test_aborted_gated_task_never_starts_and_the_runner_is_reused(pool, execution_api, tmp_path):
     runner = pool.take()
     runner.submit(_task_json(tmp_path), execution_api.url, gated=True)
-    deadline = time.monotonic() + 30
-    while not (children := _task_children(runner)):
-        assert time.monotonic() < deadline, "the task process was not forked while gated"
-        time.sleep(0.01)
+    _forked(runner)
+    children = _task_children(runner)
     runner.abort()
     assert _finish(runner) == 1
     assert not any(c.is_running() and c.status() != "zombie" for c in children), "the unstarted task process lives on"
@@ -186,11 +239,11 @@ def test_aborted_gated_task_never_starts_and_the_runner_is_reused(pool, executio
     pool.give_back(again)
 
 
-def test_gated_workload_failing_before_the_fork_still_takes_its_go(pool, tmp_path):
+def test_gated_workload_failing_before_the_fork_reports_its_code_instead(pool, tmp_path):
     runner = pool.take()
     runner.submit('{"type": "NotAWorkload"}', "http://127.0.0.1:9/execution/", gated=True)
-    runner.go()
-    assert _finish(runner) == 1
-    runner.submit('{"type": "NotAWorkload"}', "http://127.0.0.1:9/execution/")  # not fed the stale "go"
+    assert runner.wait_forked(30) is None
+    assert runner.done(0) and runner.result() == 1
+    runner.submit('{"type": "NotAWorkload"}', "http://127.0.0.1:9/execution/")  # nothing stale in the pipe
     assert _finish(runner) == 1
     pool.give_back(runner)

@@ -7,6 +7,8 @@ import time
 from datetime import timedelta
 
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.testclient import TestClient
 
 from airflow.models.taskinstancekey import TaskInstanceKey
@@ -273,11 +275,48 @@ def test_start_finish(client):
     work_id = enqueue("t")
     (lease,) = post(client, "/leases", token, {"slots": 1, "wait": 0}).json()["leases"]
     r = post(client, f"/work/{work_id}/start", token, {"fence": lease["fence"]})
-    assert r.status_code == 200 and r.json() == {"work_id": work_id, "state": "running", "fence": 1}
+    assert r.status_code == 200 and r.json() == {"work_id": work_id, "state": "running", "fence": 1, "task_run": None}
     r = post(client, f"/work/{work_id}/finish", token, {"fence": 1, "outcome": "failed", "info": "exit code 3"})
     assert r.status_code == 200 and r.json() == {"work_id": work_id, "state": "failed", "fence": 1}
     with create_session() as s:
         assert s.get(WorkItemModel, work_id).info == "exit code 3"
+
+
+def test_start_makes_the_execution_api_start_report_for_a_forked_task():
+    """Mounted beside an execution API (as in ``airflow api-server``), a confirmed start with the task's
+    process is reported to it in-process, with the workload's own token; its answer comes back as is."""
+    seen = []
+    execution = FastAPI()
+
+    @execution.patch("/task-instances/{ti_id}/run")
+    async def run(ti_id: str, request: Request):
+        seen.append((ti_id, request.headers["authorization"], request.headers["airflow-api-version"], await request.json()))
+        return JSONResponse({"max_tries": 3}, headers={"Refreshed-API-Token": "execution-jwt"})
+
+    root = FastAPI()
+    root.mount("/execution", execution)
+    root.mount("/remote_execution", create_app())
+    process = {"pid": 4242, "hostname": "agent-host", "unixname": "airflow", "api_version": "2026-04-01"}
+    with TestClient(root, base_url="http://testserver/remote_execution") as c:
+        token = registered(c, "reporter")
+        work_id = enqueue("reported", workload='{"type": "ExecuteTask", "token": "workload-jwt", "ti": {"id": "ti-1"}}')
+        (lease,) = post(c, "/leases", token, {"slots": 1, "wait": 0}).json()["leases"]
+        assert post(c, f"/work/{work_id}/start", token, {"fence": lease["fence"] + 1, "task": process}).status_code == 409
+        assert seen == []  # not confirmed: nothing reported
+        r = post(c, f"/work/{work_id}/start", token, {"fence": lease["fence"], "task": process})
+    assert r.status_code == 200, r.text
+    assert r.json()["task_run"] == {
+        "status": 200,
+        "headers": {"content-type": "application/json", "refreshed-api-token": "execution-jwt"},
+        "body": '{"max_tries":3}',
+    }
+    ((ti_id, authorization, version, body),) = seen
+    assert (ti_id, authorization, version) == ("ti-1", "Bearer workload-jwt", "2026-04-01")
+    assert {k: body[k] for k in ("state", "pid", "hostname", "unixname")} == {
+        "state": "running", "pid": 4242, "hostname": "agent-host", "unixname": "airflow"
+    }
+    assert timezone.utcnow() - timezone.parse(body["start_date"]) < timedelta(minutes=1)  # the plane's clock
+    assert state_of(work_id) == "running"
 
 
 def test_conflicts_and_bad_requests(client):

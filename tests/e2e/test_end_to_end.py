@@ -90,6 +90,12 @@ def test_fan_out_fan_in_runs_on_agent(cluster):
     agent_logs = list((agents["agent-a"].home / "logs").rglob(f"run_id={run_id}/task_id=total/*.log"))
     assert agent_logs, "the task log should exist in the agent's home"
     assert not list((plane.home / "logs").rglob(f"run_id={run_id}/task_id=total/*.log"))
+    # The plane reported each start to the execution API in the agent's confirmation round trip: the
+    # supervisors reported their tasks' ends over HTTP, never a start.
+    access = plane.procs["api-server"].log_path.read_text(errors="replace")
+    ended = {line.split("task-instances/")[1].split("/")[0] for line in access.splitlines() if "/state query=" in line}
+    assert {t["id"] for t in tis} <= ended
+    assert "/run query=" not in access
 
 
 def test_queues_route_to_different_agents(cluster):
