@@ -14,7 +14,9 @@ exact definitions.
 
 Prints one JSON document on stdout at the end (progress goes to stderr)::
 
-    .venv/bin/python bench/dispatch.py [--quick] [--db sqlite|postgres] [--out FILE]
+    .venv/bin/python bench/dispatch.py [--quick] [--db sqlite|postgres] [--agent-rtt-ms MS] [--out FILE]
+
+``--agent-rtt-ms`` puts a delaying TCP proxy between the agent and the plane: a WAN, as agents have.
 """
 
 from __future__ import annotations
@@ -92,6 +94,50 @@ def summary(values: list[float | None]) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- a WAN between agent and plane
+
+
+class DelayProxy:
+    """A loopback TCP proxy that delays every byte by ``rtt_ms / 2`` each way: the agent's side of a WAN
+    (the plane's own processes keep talking to each other directly)."""
+
+    def __init__(self, upstream_port: int, rtt_ms: float) -> None:
+        import asyncio
+        import threading
+
+        self.delay = rtt_ms / 2000.0
+        self.upstream_port = upstream_port
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.port = 0
+
+        async def serve() -> None:
+            server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            ready.set()
+
+        threading.Thread(target=self.loop.run_forever, name="delay-proxy", daemon=True).start()
+        asyncio.run_coroutine_threadsafe(serve(), self.loop)
+        ready.wait(10)
+
+    async def _connection(self, reader, writer) -> None:
+        import asyncio
+
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pump(src, dst) -> None:
+            while data := await src.read(65536):
+                self.loop.call_later(self.delay, dst.write, data)  # same delay for all: order is kept
+            await asyncio.sleep(self.delay)
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer), return_exceptions=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
 # --------------------------------------------------------------------------- one run
 
 
@@ -118,6 +164,7 @@ def collect_run(plane: Plane, dag_id: str, run_id: str, length: int, remote: boo
             "react_ms": ms(sched, prev_end),
             "sched_to_queued_ms": ms(queued, sched),
             "run_ms": ms(end, start),
+            "queued_to_end_ms": ms(end, queued),  # dispatch + run: independent of where start_date is stamped
         }
         if remote:
             w = items.get((ti["task_id"], ti["map_index"], ti["try_number"]))
@@ -158,7 +205,8 @@ def bench_executor(name: str, executor: str, args, base: Path, dags: Path, pg_se
         plane.start()
         if remote:
             token = plane.create_agent_token("bench-agent", "default")
-            agent = Agent("bench-agent", base / name / "agent", plane.url, token, concurrency=args.concurrency, dags_folder=dags, extra_env=args.agent_env)
+            api_url = DelayProxy(plane.port, args.agent_rtt_ms).url if args.agent_rtt_ms else plane.url
+            agent = Agent("bench-agent", base / name / "agent", api_url, token, concurrency=args.concurrency, dags_folder=dags, extra_env=args.agent_env)
             agent.start()
             agent.wait_registered()
         plane.wait_dag(CHAIN_DAG, timeout=240)
@@ -292,6 +340,7 @@ def summarize(name: str, executor: str, runs: list[dict], remote: bool, args) ->
         "tail_ms_mean": round(statistics.fmean(r["tail_ms"] for r in runs), 1),
         "react_ms": summary(col("react_ms")),
         "run_ms": summary(col("run_ms")),
+        "queued_to_end_ms": summary(col("queued_to_end_ms")),
     }
     if args.samples:
         out["samples"] = runs
@@ -311,6 +360,7 @@ def main() -> int:
     p.add_argument("--executors", default="remote,local", help="which to run, in order (default remote,local)")
     p.add_argument("--plane-env", action="append", default=[], metavar="KEY=VALUE", help="extra env for BOTH planes (repeatable)")
     p.add_argument("--agent-env", action="append", default=[], metavar="KEY=VALUE", help="extra env for the agent (repeatable)")
+    p.add_argument("--agent-rtt-ms", type=float, default=0, help="round trip added between the agent and the plane (a WAN; default 0)")
     p.add_argument("--samples", action="store_true", help="include per-task samples in the JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary homes and logs")
     p.add_argument("--out", type=Path, help="also write the JSON to this file")
@@ -368,6 +418,7 @@ def main() -> int:
             "chain_runs_per_executor": args.runs,
             "dispatch_samples_per_executor": args.length * args.runs,
             "agent_concurrency": args.concurrency,
+            "agent_rtt_ms": args.agent_rtt_ms,
             "warmup": f"{WARMUP_DAG}: 3-task chain, not measured",
             "extra_env_both_planes": {**COMMON_ENV, **args.plane_env},
             "extra_env_agent": args.agent_env,
