@@ -213,6 +213,25 @@ class Runner:
     def alive(self) -> bool:
         return self.process.is_alive()
 
+    def task_processes(self) -> int | None:
+        """How many processes the runner's supervisor has forked that are still running (an exited task
+        stays a zombie until the supervisor reaps it); None if that cannot be read. Two small reads of
+        /proc: the agent asks every 50 ms per workload (psutil's ``children()`` reads all of /proc)."""
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+                children = f.read().split()
+        except OSError:
+            return None
+        running = 0
+        for child in children:
+            try:
+                with open(f"/proc/{child}/stat") as f:
+                    state = f.read().rpartition(")")[2].split()[0]
+            except (OSError, IndexError):
+                continue  # gone since the list was read
+            running += state != "Z"
+        return running
+
     def submit(self, workload_json: str, server: str, gated: bool = False) -> None:
         """Run a workload; ``gated``: only a task, whose forked process then waits for :meth:`go` or
         :meth:`abort` (after :meth:`wait_forked` returned it)."""

@@ -356,18 +356,12 @@ class AgentWorker:
         Airflow's supervisor can linger up to ``[workers] min_heartbeat_interval`` (5 s) after its
         task ended; counting that as a busy slot starves short tasks on a small agent.
         """
-        import psutil
-
         seen_child = False
         while not run.runner.done(0.05):
-            try:
-                # An exited task stays a zombie until the supervisor reaps it, which is what lingers.
-                children = [c for c in psutil.Process(run.runner.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
-            except psutil.NoSuchProcess:
-                continue  # a child went away between listing and asking: look again
-            except psutil.Error:
+            running = run.runner.task_processes()
+            if running is None:
                 return
-            if children:
+            if running:
                 seen_child = True
             elif seen_child:
                 run.slot_released = True

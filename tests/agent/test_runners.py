@@ -161,11 +161,13 @@ def test_gated_task_is_forked_but_not_started_until_go(pool, execution_api, tmp_
     runner = pool.take()
     runner.submit(_task_json(tmp_path), execution_api.url, gated=True)
     _forked(runner)  # the supervisor forked the task process ahead of the confirmation, and said so
+    assert runner.task_processes() == 1
     time.sleep(0.3)
     assert execution_api.requests == [], "the execution API heard of the task before go"
     go_at = time.monotonic()
     runner.go()  # no answer from the plane: the supervisor reports the start itself
     assert _finish(runner) != 0  # the stand-in API refuses the start
+    assert runner.task_processes() == 0  # the agent frees the slot on this, before the supervisor is done
     starts = [r for r in execution_api.requests if r[2].endswith("/run")]
     assert starts and starts[0][0] >= go_at and starts[0][3] == "Bearer jwt"
     pool.give_back(runner)
@@ -247,3 +249,34 @@ def test_gated_workload_failing_before_the_fork_reports_its_code_instead(pool, t
     runner.submit('{"type": "NotAWorkload"}', "http://127.0.0.1:9/execution/")  # nothing stale in the pipe
     assert _finish(runner) == 1
     pool.give_back(runner)
+
+
+def test_task_processes_counts_running_children_not_zombies(tmp_path):
+    """What frees an agent slot before the supervisor is done: its exited (zombie) task does not count."""
+    from airflow_remote_execution.agent.runners import Runner
+
+    ready = tmp_path / "ready"
+    parent = os.fork()
+    if parent == 0:  # stands in for a runner: one running child, one exited and not reaped
+        try:
+            os.setpgrp()  # so the test kills it and its children at once
+            if os.fork() == 0:
+                time.sleep(60)
+                os._exit(0)
+            if os.fork() == 0:
+                os._exit(0)
+            time.sleep(0.5)
+            ready.write_text("1")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert Runner.task_processes(SimpleNamespace(pid=parent)) == 1
+    finally:
+        os.killpg(parent, signal.SIGKILL)
+        os.waitpid(parent, 0)
+    assert Runner.task_processes(SimpleNamespace(pid=parent)) is None  # gone
