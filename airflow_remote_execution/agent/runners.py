@@ -33,7 +33,7 @@ _STOP = None
 _GO = "go"
 _ABORT = "abort"
 _FORKED = "forked"
-_gate: dict = {}  # in a runner while a gated task is being set up: {"conn": ..., "passed": bool}
+_gate: dict = {}  # in a runner while a gated task is being set up, until its gate: {"conn", "agent_pid"}
 
 
 class StartAborted(RuntimeError):
@@ -61,16 +61,16 @@ def _gate_task_start() -> None:
     original = ActivitySubprocess._on_child_started
 
     def _on_child_started(self, **kwargs):
-        if _gate and not _gate["passed"]:
-            _gate["passed"] = True
-            _gate["conn"].send(_forked(self.pid))
-            message = _receive(_gate["conn"], _gate["agent_pid"], or_else=_ABORT)
-            if not (isinstance(message, tuple) and message[0] == _GO):
-                self.kill(signal.SIGKILL, force=True)
-                raise StartAborted("the plane did not confirm the lease; the task was not started")
-            with _start_report_answered(message[1]):
-                return original(self, **kwargs)
-        return original(self, **kwargs)
+        if not _gate:
+            return original(self, **kwargs)
+        conn, agent_pid = _gate.pop("conn"), _gate.pop("agent_pid")  # one gate per gated task
+        conn.send(_forked(self.pid))
+        message = _receive(conn, agent_pid, or_else=_ABORT)
+        if not (isinstance(message, tuple) and message[0] == _GO):
+            self.kill(signal.SIGKILL, force=True)
+            raise StartAborted("the plane did not confirm the lease; the task was not started")
+        with _start_report_answered(message[1]):
+            return original(self, **kwargs)
 
     ActivitySubprocess._on_child_started = _on_child_started
     ActivitySubprocess._rex_start_gated = True
@@ -176,7 +176,7 @@ def _runner_main(conn: Connection, agent_pid: int) -> None:
             os._exit(0)
         workload_json, server, gated = message
         if gated:
-            _gate.update(conn=conn, agent_pid=agent_pid, passed=False)
+            _gate.update(conn=conn, agent_pid=agent_pid)
         try:
             code = run_one(workload_json, server, adapter)
         except StartAborted:
