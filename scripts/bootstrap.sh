@@ -11,7 +11,9 @@ stamp=".venv/.installed-$(cat constraints.txt pyproject.toml | sha1sum | cut -c1
 if [ ! -f "$stamp" ]; then
   echo "Installing Airflow 3.3 and the provider into .venv (pinned by constraints.txt) ..." >&2
   "$PY" -m uv venv --quiet --allow-existing -p "$PY" .venv
-  "$PY" -m uv pip install --quiet -p .venv/bin/python -c constraints.txt -e ".[all,test]"
+  # --compile-bytecode: every process start imports hundreds of Airflow modules; without .pyc files
+  # (uv writes none, and PYTHONDONTWRITEBYTECODE=1 stops Python writing them) each compiles them again.
+  "$PY" -m uv pip install --quiet --compile-bytecode -p .venv/bin/python -c constraints.txt -e ".[all,test]"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

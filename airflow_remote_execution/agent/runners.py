@@ -2,17 +2,21 @@
 Warm workload runners: processes forked from the agent ahead of time that run one workload after
 another with Airflow's own supervisors (``BaseExecutor.run_workload`` -> Task SDK), as
 LocalExecutor's workers do. Forking the agent per task cost ~10-25 ms of dispatch latency; a warm
-runner only pays for the supervisor's own fork of the task process.
+runner only pays for the supervisor's set-up, and forks even the task process ahead.
 
 A runner is its own process group, so the agent can kill a workload (supervisor and runner) with
 one signal; a killed runner is not reused.
 
-A task is handed over *gated*, before the plane confirmed its lease: the runner sets up the supervisor
-and forks the task process (which does nothing until it is sent its startup details), tells the agent
-the task's pid (:meth:`Runner.wait_forked`), and waits. The agent confirms the lease with that pid, and
-the plane makes the execution API's start report in the same round trip. :meth:`Runner.go` hands the
-plane's answer to the supervisor, which uses it in place of asking the execution API itself (or asks
-itself when there is no answer); :meth:`Runner.abort` kills the unstarted task process instead.
+A task is handed over *gated*, before the plane confirmed its lease: the runner sets up the supervisor,
+whose task process does nothing until it is sent its startup details, and waits at the gate. The agent
+confirms the lease with that process's pid, and the plane makes the execution API's start report in
+the same round trip. The pid is known before the set-up: an idle runner forks the next task's process
+ahead (:mod:`.prefork`) and announces it (:meth:`Runner.take_waiting`), or announces it as soon as it
+is handed the task; else the runner tells it once the supervisor forked (:meth:`Runner.wait_forked`).
+:meth:`Runner.go` hands the plane's answer to the supervisor, which uses it in place of asking the
+execution API itself (or asks itself when there is no answer); :meth:`Runner.abort` kills the
+unstarted task process instead. The agent sends one of the two for every announced task, and a runner
+that failed before its gate waits for it, so no word is left in the pipe for the next workload.
 """
 
 from __future__ import annotations
@@ -27,13 +31,17 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
+from airflow_remote_execution.agent import prefork
+
 log = logging.getLogger("airflow_remote_execution.agent")
 
 _STOP = None
 _GO = "go"
 _ABORT = "abort"
 _FORKED = "forked"
-_gate: dict = {}  # in a runner while a gated task is being set up, until its gate: {"conn", "agent_pid"}
+_WAITING = "waiting"
+_NOTHING = object()
+_gate: dict = {}  # in a runner while a gated task is set up, until its gate: {"conn", "agent_pid"[, "announced"]}
 
 
 class StartAborted(RuntimeError):
@@ -64,11 +72,16 @@ def _gate_task_start() -> None:
         if not _gate:
             return original(self, **kwargs)
         conn, agent_pid = _gate.pop("conn"), _gate.pop("agent_pid")  # one gate per gated task
-        conn.send(_forked(self.pid))
+        announced = _gate.pop("announced", None)
+        if announced is None:
+            conn.send(_forked(self.pid))
         message = _receive(conn, agent_pid, or_else=_ABORT)
         if not (isinstance(message, tuple) and message[0] == _GO):
             self.kill(signal.SIGKILL, force=True)
             raise StartAborted("the plane did not confirm the lease; the task was not started")
+        if announced is not None and self.pid != announced:  # the waiting process died: a real fork
+            self.kill(signal.SIGKILL, force=True)
+            raise StartAborted(f"the task process is {self.pid}, not {announced} as confirmed; not started")
         with _start_report_answered(message[1]):
             return original(self, **kwargs)
 
@@ -77,10 +90,15 @@ def _gate_task_start() -> None:
 
 
 def _forked(pid: int) -> tuple:
+    return _announcement(_FORKED, pid)
+
+
+def _announcement(kind: str, pid: int) -> tuple:
+    """``(kind, TaskProcess fields)`` of a task process: forked for a task, or waiting for the next one."""
     from airflow.sdk.api.client import get_hostname, getuser
     from airflow.sdk.api.datamodels._generated import API_VERSION
 
-    return (_FORKED, {"pid": pid, "hostname": get_hostname(), "unixname": getuser(), "api_version": API_VERSION})
+    return (kind, {"pid": pid, "hostname": get_hostname(), "unixname": getuser(), "api_version": API_VERSION})
 
 
 @contextlib.contextmanager
@@ -147,11 +165,30 @@ def _workload_adapter():
     return TypeAdapter(workloads.ExecutorWorkload)
 
 
-def run_one(workload_json: str, server: str, adapter=None) -> int:
+def forks_into_waiting(queue: str | None) -> bool:
+    """Tasks of this queue are supervised with ``WatchedSubprocess.start`` (the Python coordinator), so
+    :mod:`.prefork` can hand them a waiting process."""
+    try:
+        from airflow.sdk.execution_time.coordinator import _PythonCoordinator, get_coordinator_manager
+
+        return isinstance(get_coordinator_manager().for_queue(queue or "default"), _PythonCoordinator)
+    except Exception:  # noqa: BLE001 - unknown: let the supervisor fork as usual
+        return False
+
+
+def _fork_and_announce_waiting(conn: Connection) -> None:
+    """Fork the next task's process while idle and tell the agent, which can confirm its next task's lease
+    with that pid before handing the task over."""
+    prefork.fork_waiting()
+    pid = prefork.waiting_pid()
+    if pid is not None:
+        conn.send(_announcement(_WAITING, pid))
+
+
+def run_one(workload, server: str) -> int:
     """Run one workload to its end in this process; returns its exit code."""
     from airflow.executors.base_executor import BaseExecutor
 
-    workload = (adapter or _workload_adapter()).validate_json(workload_json)
     code = BaseExecutor.run_workload(
         workload, server=server, proctitle=f"airflow remote-execution agent: {workload.display_name}"
     )
@@ -170,25 +207,40 @@ def _runner_main(conn: Connection, agent_pid: int) -> None:
 
         setproctitle("airflow remote-execution agent: idle runner")
     adapter = _workload_adapter()
+    prefork.install()
+    _fork_and_announce_waiting(conn)
     while True:
         message = _receive(conn, agent_pid)
         if message is _STOP:
             os._exit(0)
-        workload_json, server, gated = message
-        if gated:
-            _gate.update(conn=conn, agent_pid=agent_pid)
+        workload_json, server, gated, announced = message
         try:
-            code = run_one(workload_json, server, adapter)
+            workload = adapter.validate_json(workload_json)
+            if gated:
+                _gate.update(conn=conn, agent_pid=agent_pid)
+                if announced is None and forks_into_waiting(workload.ti.queue):
+                    announced = prefork.waiting_pid()
+                    if announced is not None:  # the agent confirms with it while the supervisor sets up
+                        conn.send(_forked(announced))
+                if announced is not None:
+                    _gate["announced"] = announced
+            else:
+                prefork.discard()  # the workload forks its own process, which alone should count as running
+            with prefork.armed() if "announced" in _gate else contextlib.nullcontext():
+                code = run_one(workload, server)
         except StartAborted:
             code = 1
         except BaseException:  # noqa: BLE001 - report a failure, never take the runner down silently
             log.exception("Workload failed in the supervisor")
             code = 1
-        _gate.clear()  # failed before the fork: the agent gets the code instead of the pid, and sends no go
+        if "announced" in _gate:  # announced, but failed before its gate: the agent still sends go or abort
+            _receive(conn, agent_pid)
+        _gate.clear()  # failed before the fork, unannounced: the agent gets the code instead, and sends no go
         sys.stdout.flush()
         sys.stderr.flush()
         try:
             conn.send(code)
+            _fork_and_announce_waiting(conn)
         except (EOFError, OSError):
             os._exit(0)
 
@@ -204,7 +256,8 @@ class Runner:
             os.setpgid(self.process.pid, self.process.pid)
         child.close()
         self.busy = False
-        self._code: int | None = None  # an exit code that came while waiting for the fork
+        self._code: int | None = None  # the workload's exit code, once read
+        self.waiting: dict | None = None  # the task process it forked ahead, as it last announced
 
     @property
     def pid(self) -> int:
@@ -232,12 +285,33 @@ class Runner:
             running += state != "Z"
         return running
 
-    def submit(self, workload_json: str, server: str, gated: bool = False) -> None:
+    def submit(self, workload_json: str, server: str, gated: bool = False, announced: int | None = None) -> None:
         """Run a workload; ``gated``: only a task, whose forked process then waits for :meth:`go` or
-        :meth:`abort` (after :meth:`wait_forked` returned it)."""
+        :meth:`abort` (after :meth:`wait_forked` returned it, or, with ``announced``, the pid of the
+        :meth:`take_waiting` process the lease was confirmed with, at once)."""
         self.busy = True
         self._code = None
-        self.conn.send((workload_json, server, gated))
+        self.conn.send((workload_json, server, gated, announced))
+
+    def take_waiting(self) -> dict | None:
+        """The task process the runner forked ahead for its next task (a ``TaskProcess``), if it said so;
+        each is handed out once."""
+        with contextlib.suppress(EOFError, OSError):
+            self._next(0)  # read any announcement already in the pipe
+        waiting, self.waiting = self.waiting, None
+        return waiting
+
+    def _next(self, timeout: float):
+        """The runner's next message other than a waiting process's announcement (kept in ``waiting``);
+        ``_NOTHING`` after ``timeout``. EOFError/OSError once the runner is gone."""
+        deadline = time.monotonic() + timeout
+        while self.conn.poll(max(0.0, deadline - time.monotonic())):
+            message = self.conn.recv()
+            if isinstance(message, tuple) and message[0] == _WAITING:
+                self.waiting = message[1]
+                continue
+            return message
+        return _NOTHING
 
     def wait_forked(self, timeout: float) -> dict | None:
         """A gated task's process, forked and waiting (a ``TaskProcess``); None if the workload ended before
@@ -245,13 +319,13 @@ class Runner:
         deadline = time.monotonic() + timeout
         while self._code is None:
             try:
-                if not self.conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
-                    if not self.process.is_alive() or time.monotonic() >= deadline:
-                        return None
-                    continue
-                message = self.conn.recv()
+                message = self._next(min(1.0, max(0.0, deadline - time.monotonic())))
             except (EOFError, OSError):
                 return None
+            if message is _NOTHING:
+                if not self.process.is_alive() or time.monotonic() >= deadline:
+                    return None
+                continue
             if isinstance(message, tuple) and message[0] == _FORKED:
                 return message[1]
             self._code = int(message)
@@ -265,28 +339,26 @@ class Runner:
         self.conn.send(_ABORT)
 
     def done(self, timeout: float) -> bool:
-        """True once the workload's exit code (or a gated task's pid) is there or the runner died."""
+        """True once the workload's exit code is there or the runner died."""
         if self._code is not None:
             return True
         try:
-            if self.conn.poll(timeout):
-                return True
+            message = self._next(timeout)
         except (EOFError, OSError):
+            return True
+        if message is not _NOTHING:
+            self._code = int(message)
             return True
         return not self.process.is_alive()
 
     def result(self) -> int:
         """The workload's exit code; a dead runner's exit code (negative: killed by that signal)."""
+        if self._code is None:
+            self.done(0)
         if self._code is not None:
             self.busy = False
             code, self._code = self._code, None
             return code
-        try:
-            if self.conn.poll(0):
-                self.busy = False
-                return int(self.conn.recv())
-        except (EOFError, OSError):
-            pass
         self.process.join(10)
         return self.process.exitcode if self.process.exitcode is not None else -signal.SIGKILL
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from airflow_remote_execution import __version__
 from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneError
 from airflow_remote_execution.agent.log_shipper import start_log_shipper
-from airflow_remote_execution.agent.runners import Runner, RunnerPool
+from airflow_remote_execution.agent.runners import Runner, RunnerPool, forks_into_waiting
 from airflow_remote_execution.agent.status import StatusPublisher
 from airflow_remote_execution.agent.task_sdk import share_tls_with_task_sdk
 from airflow_remote_execution.protocol import HeartbeatRequest, Lease, RegisterRequest, TaskProcess, WorkState
@@ -261,9 +261,9 @@ class AgentWorker:
         return False
 
     def _start_all(self, leases: list[Lease]) -> None:
-        """Start leased work. Each task's runner forks its task process first (all at once), then the
-        plane confirms each lease and reports the task started in one round trip; other workloads start
-        once confirmed."""
+        """Start leased work. Each task goes to its runner first (all at once, so their set-ups overlap the
+        confirmations), then the plane confirms each lease and reports the task started in one round
+        trip; other workloads start once confirmed."""
         if self.stopping.is_set():
             for lease in leases:
                 self._release(lease)
@@ -271,18 +271,23 @@ class AgentWorker:
         handed = []
         for lease in leases:
             runner = self.pool.take()
+            waiting = None
             if lease.kind == "task":
-                runner.submit(json.dumps(lease.workload), self.execution_api_url, gated=True)
-            handed.append((lease, runner))
-        for lease, runner in handed:
-            self._start(lease, runner)
+                if forks_into_waiting(lease.queue):
+                    waiting = runner.take_waiting()
+                announced = waiting["pid"] if waiting else None
+                runner.submit(json.dumps(lease.workload), self.execution_api_url, gated=True, announced=announced)
+            handed.append((lease, runner, waiting))
+        for lease, runner, waiting in handed:
+            self._start(lease, runner, waiting)
 
-    def _start(self, lease: Lease, runner: Runner) -> None:
-        """A task: wait for its runner to fork the task process, then confirm the lease with the process's
-        pid, so the plane reports the task started in the same round trip. Other work: confirm, then run."""
+    def _start(self, lease: Lease, runner: Runner, waiting: dict | None = None) -> None:
+        """A task: confirm the lease with its task process's pid, so the plane reports the task started in
+        the same round trip; that process is the one the runner forked ahead (``waiting``, or announced
+        by the runner once handed the task) or else the one it forks now. Other work: confirm, then run."""
         task = None
         if lease.kind == "task":
-            forked = runner.wait_forked(FORK_TIMEOUT)
+            forked = waiting or runner.wait_forked(FORK_TIMEOUT)
             if forked is None and not runner.done(0):  # stuck before the fork: let another agent have it
                 log.warning("Work %s: the runner did not fork its task within %ss", lease.work_id, FORK_TIMEOUT)
                 runner.stop()

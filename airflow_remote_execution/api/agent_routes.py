@@ -154,14 +154,14 @@ async def start(work_id: int, body: StartRequest, request: Request, authorizatio
     """Confirm the lease is still this agent's before starting; 409 means: do not start. With ``task``, the
     plane then also makes the execution API's start report for the task and returns its answer."""
 
-    def run(session, _t, agent) -> tuple[StartResponse, str | None]:
+    def run(session, _t, agent) -> tuple[StartResponse, tuple | None]:
         item = leases.confirm_start(session, agent, work_id, body.fence)
-        reply = StartResponse(work_id=item.id, state=item.state, fence=item.fence)
-        return reply, item.workload if body.task is not None and item.kind == "task" else None
+        report = (item.workload, item.started_at) if body.task is not None and item.kind == "task" else None
+        return StartResponse(work_id=item.id, state=item.state, fence=item.fence), report
 
-    reply, workload = await run_in_threadpool(_as_agent(authorization, run))
-    if workload is not None:  # the confirmation is committed: the task may start
-        reply.task_run = await task_start.report_started(request.scope, workload, body.task)
+    reply, report = await run_in_threadpool(_as_agent(authorization, run))
+    if report is not None:  # the confirmation is committed: the task may start
+        reply.task_run = await task_start.report_started(request.scope, *report, task=body.task)
     return reply
 
 

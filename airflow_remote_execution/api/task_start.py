@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime
 
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Scope
-
-from airflow.sdk import timezone
 
 from airflow_remote_execution.protocol import ExecutionApiReply, TaskProcess
 
@@ -38,8 +37,12 @@ def execution_app(scope: Scope) -> ASGIApp | None:
     return None
 
 
-async def report_started(scope: Scope, workload_json: str, task: TaskProcess) -> ExecutionApiReply | None:
-    """Tell the execution API the task started, as its supervisor would; None if it cannot be done here."""
+async def report_started(
+    scope: Scope, workload_json: str, start_date: datetime, task: TaskProcess
+) -> ExecutionApiReply | None:
+    """Tell the execution API the task started, as its supervisor would; None if it cannot be done here.
+    ``start_date``: when the plane confirmed the lease, as a supervisor stamps its task's start before
+    asking the execution API."""
     import httpx
 
     app = execution_app(scope)
@@ -51,7 +54,7 @@ async def report_started(scope: Scope, workload_json: str, task: TaskProcess) ->
         "pid": task.pid,
         "hostname": task.hostname,
         "unixname": task.unixname,
-        "start_date": timezone.utcnow().isoformat(),  # the plane's clock, after the lease was confirmed
+        "start_date": start_date.isoformat(),
     }
     headers = {"Authorization": f"Bearer {workload['token']}", "Airflow-API-Version": task.api_version}
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import signal
 import time
@@ -105,16 +106,18 @@ def _alive(pid: int) -> bool:
 @pytest.fixture
 def execution_api():
     """A stand-in execution API on loopback: records what the supervisor asks (``.requests``: time, method,
-    path, Authorization) and answers 409 (the task is not queued), which ends the supervision at once."""
-    seen: list[tuple[float, str, str, str]] = []
+    path, Authorization, JSON body) and answers 409 (the task is not queued), which ends the supervision
+    at once."""
+    seen: list[tuple[float, str, str, str, object]] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
         def do_PATCH(self):
-            seen.append((time.monotonic(), self.command, self.path, self.headers.get("Authorization", "")))
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append((time.monotonic(), self.command, self.path, self.headers.get("Authorization", ""),
+                         json.loads(body) if body else None))
             body = b'{"detail": {"reason": "invalid_state", "message": "not queued"}}'
             self.send_response(409)
             self.send_header("Content-Type", "application/json")
@@ -149,6 +152,15 @@ def _task_children(runner) -> list:
     return [c for c in psutil.Process(runner.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
 
 
+def _waiting(runner, timeout: float = 30) -> dict:
+    """The task process the runner forked ahead for its next task, as it announced it."""
+    deadline = time.monotonic() + timeout
+    while (waiting := runner.take_waiting()) is None:
+        assert time.monotonic() < deadline, "the runner announced no waiting task process"
+        time.sleep(0.05)
+    return waiting
+
+
 def _forked(runner) -> dict:
     forked = runner.wait_forked(30)
     assert forked is not None, "the task process was not forked while gated"
@@ -160,7 +172,8 @@ def _forked(runner) -> dict:
 def test_gated_task_is_forked_but_not_started_until_go(pool, execution_api, tmp_path):
     runner = pool.take()
     runner.submit(_task_json(tmp_path), execution_api.url, gated=True)
-    _forked(runner)  # the supervisor forked the task process ahead of the confirmation, and said so
+    forked = _forked(runner)  # the runner said which process will be the task's, ahead of the confirmation
+    assert forked["pid"] == runner.waiting["pid"]  # the one it had forked while idle, and announced then
     assert runner.task_processes() == 1
     time.sleep(0.3)
     assert execution_api.requests == [], "the execution API heard of the task before go"
@@ -170,13 +183,65 @@ def test_gated_task_is_forked_but_not_started_until_go(pool, execution_api, tmp_
     assert runner.task_processes() == 0  # the agent frees the slot on this, before the supervisor is done
     starts = [r for r in execution_api.requests if r[2].endswith("/run")]
     assert starts and starts[0][0] >= go_at and starts[0][3] == "Bearer jwt"
+    assert starts[0][4]["pid"] == forked["pid"]  # the supervisor's task process is the announced one
     pool.give_back(runner)
     assert runner.alive()
 
 
-def _reply(status: int, body: dict, **headers) -> dict:
-    import json
+def test_a_task_confirmed_with_the_process_forked_ahead_runs_in_it(pool, execution_api, tmp_path):
+    """The agent confirms with the pid the idle runner announced before it has the task; the go may come
+    before the supervisor is set up. Then the runner forks the next task's process ahead again."""
+    runner = pool.take()
+    waiting = _waiting(runner)
+    assert [c.pid for c in _task_children(runner)] == [waiting["pid"]]
+    runner.submit(_task_json(tmp_path), execution_api.url, gated=True, announced=waiting["pid"])
+    runner.go()
+    assert _finish(runner) != 0  # the stand-in API refuses the start report
+    (start,) = [r for r in execution_api.requests if r[2].endswith("/run")]
+    assert start[4]["pid"] == waiting["pid"]
+    assert _waiting(runner)["pid"] != waiting["pid"]
+    pool.give_back(runner)
 
+
+def test_a_task_confirmed_with_a_process_that_died_meanwhile_is_not_started(pool, execution_api, tmp_path):
+    runner = pool.take()
+    waiting = _waiting(runner)
+    os.kill(waiting["pid"], signal.SIGKILL)
+    runner.submit(_task_json(tmp_path), execution_api.url, gated=True, announced=waiting["pid"])
+    runner.go()
+    assert _finish(runner) == 1  # its task process is not the one the plane was told of
+    assert execution_api.requests == []
+    following = _waiting(runner)["pid"]
+    assert [c.pid for c in _task_children(runner)] == [following] != [waiting["pid"]]  # the real fork was killed
+    pool.give_back(runner)
+
+
+def test_an_announced_task_failing_before_its_gate_still_takes_the_agents_word(pool, tmp_path):
+    """The agent sends go or abort for every announced task: a runner that failed before its gate waits
+    for it, so nothing stale is left in the pipe for the next workload."""
+    runner = pool.take()
+    waiting = _waiting(runner)
+    runner.submit(_task_json(tmp_path), "ftp://nowhere/execution/", gated=True, announced=waiting["pid"])
+    assert not runner.done(0.5)
+    runner.go()
+    assert _finish(runner) == 1
+    assert _waiting(runner)["pid"] == waiting["pid"]  # unused: still waiting for a task
+    runner.submit('{"type": "NotAWorkload"}', "http://127.0.0.1:9/execution/")
+    assert _finish(runner) == 1
+    pool.give_back(runner)
+
+
+def test_the_waiting_process_ends_with_its_runner(pool):
+    runner = pool.take()
+    waiting = _waiting(runner)["pid"]
+    runner.stop()
+    deadline = time.monotonic() + 30
+    while _alive(waiting):
+        assert time.monotonic() < deadline, "the waiting task process outlived its runner"
+        time.sleep(0.05)
+
+
+def _reply(status: int, body: dict, **headers) -> dict:
     return {"status": status, "headers": {"content-type": "application/json", **headers}, "body": json.dumps(body)}
 
 

@@ -315,7 +315,9 @@ def test_start_makes_the_execution_api_start_report_for_a_forked_task():
     assert {k: body[k] for k in ("state", "pid", "hostname", "unixname")} == {
         "state": "running", "pid": 4242, "hostname": "agent-host", "unixname": "airflow"
     }
-    assert timezone.utcnow() - timezone.parse(body["start_date"]) < timedelta(minutes=1)  # the plane's clock
+    with create_session() as s:  # stamped when the plane confirmed the lease, on the plane's clock
+        assert timezone.parse(body["start_date"]) == s.get(WorkItemModel, work_id).started_at
+    assert timezone.utcnow() - timezone.parse(body["start_date"]) < timedelta(minutes=1)
     assert state_of(work_id) == "running"
 
 
