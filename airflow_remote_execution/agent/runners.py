@@ -291,6 +291,7 @@ class Runner:
         :meth:`take_waiting` process the lease was confirmed with, at once)."""
         self.busy = True
         self._code = None
+        self.waiting = None  # the runner may use it for this workload
         self.conn.send((workload_json, server, gated, announced))
 
     def take_waiting(self) -> dict | None:
@@ -302,13 +303,14 @@ class Runner:
         return waiting
 
     def _next(self, timeout: float):
-        """The runner's next message other than a waiting process's announcement (kept in ``waiting``);
-        ``_NOTHING`` after ``timeout``. EOFError/OSError once the runner is gone."""
+        """The runner's next message other than a waiting process's announcement (kept in ``waiting``
+        if it came while the runner was idle: one sent before a workload reached it may be used by that
+        workload); ``_NOTHING`` after ``timeout``. EOFError/OSError once the runner is gone."""
         deadline = time.monotonic() + timeout
         while self.conn.poll(max(0.0, deadline - time.monotonic())):
             message = self.conn.recv()
             if isinstance(message, tuple) and message[0] == _WAITING:
-                self.waiting = message[1]
+                self.waiting = None if self.busy else message[1]
                 continue
             return message
         return _NOTHING

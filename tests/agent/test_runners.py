@@ -171,9 +171,10 @@ def _forked(runner) -> dict:
 
 def test_gated_task_is_forked_but_not_started_until_go(pool, execution_api, tmp_path):
     runner = pool.take()
-    runner.submit(_task_json(tmp_path), execution_api.url, gated=True)
+    waiting = _waiting(runner)
+    runner.submit(_task_json(tmp_path), execution_api.url, gated=True)  # not told it was announced
     forked = _forked(runner)  # the runner said which process will be the task's, ahead of the confirmation
-    assert forked["pid"] == runner.waiting["pid"]  # the one it had forked while idle, and announced then
+    assert forked["pid"] == waiting["pid"]  # the one it had forked while idle
     assert runner.task_processes() == 1
     time.sleep(0.3)
     assert execution_api.requests == [], "the execution API heard of the task before go"
@@ -201,6 +202,24 @@ def test_a_task_confirmed_with_the_process_forked_ahead_runs_in_it(pool, executi
     assert start[4]["pid"] == waiting["pid"]
     assert _waiting(runner)["pid"] != waiting["pid"]
     pool.give_back(runner)
+
+
+def test_an_announcement_the_runner_sent_before_it_got_its_workload_is_not_handed_out_later(execution_api, tmp_path):
+    """A cold runner announces its waiting process while the agent already handed it a task, which then
+    runs in that process: the agent must not confirm a later task with it."""
+    import multiprocessing
+
+    from airflow_remote_execution.agent.runners import Runner
+
+    runner = Runner(multiprocessing.get_context("fork"))
+    try:
+        runner.submit(_task_json(tmp_path), execution_api.url, gated=True)
+        used = _forked(runner)["pid"]
+        runner.go()
+        assert _finish(runner) != 0
+        assert _waiting(runner)["pid"] != used
+    finally:
+        runner.stop()
 
 
 def test_a_task_confirmed_with_a_process_that_died_meanwhile_is_not_started(pool, execution_api, tmp_path):
