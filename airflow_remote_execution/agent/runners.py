@@ -40,6 +40,7 @@ _GO = "go"
 _ABORT = "abort"
 _FORKED = "forked"
 _WAITING = "waiting"
+_AT_GATE = ("at-gate",)
 _NOTHING = object()
 _gate: dict = {}  # in a runner while a gated task is set up, until its gate: {"conn", "agent_pid"[, "announced"]}
 
@@ -75,6 +76,7 @@ def _gate_task_start() -> None:
         announced = _gate.pop("announced", None)
         if announced is None:
             conn.send(_forked(self.pid))
+        conn.send(_AT_GATE)  # set up: the agent's watch on a task it confirmed before that ends
         message = _receive(conn, agent_pid, or_else=_ABORT)
         if not (isinstance(message, tuple) and message[0] == _GO):
             self.kill(signal.SIGKILL, force=True)
@@ -258,6 +260,7 @@ class Runner:
         self.busy = False
         self._code: int | None = None  # the workload's exit code, once read
         self.waiting: dict | None = None  # the task process it forked ahead, as it last announced
+        self.at_gate = False  # the gated task's supervisor is set up and its process forked
 
     @property
     def pid(self) -> int:
@@ -291,6 +294,7 @@ class Runner:
         :meth:`take_waiting` process the lease was confirmed with, at once)."""
         self.busy = True
         self._code = None
+        self.at_gate = False
         self.waiting = None  # the runner may use it for this workload
         self.conn.send((workload_json, server, gated, announced))
 
@@ -311,6 +315,9 @@ class Runner:
             message = self.conn.recv()
             if isinstance(message, tuple) and message[0] == _WAITING:
                 self.waiting = None if self.busy else message[1]
+                continue
+            if message == _AT_GATE:
+                self.at_gate = True
                 continue
             return message
         return _NOTHING

@@ -23,7 +23,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from airflow_remote_execution import __version__
 from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneError
@@ -34,7 +34,7 @@ from airflow_remote_execution.agent.task_sdk import share_tls_with_task_sdk
 from airflow_remote_execution.protocol import HeartbeatRequest, Lease, RegisterRequest, TaskProcess, WorkState
 
 log = logging.getLogger("airflow_remote_execution.agent")
-FORK_TIMEOUT = 60.0  # a runner that has not forked its task by then is stuck: the lease goes back
+START_TIMEOUT = 60.0  # a runner whose task is not set up and forked by then is stuck
 
 
 def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
@@ -48,6 +48,8 @@ class Running:
     runner: Runner
     killed: bool = False
     slot_released: bool = False  # the task process is gone; only the supervisor is finishing up
+    gated: bool = False  # a task whose runner must reach its gate within START_TIMEOUT of the start
+    started: float = field(default_factory=time.monotonic)
 
 
 class AgentWorker:
@@ -287,9 +289,9 @@ class AgentWorker:
         by the runner once handed the task) or else the one it forks now. Other work: confirm, then run."""
         task = None
         if lease.kind == "task":
-            forked = waiting or runner.wait_forked(FORK_TIMEOUT)
+            forked = waiting or runner.wait_forked(START_TIMEOUT)
             if forked is None and not runner.done(0):  # stuck before the fork: let another agent have it
-                log.warning("Work %s: the runner did not fork its task within %ss", lease.work_id, FORK_TIMEOUT)
+                log.warning("Work %s: the runner did not fork its task within %ss", lease.work_id, START_TIMEOUT)
                 runner.stop()
                 self._release(lease)
                 return
@@ -310,7 +312,7 @@ class AgentWorker:
             runner.go(reply.task_run.model_dump() if reply.task_run else None)
         elif lease.kind != "task":
             runner.submit(json.dumps(lease.workload), self.execution_api_url)
-        run = Running(lease=lease, runner=runner)
+        run = Running(lease=lease, runner=runner, gated=task is not None)
         with self.lock:
             self.running[lease.work_id] = run
         log.info("Started work %s (%s) pid=%s", lease.work_id, lease.kind, runner.pid)
@@ -363,6 +365,13 @@ class AgentWorker:
         """
         seen_child = False
         while not run.runner.done(0.05):
+            if run.gated and not run.runner.at_gate and time.monotonic() - run.started > START_TIMEOUT:
+                # Confirmed (and reported started) with a process forked ahead, the runner never got its
+                # task going: fail it, as its supervisor would have (the scheduler then retries it).
+                log.warning("Work %s: the runner did not set up its task within %ss; killing it",
+                            run.lease.work_id, START_TIMEOUT)
+                run.gated = False
+                self._kill(run)
             running = run.runner.task_processes()
             if running is None:
                 return

@@ -250,6 +250,25 @@ def test_an_announced_task_failing_before_its_gate_still_takes_the_agents_word(p
     pool.give_back(runner)
 
 
+def test_the_agent_hears_when_its_task_is_set_up_at_the_gate(pool, execution_api, tmp_path):
+    """Confirmed with a process forked ahead, a task can still hang in its supervisor's set-up (here: its
+    log file is a FIFO that nobody reads yet); the runner says when it got to its gate."""
+    os.mkfifo(tmp_path / "t.log")
+    runner = pool.take()
+    runner.submit(_task_json(tmp_path), execution_api.url, gated=True, announced=_waiting(runner)["pid"])
+    assert not runner.done(1.0) and not runner.at_gate
+    reader = os.open(tmp_path / "t.log", os.O_RDONLY | os.O_NONBLOCK)  # the set-up goes on
+    try:
+        deadline = time.monotonic() + 30
+        while not runner.at_gate:
+            assert not runner.done(0.1) and time.monotonic() < deadline, "the runner never reached its gate"
+        runner.abort()
+        assert _finish(runner) == 1
+    finally:
+        os.close(reader)
+    pool.give_back(runner)
+
+
 def test_the_waiting_process_ends_with_its_runner(pool):
     runner = pool.take()
     waiting = _waiting(runner)["pid"]

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import http.server
 import json
+import multiprocessing
+import os
 import subprocess
+import threading
+import time
+from types import SimpleNamespace
 
+from agent.test_runners import _task_json, _waiting
 from emulators import LoopbackHttp
 from localplane import Agent
+
+from airflow_remote_execution.agent.runners import Runner
+from airflow_remote_execution.agent.worker import START_TIMEOUT, AgentWorker, Running
+from airflow_remote_execution.protocol import Lease
 
 
 def test_refused_registration_exits_with_the_reason(tmp_path):
@@ -39,3 +49,25 @@ def test_refused_registration_exits_with_the_reason(tmp_path):
             agent.proc.stop()
     assert code != 0
     assert "Agent registration refused: Agent token revoked" in agent.proc.tail()
+
+
+def test_a_confirmed_task_whose_runner_never_gets_to_its_gate_is_killed(tmp_path):
+    """Its lease was confirmed (and the task reported started) with a process forked ahead, but the
+    supervisor's set-up hangs (its log file is a FIFO nobody reads): after START_TIMEOUT the agent
+    kills the runner, whose failure it then reports, instead of holding the slot forever."""
+    os.mkfifo(tmp_path / "t.log")
+    runner = Runner(multiprocessing.get_context("fork"))
+    try:
+        runner.submit(_task_json(tmp_path), "http://127.0.0.1:9/execution/", gated=True,
+                      announced=_waiting(runner)["pid"])
+        lease = Lease(work_id=1, fence=1, kind="task", queue="default", workload={})
+        run = Running(lease=lease, runner=runner, gated=True, started=time.monotonic() - START_TIMEOUT + 1.5)
+        worker = SimpleNamespace(_kill=AgentWorker._kill, slot_freed=threading.Event())
+        watch = threading.Thread(target=AgentWorker._wait_for_task_process, args=(worker, run), daemon=True)
+        watch.start()
+        watch.join(60)  # returns once the runner is gone
+        assert not watch.is_alive(), "the agent still waits on a runner stuck before its gate"
+        assert run.killed and time.monotonic() - run.started > START_TIMEOUT
+        assert runner.result() < 0  # killed by a signal: reported as failed
+    finally:
+        runner.stop()
