@@ -261,18 +261,18 @@ def lease(session: Session, agent: AgentModel, queues: Sequence[str], slots: int
                 leased_at=now,
                 lease_expires_at=now + timedelta(seconds=confirm_timeout),
             )
-            .returning(WorkItemModel.id)
-            .execution_options(synchronize_session=False)
-        ).first()
+            .returning(WorkItemModel)  # the leased row itself: no second query for it
+            .execution_options(synchronize_session=False, populate_existing=True)
+        ).scalar()
         if row is not None:
-            leased.append(session.get(WorkItemModel, work_id, populate_existing=True))
+            leased.append(row)
     if leased:
         agent.last_lease_at = now
     return leased
 
 
 def _fenced_update(session: Session, agent: AgentModel, work_id: int, fence: int, expected: Sequence[str], **values) -> WorkItemModel:
-    result = session.execute(
+    updated = session.execute(
         update(WorkItemModel)
         .where(
             WorkItemModel.id == work_id,
@@ -281,10 +281,11 @@ def _fenced_update(session: Session, agent: AgentModel, work_id: int, fence: int
             WorkItemModel.state.in_(list(expected)),
         )
         .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount == 1:
-        return session.get(WorkItemModel, work_id, populate_existing=True)
+        .returning(WorkItemModel)  # the updated row itself: no second query for it
+        .execution_options(synchronize_session=False, populate_existing=True)
+    ).scalar()
+    if updated is not None:
+        return updated
     row = session.get(WorkItemModel, work_id, populate_existing=True)
     if row is None:
         raise LookupError(f"No work item {work_id}")
