@@ -64,11 +64,13 @@ def waiting_pid() -> int | None:
     return pid
 
 
-def fork_waiting() -> None:
-    """Fork the next task's process now (no-op if one is waiting, or where the supervisor does not fork
-    bare: it execs on macOS)."""
-    if sys.platform != "linux" or waiting_pid() is not None:
-        return
+def fork_waiting() -> int | None:
+    """Fork the next task's process now, unless one is waiting; returns its pid. None where the
+    supervisor does not fork bare (it execs on macOS)."""
+    if sys.platform != "linux":
+        return None
+    if (pid := waiting_pid()) is not None:
+        return pid
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = _real_fork()
     if pid == 0:
@@ -78,6 +80,7 @@ def fork_waiting() -> None:
     with contextlib.suppress(OSError):
         os.setpgid(pid, pid)  # as the supervisor does for its task (new_process_group): both sides
     _waiting.update(pid=pid, control=ours)
+    return pid
 
 
 def discard() -> None:

@@ -75,7 +75,7 @@ def _gate_task_start() -> None:
         conn, agent_pid = _gate.pop("conn"), _gate.pop("agent_pid")  # one gate per gated task
         announced = _gate.pop("announced", None)
         if announced is None:
-            conn.send(_forked(self.pid))
+            conn.send(_announcement(_FORKED, self.pid))
         conn.send(_AT_GATE)  # set up: the agent's watch on a task it confirmed before that ends
         message = _receive(conn, agent_pid, or_else=_ABORT)
         if not (isinstance(message, tuple) and message[0] == _GO):
@@ -89,10 +89,6 @@ def _gate_task_start() -> None:
 
     ActivitySubprocess._on_child_started = _on_child_started
     ActivitySubprocess._rex_start_gated = True
-
-
-def _forked(pid: int) -> tuple:
-    return _announcement(_FORKED, pid)
 
 
 def _announcement(kind: str, pid: int) -> tuple:
@@ -181,8 +177,7 @@ def forks_into_waiting(queue: str | None) -> bool:
 def _fork_and_announce_waiting(conn: Connection) -> None:
     """Fork the next task's process while idle and tell the agent, which can confirm its next task's lease
     with that pid before handing the task over."""
-    prefork.fork_waiting()
-    pid = prefork.waiting_pid()
+    pid = prefork.fork_waiting()
     if pid is not None:
         conn.send(_announcement(_WAITING, pid))
 
@@ -223,7 +218,7 @@ def _runner_main(conn: Connection, agent_pid: int) -> None:
                 if announced is None and forks_into_waiting(workload.ti.queue):
                     announced = prefork.waiting_pid()
                     if announced is not None:  # the agent confirms with it while the supervisor sets up
-                        conn.send(_forked(announced))
+                        conn.send(_announcement(_FORKED, announced))
                 if announced is not None:
                     _gate["announced"] = announced
             else:

@@ -365,12 +365,11 @@ class AgentWorker:
         """
         seen_child = False
         while not run.runner.done(0.05):
-            if run.gated and not run.runner.at_gate and time.monotonic() - run.started > START_TIMEOUT:
+            if run.gated and not run.killed and not run.runner.at_gate and time.monotonic() - run.started > START_TIMEOUT:
                 # Confirmed (and reported started) with a process forked ahead, the runner never got its
                 # task going: fail it, as its supervisor would have (the scheduler then retries it).
                 log.warning("Work %s: the runner did not set up its task within %ss; killing it",
                             run.lease.work_id, START_TIMEOUT)
-                run.gated = False
                 self._kill(run)
             running = run.runner.task_processes()
             if running is None:
