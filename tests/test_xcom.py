@@ -19,7 +19,7 @@ import pytest
 from emulators import AWS_TEST_CREDENTIALS, azurite, azurite_connection_string, fake_gcs, moto
 
 from airflow_remote_execution.xcom import ObjectStorageXComBackend as XCom
-from airflow_remote_execution.xcom import XComStorageError, store
+from airflow_remote_execution.xcom import XComStorageError, ascii_str, store
 from airflow_remote_execution.xcom.backend import _Value, is_reference
 from airflow_remote_execution.xcom.check import xcom_store
 from airflow_remote_execution.xcom.gc import collect, list_objects
@@ -281,6 +281,88 @@ def test_characters_split_between_read_blocks(xcom_store_env, monkeypatch, block
     text = "aé€😀" * 50 + "\udcff"  # a lone surrogate too: JSON-free text keeps it (surrogatepass)
     for value in (text, {"k": [text, 1]}):
         assert pull(push(value)) == value
+
+
+@pytest.fixture
+def small_blocks(kind, monkeypatch):
+    """Blocks small enough that a 100 kB value takes the large-value paths, in uneven reads (object
+    stores keep their upload part size, IO_BLOCK: S3 parts must be >= 5 MiB)."""
+    monkeypatch.setattr(store, "CHUNK", 4096)
+    monkeypatch.setattr(store, "RANGE_BLOCK", 5 * 4096 + 3)
+    if kind == "local":
+        monkeypatch.setattr(store, "IO_BLOCK", 3 * 4096 + 1)
+
+
+@pytest.fixture
+def filled_strings(monkeypatch):
+    """How many strings were read straight from the store into their memory (ascii_str.new)."""
+    made = []
+    real = ascii_str.new
+    monkeypatch.setattr(ascii_str, "new", lambda size: made.append(size) or real(size))
+    return made
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_ascii_text_is_written_from_and_read_into_the_string_itself(xcom_store_env, small_blocks, filled_strings,
+                                                                    monkeypatch, compression):
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__XCOM_COMPRESSION", compression)
+    value = "".join(f"{i:07d} " for i in range(12_500))  # 100 kB
+    ref = push(value)
+    assert ref["encoding"] == "ascii" and ref["bytes"] == len(value) and ref["format"] == "text"
+    assert pull(ref) == value and filled_strings == [len(value)]
+    for other in ("é" + value, {"rows": [value, 1]}):  # not ASCII; JSON of ASCII strings
+        other_ref = push(other)
+        assert other_ref["encoding"] == ("utf-8" if isinstance(other, str) else "ascii")
+        assert pull(other_ref) == other
+    assert filled_strings == [len(value), len(json.dumps({"rows": [value, 1]}, separators=(",", ":")))]
+
+
+def test_ascii_str_views_only_compact_ascii_strings():
+    assert ascii_str.available()
+    text = "".join(["abc", "def"])
+    assert bytes(ascii_str.view(text)) == b"abcdef" and ascii_str.view(text).readonly
+    assert ascii_str.view("é" * 10) is None and ascii_str.view("\u2603") is None
+
+    class Sub(str):
+        pass
+
+    assert ascii_str.view(Sub("abc")) is None
+    assert ascii_str.new(0) is None  # the shared empty string is never handed out for writing
+    made, view = ascii_str.new(3)
+    view[:] = b"xyz"
+    assert made == "xyz" and hash(made) == hash("xyz") and made.upper() == "XYZ"
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+@pytest.mark.parametrize("damage", ["non-ascii-first", "non-ascii-last", "truncate", "extend"])
+def test_corrupted_ascii_object_is_an_error_not_a_string(xcom_store_env, small_blocks, filled_strings, damage):
+    value = "abcdefgh" * 12_500
+    ref = push(value)
+    data = bytearray(obj(ref).read_bytes())
+    if damage == "non-ascii-first":
+        data[0] = 0xC3
+    elif damage == "non-ascii-last":
+        data[-1] = 0xFF
+    elif damage == "truncate":
+        del data[-10:]
+    else:
+        data += b"more"
+    with obj(ref).open("wb") as f:
+        f.write(bytes(data))
+    with pytest.raises(XComStorageError, match="corrupted") as e:
+        pull(ref)
+    assert ref["ref"] in str(e.value) and filled_strings == [len(value)]
+
+
+@pytest.mark.parametrize("kind", ["local"])
+def test_non_ascii_bytes_never_fill_an_ascii_string(xcom_store_env, small_blocks):
+    """A reference that says ASCII (tampered, or a bug) over UTF-8 bytes whose checksum matches: the
+    bytes are checked, so no string holding bytes >= 0x80 as ASCII characters is ever returned."""
+    value = "x" * 50_000 + "é" + "y" * 50_000
+    ref = push(value)
+    assert ref["encoding"] == "utf-8"
+    with pytest.raises(XComStorageError, match="byte 50000 is not ASCII"):
+        pull({**ref, "encoding": "ascii"})
 
 
 def test_local_path_without_scheme(monkeypatch, tmp_path):

@@ -59,15 +59,17 @@ class ObjectStorageXComBackend(BaseXCom):
                 raise ValueError(f"XCom values may not be dicts with the reserved key {MARKER!r}")
             return serialized
         fmt, pieces = store.encode(serialized)
-        # Measure while encoding: only the first ``threshold`` bytes are buffered before we know.
         head = bytearray()
-        for piece in pieces:
-            head += piece
-            if len(head) > settings.threshold:
-                break
-        else:
-            if not is_reference(serialized):
-                return serialized  # small: stays inline in the DB
+        if not (isinstance(serialized, str) and serialized.isascii() and len(serialized) > settings.threshold):
+            # Measure while encoding: only the first ``threshold`` bytes are buffered before we know
+            # (an ASCII string's length is its size: it is not).
+            for piece in pieces:
+                head += piece
+                if len(head) > settings.threshold:
+                    break
+            else:
+                if not is_reference(serialized):
+                    return serialized  # small: stays inline in the DB
         where = Coordinates(dag_id or "", run_id or "", task_id or "", -1 if map_index is None else map_index, key or "")
         return ObjectStorageXComBackend._store(settings, where, fmt, bytes(head), pieces)
 
@@ -96,6 +98,7 @@ class ObjectStorageXComBackend(BaseXCom):
             "stored_bytes": written.stored_bytes,
             "format": fmt,
             "compression": settings.compression,
+            "encoding": "ascii" if written.ascii else "utf-8",
             store.CHECKSUM: written.checksum,
             "written_by": where.writer(),
         }
@@ -146,10 +149,11 @@ def read_object(ref: dict) -> Any:
     """The value behind ``ref``, its checksum verified; a clear error if missing, short or corrupted."""
     path = _path_of(ref)
     writer = ref.get("written_by", "an unknown task")
+    # Uncompressed objects are read in ranges (no read-ahead cache: one GET per block), larger ones
+    # from object stores (fewer requests); decompressors read small pieces, so they keep the cache.
+    plain = ref.get("compression", "none") == "none"
+    block = store.IO_BLOCK if store.is_local_url(ref["ref"]) or not plain else store.RANGE_BLOCK
     try:
-        # Uncompressed objects are read in IO_BLOCK ranges (no read-ahead cache: one GET per block);
-        # decompressors read small pieces, so they keep the cache.
-        plain = ref.get("compression", "none") == "none"
         fileobj = path.open("rb", block_size=store.IO_BLOCK, **({"cache_type": "none"} if plain else {}))
     except FileNotFoundError:
         raise XComStorageError(
@@ -158,7 +162,8 @@ def read_object(ref: dict) -> Any:
         ) from None
     with fileobj:
         try:
-            got = store.read_text(fileobj, int(ref["bytes"]), ref.get("compression", "none"))
+            got = store.read_text(fileobj, int(ref["bytes"]), ref.get("compression", "none"),
+                                  ascii=ref.get("encoding") == "ascii", block=block)
         except XComStorageError:
             raise
         except Exception as e:  # noqa: BLE001 - a broken compressed stream is a corrupted object

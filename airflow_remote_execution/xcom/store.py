@@ -9,6 +9,7 @@ which XCom row (dag, run, task, map index, key) it belongs to.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import queue
@@ -19,9 +20,11 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from airflow_remote_execution import config
+from airflow_remote_execution.xcom import ascii_str
 
 CHUNK = 1 << 20  # encode/checksum/compress/write in 1 MiB pieces: bounded memory beside the value itself
 IO_BLOCK = 16 << 20  # upload part size (S3 parts must be >= 5 MiB) and download block: few requests
+RANGE_BLOCK = 32 << 20  # download block of an object store read straight into the value: one GET each
 CHECKSUM = "xxh3_128"  # the reference's key holding the checksum of the serialised bytes
 COMPRESSIONS = {"none": "", "gzip": ".gz", "zstd": ".zst"}
 DEFAULT_THRESHOLD = 65536
@@ -63,7 +66,7 @@ class Settings:
         )
 
     def is_local(self) -> bool:
-        return "://" not in self.path or self.path.startswith(("file://", "local://"))
+        return is_local_url(self.path)
 
     def base(self):
         from airflow.sdk import ObjectStoragePath
@@ -71,6 +74,10 @@ class Settings:
         if not self.path:
             raise ValueError("[remote_execution] xcom_path is not set (e.g. s3://my-bucket/xcom)")
         return ObjectStoragePath(self.path, conn_id=self.conn_id)
+
+
+def is_local_url(url: str) -> bool:
+    return "://" not in url or url.startswith(("file://", "local://"))
 
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -174,9 +181,21 @@ def iter_json(value: Any) -> Iterator[bytes]:
         yield json.dumps(value).encode()
 
 
-def encode(value: Any) -> tuple[str, Iterator[bytes]]:
-    """The format (``text`` for a top-level string: no escaping, read back without a parser) and its bytes."""
+def _ascii_blocks(text: str, raw: memoryview) -> Iterator[memoryview]:
+    """``IO_BLOCK`` views of an ASCII string's own bytes (``raw``); holds ``text`` while they are used."""
+    for i in range(0, len(raw), IO_BLOCK):
+        yield raw[i : i + IO_BLOCK]
+    del text
+
+
+def encode(value: Any) -> tuple[str, Iterator[bytes | memoryview]]:
+    """The format (``text`` for a top-level string: no escaping, read back without a parser) and its bytes.
+
+    A large ASCII string is not encoded at all: its pieces are views of its own bytes (see ascii_str).
+    """
     if isinstance(value, str):
+        if len(value) >= CHUNK and (raw := ascii_str.view(value)) is not None:
+            return "text", _ascii_blocks(value, raw)
         return "text", _str_chunks(value, quoted=False)
     return "json", iter_json(value)
 
@@ -313,6 +332,7 @@ class Written:
     bytes: int  # serialised (uncompressed) size
     stored_bytes: int
     checksum: str  # CHECKSUM of the serialised bytes
+    ascii: bool  # every byte < 0x80: a reader may fill a new ASCII string with them (see ascii_str)
 
 
 def _digest():
@@ -333,11 +353,14 @@ def write_stream(fileobj: IO[bytes], first: bytes, rest: Iterator[bytes], compre
         out = counting
     digest = _digest()
     size = 0
+    ascii_only = True
     writer = _BackgroundWriter(out.write)
 
     def emit(chunk) -> None:
-        nonlocal size
+        nonlocal size, ascii_only
         digest.update(chunk)
+        if ascii_only and not isinstance(chunk, memoryview):  # views are of ASCII strings (encode)
+            ascii_only = chunk.isascii()
         writer.write(chunk)  # the writer owns ``chunk`` from here: it is never changed again
         size += len(chunk)
 
@@ -357,7 +380,7 @@ def write_stream(fileobj: IO[bytes], first: bytes, rest: Iterator[bytes], compre
         writer.close()
     if out is not counting:
         out.close()
-    return Written(size, counting.count, digest.hexdigest())
+    return Written(size, counting.count, digest.hexdigest(), ascii_only)
 
 
 @dataclass
@@ -380,11 +403,13 @@ def _concat(pieces: Iterable[str]) -> str:
 _concat("x" for _ in range(256))
 
 
-def read_text(fileobj: IO[bytes], size: int, compression: str) -> Read:
+def read_text(fileobj: IO[bytes], size: int, compression: str, ascii: bool = False,
+              block: int = IO_BLOCK) -> Read:
     """Read and decode up to ``size + 1`` uncompressed bytes as UTF-8, checksumming as it goes.
 
-    Reads and decompression run on a second thread; the text grows in place block by block, so a pull
-    peaks near the value's size plus a few blocks, not twice it.
+    Reads and decompression run on a second thread. A value its writer found ASCII is read straight
+    into a new string, ``block`` bytes a read (see :func:`_read_ascii`); any other text grows in place,
+    ``IO_BLOCK`` a read. Either way a pull peaks near the value's size plus a few blocks, not twice it.
     """
     if compression == "gzip":
         src: Any = gzip.GzipFile(fileobj=fileobj, mode="rb")
@@ -392,6 +417,8 @@ def read_text(fileobj: IO[bytes], size: int, compression: str) -> Read:
         src = _zstandard().ZstdDecompressor().stream_reader(fileobj, closefd=False)
     else:
         src = fileobj
+    if ascii and size >= CHUNK and (made := ascii_str.new(size)) is not None:
+        return _read_ascii(src, size, block, *made)
     digest = _digest()
     total = 0
 
@@ -421,3 +448,48 @@ def read_text(fileobj: IO[bytes], size: int, compression: str) -> Read:
 
     text = _concat(pieces())
     return Read(text, digest.hexdigest(), total)
+
+
+def _read_ascii(src: IO[bytes], size: int, block: int, text: str, view: memoryview) -> Read:
+    """Read ``size`` bytes straight into ``text`` (new, unfilled; see ascii_str.new) on a second thread,
+    as a plain ``read`` fills its new ``bytes``: the faults of the fresh memory are taken there, outside
+    the GIL. This thread follows behind it, checksumming every block and checking that it is ASCII.
+    ``text`` is returned only when all of it was read and is ASCII; else ``Read.text`` is empty."""
+    digest = _digest()
+    progress: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def run(owner: str) -> None:  # holds the string: its memory outlives every write into it
+        filled = 0
+        try:
+            while filled < size and not stop.is_set():
+                got = src.readinto(view[filled : min(size, filled + block)])
+                if not got:
+                    break
+                filled += got
+                progress.put(filled)
+            progress.put(("end", filled + (len(src.read(1)) if filled == size else 0)))
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+            progress.put(e)
+        del owner
+
+    thread = threading.Thread(target=run, args=(text,), name="xcom-reader", daemon=True)
+    thread.start()
+    checked = 0
+    try:
+        while not isinstance(msg := progress.get(), tuple):
+            if isinstance(msg, BaseException):
+                raise msg
+            for start in range(checked, msg, CHUNK):
+                piece = view[start : min(msg, start + CHUNK)]
+                digest.update(piece)
+                try:
+                    codecs.ascii_decode(piece)
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"byte {start + e.start} is not ASCII, yet the object was written as ASCII") from None
+            checked = msg
+    finally:
+        stop.set()
+        thread.join()
+    total = msg[1]
+    return Read(text if total == size else "", digest.hexdigest(), total)
