@@ -64,8 +64,8 @@ def register(session: Session, token: AgentTokenModel, req: RegisterRequest) -> 
     return agent
 
 
-def for_token(session: Session, token: AgentTokenModel) -> AgentModel:
-    agent = session.scalar(select(AgentModel).where(AgentModel.name == token.agent_name))
+def for_token(token: AgentTokenModel) -> AgentModel:
+    agent = token.agent  # loaded with the token (tokens.verify)
     if agent is None:
         raise AgentNotRegistered(f"Agent {token.agent_name!r} is not registered: POST /agents/register first")
     return agent
@@ -175,6 +175,7 @@ def list_agents(session: Session) -> list[AgentInfo]:
             versions=dict(a.versions or {}),
             registered_at=a.registered_at,
             last_heartbeat_at=a.last_heartbeat_at,
+            last_lease_at=a.last_lease_at,
             **sentinel_view(a, now),
         )
         for a in session.scalars(select(AgentModel).order_by(AgentModel.name))

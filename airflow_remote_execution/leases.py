@@ -36,6 +36,7 @@ from airflow_remote_execution.protocol import WorkState
 
 UNFINISHED = (WorkState.QUEUED.value, WorkState.LEASED.value, WorkState.RUNNING.value)
 REPORTABLE = (WorkState.RUNNING.value, WorkState.SUCCESS.value, WorkState.FAILED.value)
+LAST_LEASE_PRECISION = timedelta(seconds=5)  # an agent's last_lease_at is written at most this often
 
 
 class LeaseConflict(Exception):
@@ -235,40 +236,40 @@ def purge_finished(session: Session, older_than: timedelta) -> int:
 
 
 def lease(session: Session, agent: AgentModel, queues: Sequence[str], slots: int, confirm_timeout: float) -> list[WorkItemModel]:
-    """Lease up to ``slots`` queued items from ``queues`` to ``agent`` (highest priority first)."""
+    """Lease up to ``slots`` queued items from ``queues`` to ``agent`` (highest priority first), in one
+    statement: ``WITH picked AS MATERIALIZED (SELECT id ... LIMIT n FOR UPDATE SKIP LOCKED) UPDATE ...
+    FROM picked WHERE id = picked.id RETURNING``. Materialized: PostgreSQL may otherwise evaluate the
+    pick once per row it updates, and each evaluation skips the rows updated so far and picks others,
+    so more than ``n`` were leased."""
     if slots <= 0 or not queues:
         return []
-    candidates = (
+    pick = (
         select(WorkItemModel.id)
         .where(WorkItemModel.state == WorkState.QUEUED.value, WorkItemModel.queue.in_(list(queues)))
         .order_by(WorkItemModel.priority_weight.desc(), WorkItemModel.id)
         .limit(slots)
     )
     if session.get_bind().dialect.name == "postgresql":
-        candidates = candidates.with_for_update(skip_locked=True)
-    ids = list(session.scalars(candidates))
+        pick = pick.with_for_update(skip_locked=True)  # concurrent leases take other rows, never wait
     now = timezone.utcnow()
-    leased: list[WorkItemModel] = []
-    for work_id in ids:
-        row = session.execute(
-            update(WorkItemModel)
-            .where(WorkItemModel.id == work_id, WorkItemModel.state == WorkState.QUEUED.value)
-            .values(
-                state=WorkState.LEASED.value,
-                agent_id=agent.id,
-                agent_name=agent.name,
-                fence=WorkItemModel.fence + 1,
-                leased_at=now,
-                lease_expires_at=now + timedelta(seconds=confirm_timeout),
-            )
-            .returning(WorkItemModel)  # the leased row itself: no second query for it
-            .execution_options(synchronize_session=False, populate_existing=True)
-        ).scalar()
-        if row is not None:
-            leased.append(row)
-    if leased:
-        agent.last_lease_at = now
-    return leased
+    leased = session.scalars(
+        update(WorkItemModel)
+        .where(WorkItemModel.id == (picked := pick.cte("picked").prefix_with("MATERIALIZED")).c.id,
+               WorkItemModel.state == WorkState.QUEUED.value)
+        .values(
+            state=WorkState.LEASED.value,
+            agent_id=agent.id,
+            agent_name=agent.name,
+            fence=WorkItemModel.fence + 1,
+            leased_at=now,
+            lease_expires_at=now + timedelta(seconds=confirm_timeout),
+        )
+        .returning(WorkItemModel)  # the leased rows themselves: no second query for them
+        .execution_options(synchronize_session=False, populate_existing=True)
+    ).all()
+    if leased and (agent.last_lease_at is None or now - agent.last_lease_at > LAST_LEASE_PRECISION):
+        agent.last_lease_at = now  # coarse: not one more write per lease
+    return sorted(leased, key=lambda item: (-item.priority_weight, item.id))
 
 
 def _fenced_update(session: Session, agent: AgentModel, work_id: int, fence: int, expected: Sequence[str], **values) -> WorkItemModel:

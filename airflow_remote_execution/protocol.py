@@ -160,6 +160,7 @@ class AgentInfo(BaseModel):
     versions: dict[str, str]
     registered_at: datetime
     last_heartbeat_at: datetime | None
+    last_lease_at: datetime | None = Field(default=None, description="When the agent last leased work (to within 5 s).")
     sentinel_status: str | None = Field(default=None, description="Last sentinel report: ok, degraded or failing.")
     sentinel_at: datetime | None = Field(default=None, description="When the plane received that report.")
     sentinel_age: float | None = Field(default=None, description="Seconds since that report.")

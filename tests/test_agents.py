@@ -84,10 +84,29 @@ def test_reregistration_updates_the_same_row(db):
 def test_for_token(db):
     token = new_token(db)
     with db.session() as s, pytest.raises(AgentNotRegistered, match="Agent 'agent-1' is not registered: POST /agents/register first"):
-        agents.for_token(s, s.get(AgentTokenModel, token.id))
+        agents.for_token(s.get(AgentTokenModel, token.id))
     agent = register(db, token)
     with db.session() as s:
-        assert agents.for_token(s, s.get(AgentTokenModel, token.id)).id == agent.id
+        assert agents.for_token(s.get(AgentTokenModel, token.id)).id == agent.id
+
+
+def test_token_and_its_agent_load_in_one_query(db):
+    """Every agent request resolves both: one round trip, not two."""
+    from sqlalchemy import event
+
+    agent = register(db, token := new_token(db))
+    register(db, new_token(db, name="agent-2"))
+    statements = []
+    with db.session() as s:
+        engine = s.get_bind()
+        listener = lambda _c, _cur, statement, *_: statements.append(statement)  # noqa: E731
+        event.listen(engine, "before_cursor_execute", listener)
+        try:
+            row = s.get(AgentTokenModel, token.id)
+            assert agents.for_token(row).id == agent.id and agents.for_token(row).name == "agent-1"
+        finally:
+            event.remove(engine, "before_cursor_execute", listener)
+    assert len([st for st in statements if st.lstrip().upper().startswith("SELECT")]) == 1, statements
 
 
 def test_heartbeat_records_liveness_and_returns_kill_list(db):

@@ -160,9 +160,12 @@ def test_lease_order_queues_and_slots(db):
         assert before <= item.leased_at <= timezone.utcnow()
         assert item.lease_expires_at - item.leased_at == timedelta(seconds=30)
     with db.session() as s:
-        assert s.get(AgentModel, agent.id).last_lease_at >= before
+        first = s.get(AgentModel, agent.id).last_lease_at
+        assert first >= before
 
     assert [i.id for i in lease(db, agent, queues=["default", "gpu"], slots=3)] == [low2.id]
+    with db.session() as s:  # written at most every LAST_LEASE_PRECISION (5 s): not one more write per lease
+        assert s.get(AgentModel, agent.id).last_lease_at == first
     assert lease(db, agent, queues=["default", "gpu"], slots=3) == []
     assert get(db, other.id).state == "queued"
     assert lease(db, agent, queues=["other"], slots=0) == []

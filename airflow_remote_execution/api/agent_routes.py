@@ -63,7 +63,7 @@ def _as_agent(authorization: str | None, fn: Callable[..., T]) -> Callable[[], T
     def run() -> T:
         with create_session() as session:
             token = tokens.verify(session, _bearer(authorization))
-            agent = agents.for_token(session, token)
+            agent = agents.for_token(token)
             return fn(session, token, agent)
 
     return run

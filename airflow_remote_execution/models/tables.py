@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, MetaData, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from airflow.models.base import _get_schema, naming_convention
 from airflow.utils.sqlalchemy import UtcDateTime
@@ -32,6 +32,12 @@ class AgentTokenModel(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # The token's agent once registered (none before): loaded with the token in one SELECT, as every
+    # agent request needs both.
+    agent: Mapped[AgentModel | None] = relationship(
+        "AgentModel", primaryjoin="foreign(AgentTokenModel.agent_name) == AgentModel.name", viewonly=True,
+        lazy="joined", uselist=False,
+    )
 
     __table_args__ = (Index("ix_remote_agent_token_agent_name", "agent_name"),)
 
