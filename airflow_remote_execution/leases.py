@@ -251,11 +251,11 @@ def lease(session: Session, agent: AgentModel, queues: Sequence[str], slots: int
     )
     if session.get_bind().dialect.name == "postgresql":
         pick = pick.with_for_update(skip_locked=True)  # concurrent leases take other rows, never wait
+    picked = pick.cte("picked").prefix_with("MATERIALIZED")
     now = timezone.utcnow()
     leased = session.scalars(
         update(WorkItemModel)
-        .where(WorkItemModel.id == (picked := pick.cte("picked").prefix_with("MATERIALIZED")).c.id,
-               WorkItemModel.state == WorkState.QUEUED.value)
+        .where(WorkItemModel.id == picked.c.id, WorkItemModel.state == WorkState.QUEUED.value)
         .values(
             state=WorkState.LEASED.value,
             agent_id=agent.id,

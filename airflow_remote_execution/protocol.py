@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 
 
@@ -117,6 +117,12 @@ class TaskProcess(Strict):
     hostname: str = Field(max_length=1000)
     unixname: str = Field(max_length=1000)
     api_version: str = Field(max_length=100, description="The Task SDK's execution API version.")
+    start_date: AwareDatetime | None = Field(
+        default=None,
+        description="The agent's clock when it asked to start the task (its process forked): the task's "
+        "start_date, as a supervisor stamps its task's start before it asks. The plane keeps it between the "
+        "lease and its confirmation (a skewed clock cannot move it outside); none: the confirmation's time.",
+    )
 
 
 class StartRequest(FencedRequest):

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from airflow_remote_execution import __version__
 from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneError
@@ -296,7 +297,8 @@ class AgentWorker:
                 self._release(lease)
                 return
             # A task that failed before the fork is confirmed all the same, so its failure is reported.
-            task = TaskProcess(**forked) if forked else None
+            # Stamped now, as a supervisor stamps its task's start before it asks the execution API.
+            task = TaskProcess(**forked, start_date=datetime.now(timezone.utc)) if forked else None
         try:
             reply = self.client.start(lease.work_id, lease.fence, task)
         except PlaneError as e:

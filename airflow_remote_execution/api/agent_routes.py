@@ -156,7 +156,10 @@ async def start(work_id: int, body: StartRequest, request: Request, authorizatio
 
     def run(session, _t, agent) -> tuple[StartResponse, tuple | None]:
         item = leases.confirm_start(session, agent, work_id, body.fence)
-        report = (item.workload, item.started_at) if body.task is not None and item.kind == "task" else None
+        report = None
+        if body.task is not None and item.kind == "task":
+            stamped = body.task.start_date or item.started_at
+            report = (item.workload, min(max(stamped, item.leased_at), item.started_at))
         return StartResponse(work_id=item.id, state=item.state, fence=item.fence), report
 
     reply, report = await run_in_threadpool(_as_agent(authorization, run))

@@ -41,8 +41,8 @@ async def report_started(
     scope: Scope, workload_json: str, start_date: datetime, task: TaskProcess
 ) -> ExecutionApiReply | None:
     """Tell the execution API the task started, as its supervisor would; None if it cannot be done here.
-    ``start_date``: when the plane confirmed the lease, as a supervisor stamps its task's start before
-    asking the execution API."""
+    ``start_date``: when the agent asked to start it (``TaskProcess.start_date``, kept between the lease
+    and the confirmation), as a supervisor stamps its task's start before asking the execution API."""
     import httpx
 
     app = execution_app(scope)

@@ -315,10 +315,45 @@ def test_start_makes_the_execution_api_start_report_for_a_forked_task():
     assert {k: body[k] for k in ("state", "pid", "hostname", "unixname")} == {
         "state": "running", "pid": 4242, "hostname": "agent-host", "unixname": "airflow"
     }
-    with create_session() as s:  # stamped when the plane confirmed the lease, on the plane's clock
+    with create_session() as s:  # no stamp from the agent: when the plane confirmed the lease
         assert timezone.parse(body["start_date"]) == s.get(WorkItemModel, work_id).started_at
     assert timezone.utcnow() - timezone.parse(body["start_date"]) < timedelta(minutes=1)
     assert state_of(work_id) == "running"
+
+
+@pytest.mark.parametrize("skew", ["none", "behind", "ahead"])
+def test_start_date_is_the_agents_stamp_kept_between_lease_and_confirmation(skew):
+    """The task's start_date is the agent's clock when it asked (as a supervisor stamps before asking);
+    a clock skewed behind the lease or ahead of the confirmation cannot move it outside them."""
+    seen = []
+    execution = FastAPI()
+
+    @execution.patch("/task-instances/{ti_id}/run")
+    async def run(ti_id: str, request: Request):
+        seen.append(await request.json())
+        return JSONResponse({})
+
+    root = FastAPI()
+    root.mount("/execution", execution)
+    root.mount("/remote_execution", create_app())
+    with TestClient(root, base_url="http://testserver/remote_execution") as c:
+        token = registered(c, f"stamper-{skew}")
+        work_id = enqueue(f"stamped-{skew}", workload='{"type": "ExecuteTask", "token": "jwt", "ti": {"id": "ti-2"}}')
+        (lease,) = post(c, "/leases", token, {"slots": 1, "wait": 0}).json()["leases"]
+        time.sleep(0.05)
+        stamp = {"none": timezone.utcnow(), "behind": timezone.utcnow() - timedelta(hours=1),
+                 "ahead": timezone.utcnow() + timedelta(hours=1)}[skew]
+        process = {"pid": 1, "hostname": "h", "unixname": "u", "api_version": "2026-04-01",
+                   "start_date": stamp.isoformat()}
+        assert post(c, f"/work/{work_id}/start", token, {"fence": lease["fence"], "task": process}).status_code == 200
+        naive = {**process, "start_date": "2026-11-22T10:00:00"}
+        assert post(c, f"/work/{work_id}/start", token, {"fence": lease["fence"], "task": naive}).status_code == 422
+    with create_session() as s:
+        item = s.get(WorkItemModel, work_id)
+        expected = {"none": stamp, "behind": item.leased_at, "ahead": item.started_at}[skew]
+    assert timezone.parse(seen[0]["start_date"]) == expected
+    if skew == "none":
+        assert item.leased_at < expected < item.started_at
 
 
 def test_conflicts_and_bad_requests(client):
