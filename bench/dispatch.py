@@ -174,8 +174,8 @@ def collect_run(plane: Plane, dag_id: str, run_id: str, length: int, remote: boo
                     plane_dispatch_ms=ms(s_at, q_at),  # work item queued -> agent confirmed the start
                     ti_queued_to_item_queued_ms=ms(q_at, queued),
                     item_queued_to_leased_ms=ms(l_at, q_at),  # commit + wake-up + lease transaction
-                    leased_to_confirmed_ms=ms(s_at, l_at),  # lease reply -> agent -> POST /start
-                    confirmed_to_ti_start_ms=ms(start, s_at),  # fork + run_workload + supervisor fork
+                    leased_to_ti_start_ms=ms(start, l_at),  # lease reply -> agent, which stamps as it asks
+                    ti_start_to_confirmed_ms=ms(s_at, start),  # its POST /start -> the plane's confirmation
                     agent=w["agent_name"],
                     _queued_at=w["queued_at"],
                     _work_id=w["id"],
@@ -312,8 +312,8 @@ def summarize(name: str, executor: str, runs: list[dict], remote: bool, args) ->
         out["remote_breakdown_ms_idle_agent"] = {
             "ti_queued_to_item_queued": summary(col("ti_queued_to_item_queued_ms", idle)),
             "item_queued_to_leased": summary(col("item_queued_to_leased_ms", idle)),
-            "leased_to_confirmed": summary(col("leased_to_confirmed_ms", idle)),
-            "confirmed_to_ti_start": summary(col("confirmed_to_ti_start_ms", idle)),
+            "leased_to_ti_start": summary(col("leased_to_ti_start_ms", idle)),
+            "ti_start_to_confirmed": summary(col("ti_start_to_confirmed_ms", idle)),
         }
         out["agent_slots_busy_at_queue"] = {
             str(k): sum(1 for t in tasks if t.get("agent_slots_busy_at_queue") == k)
