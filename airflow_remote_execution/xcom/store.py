@@ -182,10 +182,10 @@ def iter_json(value: Any) -> Iterator[bytes]:
 
 
 def _ascii_blocks(text: str, raw: memoryview) -> Iterator[memoryview]:
-    """``IO_BLOCK`` views of an ASCII string's own bytes (``raw``); holds ``text`` while they are used."""
+    """``IO_BLOCK`` views of an ASCII string's own bytes (``raw``). The generator holds ``text`` until it
+    is dropped, which write_stream does only after its writer thread wrote the last view."""
     for i in range(0, len(raw), IO_BLOCK):
         yield raw[i : i + IO_BLOCK]
-    del text
 
 
 def encode(value: Any) -> tuple[str, Iterator[bytes | memoryview]]:
