@@ -45,7 +45,7 @@ def register(session: Session, token: AgentTokenModel, req: RegisterRequest) -> 
             "create a token with those queues or drop them from [remote_execution] queues"
         )
     now = timezone.utcnow()
-    agent = session.scalar(select(AgentModel).where(AgentModel.name == token.agent_name))
+    agent = token.agent  # loaded with the token (tokens.verify)
     if agent is None:
         agent = AgentModel(name=token.agent_name, registered_at=now, versions={}, drained=False)
         session.add(agent)

@@ -89,6 +89,25 @@ def obj(ref: dict):
     return ObjectStoragePath(ref["ref"], conn_id=Settings.from_config().conn_id)
 
 
+def damage_object(ref: dict, damage: str) -> None:
+    """Rewrite the object behind ``ref``: a bit flipped, a byte >= 0x80 first or last, 10 bytes cut or
+    4 added."""
+    data = bytearray(obj(ref).read_bytes())
+    if damage == "flip":
+        data[100] ^= 1
+    elif damage == "non-ascii-first":
+        data[0] = 0xC3
+    elif damage == "non-ascii-last":
+        data[-1] = 0xFF
+    elif damage == "truncate":
+        del data[-10:]
+    else:
+        assert damage == "extend"
+        data += b"more"
+    with obj(ref).open("wb") as f:
+        f.write(bytes(data))
+
+
 @pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
 def test_round_trip_inline_and_object(xcom_store_env, compression, monkeypatch):
     monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__XCOM_COMPRESSION", compression)
@@ -120,15 +139,7 @@ def test_missing_object_names_it_and_its_writer(xcom_store_env):
 @pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
 def test_corrupted_object_is_an_error(xcom_store_env, damage):
     ref = push("abcdefgh" * 1000)
-    data = bytearray(obj(ref).read_bytes())
-    if damage == "flip":
-        data[100] ^= 1
-    elif damage == "truncate":
-        del data[-10:]
-    else:
-        data += b"more"
-    with obj(ref).open("wb") as f:
-        f.write(bytes(data))
+    damage_object(ref, damage)
     with pytest.raises(XComStorageError, match="corrupted") as e:
         pull(ref)
     assert ref["ref"] in str(e.value) and "big_dag.produce" in str(e.value)
@@ -338,17 +349,7 @@ def test_ascii_str_views_only_compact_ascii_strings():
 def test_corrupted_ascii_object_is_an_error_not_a_string(xcom_store_env, small_blocks, filled_strings, damage):
     value = "abcdefgh" * 12_500
     ref = push(value)
-    data = bytearray(obj(ref).read_bytes())
-    if damage == "non-ascii-first":
-        data[0] = 0xC3
-    elif damage == "non-ascii-last":
-        data[-1] = 0xFF
-    elif damage == "truncate":
-        del data[-10:]
-    else:
-        data += b"more"
-    with obj(ref).open("wb") as f:
-        f.write(bytes(data))
+    damage_object(ref, damage)
     with pytest.raises(XComStorageError, match="corrupted") as e:
         pull(ref)
     assert ref["ref"] in str(e.value) and filled_strings == [len(value)]

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Header, Request
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from airflow.configuration import conf
@@ -197,13 +196,12 @@ async def whoami(authorization: Authorization = None) -> WhoAmIResponse:
     def run() -> WhoAmIResponse:
         with create_session() as session:
             token = tokens.verify(session, _bearer(authorization))
-            registered = session.scalar(select(AgentModel.id).where(AgentModel.name == token.agent_name))
             return WhoAmIResponse(
                 agent_name=token.agent_name,
                 token_id=token.id,
                 queues=list(token.queues),
                 token_expires_at=token.expires_at,
-                registered=registered is not None,
+                registered=token.agent is not None,  # loaded with the token
                 server_time=timezone.utcnow(),
             )
 
