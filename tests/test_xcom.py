@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc as pygc
 import json
+import random
 import sys
 import tracemalloc
 from datetime import datetime, timedelta, timezone
@@ -19,11 +20,11 @@ import pytest
 from emulators import AWS_TEST_CREDENTIALS, azurite, azurite_connection_string, fake_gcs, moto
 
 from airflow_remote_execution.xcom import ObjectStorageXComBackend as XCom
-from airflow_remote_execution.xcom import XComStorageError, ascii_str, store
+from airflow_remote_execution.xcom import XComStorageError, ascii_str, gcs_upload, store
 from airflow_remote_execution.xcom.backend import _Value, is_reference
 from airflow_remote_execution.xcom.check import xcom_store
 from airflow_remote_execution.xcom.gc import collect, list_objects
-from airflow_remote_execution.xcom.store import Settings, parse_relative_key, relative_key
+from airflow_remote_execution.xcom.store import Coordinates, Settings, parse_relative_key, relative_key
 
 RUN_ID = "manual__2026-11-21T10:00:00.123456+00:00"
 KINDS = ("local", "s3", "azure", "gcs")
@@ -234,19 +235,22 @@ def test_gc_deletes_only_old_unreferenced_objects_of_our_layout(xcom_store_env):
     settings = Settings.from_config()
     foreign = settings.base() / "README.txt"
     foreign.write_text("not an XCom object")
+    part = {"ref": live_ref["ref"] + ".part00003-0123456789ab"}  # left by a killed GCS upload (gcs_upload)
+    obj(part).write_text("a part")
     found = {o.url for o in list_objects(settings)}
-    assert found == {live_ref["ref"], orphan_ref["ref"]}
+    assert found == {live_ref["ref"], orphan_ref["ref"], part["ref"]}
 
     def live(objects):
         return [o.url == live_ref["ref"] for o in objects]
 
-    assert collect(settings, timedelta(days=7), live).old == 0  # both are new: nothing to do
+    assert collect(settings, timedelta(days=7), live).old == 0  # all are new: nothing to do
     later = datetime.now(timezone.utc) + timedelta(days=8)
     dry = collect(settings, timedelta(days=7), live, dry_run=True, now=later)
-    assert dry.deleted == [orphan_ref["ref"]] and obj(orphan_ref).exists()
+    assert sorted(dry.deleted) == sorted([orphan_ref["ref"], part["ref"]]) and obj(orphan_ref).exists()
     done = collect(settings, timedelta(days=7), live, now=later)
-    assert done.deleted == [orphan_ref["ref"]] and done.kept_live == 1 and not done.errors
-    assert not obj(orphan_ref).exists() and obj(live_ref).exists() and foreign.exists()
+    assert sorted(done.deleted) == sorted([orphan_ref["ref"], part["ref"]]) and done.kept_live == 1
+    assert not done.errors and not obj(orphan_ref).exists() and not obj(part).exists()
+    assert obj(live_ref).exists() and foreign.exists()
 
 
 def test_doctor_check(xcom_store_env, monkeypatch):
@@ -371,3 +375,61 @@ def test_local_path_without_scheme(monkeypatch, tmp_path):
     monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__XCOM_THRESHOLD", "10")
     ref = push(list(range(100)))
     assert Path(tmp_path / "plain" / "big_dag").is_dir() and pull(ref) == list(range(100))
+
+
+@pytest.fixture
+def small_parts(monkeypatch):
+    """GCS parts of 64 KiB, composed 4 sources a request: a 600 kB value takes every path of a 256 MiB
+    one (several compose rounds). Counts the parts sent."""
+    monkeypatch.setattr(gcs_upload, "PART_SIZE", 64 << 10)
+    monkeypatch.setattr(gcs_upload, "MAX_SOURCES", 4)
+    monkeypatch.setattr(store, "CHUNK", 4096)
+    sent = []
+    real = gcs_upload.CompositeUpload._send
+    monkeypatch.setattr(gcs_upload.CompositeUpload, "_send", lambda self, data: sent.append(len(data)) or real(self, data))
+    return sent
+
+
+@pytest.mark.parametrize("kind", ["gcs"])
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_gcs_values_go_up_in_parallel_parts_composed_in_order(xcom_store_env, small_parts, monkeypatch, compression):
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__XCOM_COMPRESSION", compression)
+    rng = random.Random(0)
+    value = {"rows": [f"{rng.getrandbits(32):08x}{'é' if i % 1000 == 0 else ''}" for i in range(50_000)]}  # ~600 kB
+    ref = push(value)
+    assert pull(ref) == value
+    assert len(small_parts) >= (9 if compression == "none" else 3), small_parts  # zstd: ~260 kB
+    assert min(small_parts[:-1]) >= 64 << 10 and sum(small_parts) == ref["stored_bytes"]
+    # the parts are gone: only the object is left under the prefix
+    assert {o.url for o in list_objects(Settings.from_config())} == {ref["ref"]}
+
+
+@pytest.mark.parametrize("kind", ["gcs"])
+def test_gcs_value_within_one_part_is_one_upload_without_parts(xcom_store_env, small_parts):
+    value = "s" * 50_000
+    ref = push(value)
+    assert small_parts == [] and pull(ref) == value
+    assert {o.url for o in list_objects(Settings.from_config())} == {ref["ref"]}
+
+
+@pytest.mark.parametrize("kind", ["gcs"])
+def test_gcs_upload_failing_midway_leaves_no_object_and_no_parts(xcom_store_env, small_parts):
+    def stream():
+        for _ in range(5):
+            yield b"x" * (100 << 10)
+        raise RuntimeError("the value's encoder failed")
+
+    settings = Settings.from_config()
+    where = Coordinates("big_dag", RUN_ID, "produce", -1, "return_value")
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        XCom._store(settings, where, "json", b"[", stream())
+    assert len(small_parts) >= 3  # parts were up before the failure
+    assert list_objects(settings) == []
+
+
+@pytest.mark.parametrize("kind", ["gcs"])
+def test_gcs_upload_to_a_missing_bucket_fails_and_names_it(xcom_store_env, small_parts, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__XCOM_PATH", "gs://no-such-bucket/xcom")
+    for value in ("b" * 50_000, "b" * 500_000):  # one request; parts
+        with pytest.raises(Exception, match="no-such-bucket|Not Found|404"):
+            push(value)

@@ -16,6 +16,7 @@ from typing import Any
 from airflow.sdk.bases.xcom import BaseXCom
 
 from airflow_remote_execution.xcom import store
+from airflow_remote_execution.xcom.gcs_upload import CompositeUpload
 from airflow_remote_execution.xcom.store import MARKER, Coordinates, Settings, XComStorageError
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,10 @@ class ObjectStorageXComBackend(BaseXCom):
             store._zstandard()  # fail before opening anything if it is not installed
         if settings.is_local():
             path.parent.mkdir(parents=True, exist_ok=True)  # object stores need no directories (nor new buckets)
-        fileobj = path.open("wb", block_size=store.IO_BLOCK)  # s3fs would buffer 50 MiB parts
+        if path.protocol in ("gs", "gcs"):
+            fileobj: Any = CompositeUpload(path)  # parts in parallel: see gcs_upload
+        else:
+            fileobj = path.open("wb", block_size=store.IO_BLOCK)  # s3fs would buffer 50 MiB parts
         try:
             written = store.write_stream(fileobj, head, rest, settings.compression)
         except BaseException:
@@ -124,7 +128,7 @@ class ObjectStorageXComBackend(BaseXCom):
 def _abort(fileobj, path) -> None:
     """Leave no partial object behind: abort the multipart upload where possible, else delete."""
     try:
-        fileobj.discard()  # s3fs/gcsfs/adlfs buffered files: drop the upload
+        fileobj.discard()  # s3fs/adlfs buffered files, GCS composite uploads: drop the upload
     except Exception:  # noqa: BLE001 - autocommitting files (local) cannot discard
         try:
             fileobj.close()

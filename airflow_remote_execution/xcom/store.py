@@ -124,7 +124,8 @@ class Coordinates:
         return f"{self.dag_id}.{self.task_id}{mapped} in run {self.run_id} (key {self.key!r})"
 
 
-_NAME = re.compile(r"^(?P<key>.+)\.(json|text)(\.gz|\.zst)?$")
+# an object, or one of the part objects of its GCS upload (gcs_upload): an orphan if it is still there
+_NAME = re.compile(r"^(?P<key>.+)\.(json|text)(\.gz|\.zst)?(\.part[0-9]+-[0-9a-f]+)?$")
 
 
 def parse_relative_key(rel: str) -> Coordinates | None:
