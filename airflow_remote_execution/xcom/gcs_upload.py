@@ -19,6 +19,7 @@ import logging
 import uuid
 from collections import deque
 from concurrent.futures import Future
+from urllib.parse import quote
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +62,22 @@ class CompositeUpload:
             self._pending.popleft().result()  # a failed part fails the upload here
         name = f"{self._target}.part{len(self._parts):05d}-{self._id}"
         self._parts.append(name)
-        # chunksize above the part: one request per part, never a resumable session
-        upload = self._fs._pipe_file(name, data, chunksize=len(data) + 1)
-        self._pending.append(asyncio.run_coroutine_threadsafe(upload, self._fs.loop))
+        self._pending.append(asyncio.run_coroutine_threadsafe(self._upload(name, data), self._fs.loop))
+
+    def _upload(self, name: str, data):
+        """One ``uploadType=media`` request whose body is ``data`` itself. gcsfs's own one-request upload
+        (``pipe_file``) is multipart/related: it copies each part into a new body first, and with two
+        parts in flight that held 1.36x a 256 MiB value instead of 1.15x."""
+        bucket, key = name.split("/", 1)
+        return self._fs._call("POST", f"{self._fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
+                              uploadType="media", name=key, data=data, json_out=True)
 
     def close(self) -> None:
         if self._done:
             return
         self._done = True
         if not self._parts:
-            self._fs.pipe_file(self._target, bytes(self._buf), chunksize=len(self._buf) + 1)
+            asyncio.run_coroutine_threadsafe(self._upload(self._target, self._buf), self._fs.loop).result()
             return
         try:
             if self._buf:
