@@ -10,6 +10,7 @@ import gc as pygc
 import json
 import random
 import sys
+import time
 import tracemalloc
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -433,3 +434,26 @@ def test_gcs_upload_to_a_missing_bucket_fails_and_names_it(xcom_store_env, small
     for value in ("b" * 50_000, "b" * 500_000):  # one request; parts
         with pytest.raises(Exception, match="no-such-bucket|Not Found|404"):
             push(value)
+
+
+@pytest.mark.parametrize("kind", ["gcs"])
+def test_gcs_compose_failing_in_a_later_round_leaves_no_half_object(xcom_store_env, small_parts):
+    """Part 5 vanishes before the compose (4 sources a round): round 1 wrote parts 0-3 to the object, round
+    2 fails. The push fails and neither that half object nor any part is left."""
+    settings = Settings.from_config()
+
+    def stream():
+        for _ in range(7):
+            yield b"x" * (100 << 10)  # one part each
+        for _ in range(100):
+            parts = [o for o in list_objects(settings) if ".part00005-" in o.url]
+            if parts:
+                break
+            time.sleep(0.05)
+        obj({"ref": parts[0].url}).unlink()
+        yield b"]"
+
+    with pytest.raises(XComStorageError, match=r"Could not compose gs://xcom/.*/return_value\.json from its parts"):
+        XCom._store(settings, Coordinates("big_dag", RUN_ID, "produce", -1, "return_value"), "json", b"[", stream())
+    assert len(small_parts) == 8
+    assert list_objects(settings) == []

@@ -21,6 +21,8 @@ from collections import deque
 from concurrent.futures import Future
 from urllib.parse import quote
 
+from airflow_remote_execution.xcom.store import XComStorageError
+
 log = logging.getLogger(__name__)
 
 PART_SIZE = 16 << 20  # first part size; doubles every 256 parts to stay under GCS's 1,024 components
@@ -42,6 +44,7 @@ class CompositeUpload:
         self._parts: list[str] = []
         self._pending: deque[Future] = deque()
         self._done = False
+        self._rounds = 0  # compose requests made
 
     def _part_size(self) -> int:
         return PART_SIZE << (len(self._parts) // 256)
@@ -87,7 +90,7 @@ class CompositeUpload:
                 self._pending.popleft().result()
             self._compose()
         except BaseException:
-            self._remove_parts()
+            self._remove_parts(also=[self._target] if self._rounds and len(self._parts) > MAX_SOURCES else [])
             raise
         self._remove_parts()
 
@@ -101,12 +104,20 @@ class CompositeUpload:
         sources = self._parts[:MAX_SOURCES]
         rest = self._parts[MAX_SOURCES:]
         while True:
-            self._fs.merge(self._target, sources)
+            try:
+                self._fs.merge(self._target, sources)
+            except Exception as e:
+                raise XComStorageError(
+                    f"Could not compose gs://{self._target} from its parts {sources[0]} .. {sources[-1]}: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            self._rounds += 1
             if not rest:
                 return
             sources, rest = [self._target, *rest[: MAX_SOURCES - 1]], rest[MAX_SOURCES - 1 :]
 
-    def _remove_parts(self) -> None:
+    def _remove_parts(self, also: list[str] = ()) -> None:
+        """Delete the parts (and ``also``: an object a later compose round failed to finish)."""
         for pending in self._pending:  # let in-flight parts finish: they read the caller's memory
             try:
                 pending.result()
@@ -116,7 +127,7 @@ class CompositeUpload:
         if not self._parts:
             return
         try:
-            self._fs.rm(self._parts)
+            self._fs.rm([*self._parts, *also])
         except FileNotFoundError:
             pass
         except Exception as e:  # noqa: BLE001 - the value is stored; an orphan part is for `xcom gc`
