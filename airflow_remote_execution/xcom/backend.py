@@ -17,6 +17,7 @@ from airflow.sdk.bases.xcom import BaseXCom
 
 from airflow_remote_execution.xcom import store
 from airflow_remote_execution.xcom.gcs_upload import CompositeUpload
+from airflow_remote_execution.xcom.s3_download import S3Stream
 from airflow_remote_execution.xcom.store import MARKER, Coordinates, Settings, XComStorageError
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,10 @@ def read_object(ref: dict) -> Any:
     plain = ref.get("compression", "none") == "none"
     block = store.IO_BLOCK if store.is_local_url(ref["ref"]) or not plain else store.RANGE_BLOCK
     try:
-        fileobj = path.open("rb", block_size=store.IO_BLOCK, **({"cache_type": "none"} if plain else {}))
+        if plain and path.protocol in ("s3", "s3a", "s3n"):
+            fileobj: Any = S3Stream(path)  # one GET, not one per block: see s3_download
+        else:
+            fileobj = path.open("rb", block_size=store.IO_BLOCK, **({"cache_type": "none"} if plain else {}))
     except FileNotFoundError:
         raise XComStorageError(
             f"XCom object {ref['ref']} written by {writer} is missing from the store: it was deleted "
