@@ -154,8 +154,9 @@ def read_object(ref: dict) -> Any:
     """The value behind ``ref``, its checksum verified; a clear error if missing, short or corrupted."""
     path = _path_of(ref)
     writer = ref.get("written_by", "an unknown task")
-    # Uncompressed objects are read in ranges (no read-ahead cache: one GET per block), larger ones
-    # from object stores (fewer requests); decompressors read small pieces, so they keep the cache.
+    # Uncompressed objects are read without a read-ahead cache, in blocks (larger ones from object
+    # stores); from S3 as one streamed GET, elsewhere one ranged GET per block. Decompressors read small
+    # pieces, so they keep the cache.
     plain = ref.get("compression", "none") == "none"
     block = store.IO_BLOCK if store.is_local_url(ref["ref"]) or not plain else store.RANGE_BLOCK
     try:

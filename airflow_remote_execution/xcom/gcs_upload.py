@@ -90,7 +90,7 @@ class CompositeUpload:
                 self._pending.popleft().result()
             self._compose()
         except BaseException:
-            self._remove_parts(also=[self._target] if self._rounds and len(self._parts) > MAX_SOURCES else [])
+            self._remove_parts(also=[self._target] if self._rounds else [])  # a later round failed
             raise
         self._remove_parts()
 

@@ -24,7 +24,7 @@ from airflow_remote_execution.xcom import ascii_str
 
 CHUNK = 1 << 20  # encode/checksum/compress/write in 1 MiB pieces: bounded memory beside the value itself
 IO_BLOCK = 16 << 20  # upload part size (S3 parts must be >= 5 MiB) and download block: few requests
-RANGE_BLOCK = 32 << 20  # download block of an object store read straight into the value: one GET each
+RANGE_BLOCK = 32 << 20  # download block of an object store read straight into the value (a ranged GET each, but S3)
 CHECKSUM = "xxh3_128"  # the reference's key holding the checksum of the serialised bytes
 COMPRESSIONS = {"none": "", "gzip": ".gz", "zstd": ".zst"}
 DEFAULT_THRESHOLD = 65536
@@ -184,7 +184,8 @@ def iter_json(value: Any) -> Iterator[bytes]:
 
 def _ascii_blocks(text: str, raw: memoryview) -> Iterator[memoryview]:
     """``IO_BLOCK`` views of an ASCII string's own bytes (``raw``). The generator holds ``text`` until it
-    is dropped, which write_stream does only after its writer thread wrote the last view."""
+    is dropped: after the file object's close (the backend's ``_store`` holds it), which is after the last
+    view was written, or for GCS uploaded (gcs_upload waits for its parts in flight)."""
     for i in range(0, len(raw), IO_BLOCK):
         yield raw[i : i + IO_BLOCK]
 
