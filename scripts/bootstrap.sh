@@ -17,6 +17,8 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# Debian packages and helm for the chart, image, UI and metrics tests.
+scripts/system-deps.sh
 # Test-only Node tools (Azurite) pinned by scripts/npm/package-lock.json; reinstalled when the lock file changes.
 npm_stamp="scripts/npm/node_modules/.installed-$(sha1sum scripts/npm/package-lock.json | cut -c1-12)"
 if [ ! -f "$npm_stamp" ] && command -v npm >/dev/null; then
