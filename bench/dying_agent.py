@@ -30,7 +30,7 @@ def main() -> None:
     args = p.parse_args()
 
     from airflow_remote_execution.agent.client import PlaneClient
-    from airflow_remote_execution.protocol import RegisterRequest
+    from airflow_remote_execution.wire.api import RegisterRequest
 
     client = PlaneClient(args.url, args.token)
     client.register(RegisterRequest(concurrency=args.slots, hostname="dying-agent"))

@@ -15,7 +15,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from airflow_remote_execution import config
-from airflow_remote_execution.protocol import (
+from airflow_remote_execution.wire.api import (
     HeartbeatRequest,
     HeartbeatResponse,
     Lease,
@@ -175,25 +175,25 @@ class PlaneClient:
         return self._post(f"/work/{work_id}/start", StartRequest(fence=fence, task=task), StartResponse)
 
     def finish(self, work_id: int, fence: int, outcome: WorkState, info: str | None = None) -> None:
-        from airflow_remote_execution.protocol import FinishRequest
+        from airflow_remote_execution.wire.api import FinishRequest
 
         self._post(f"/work/{work_id}/finish", FinishRequest(fence=fence, outcome=outcome, info=info))
 
     def release(self, work_id: int, fence: int) -> None:
-        from airflow_remote_execution.protocol import FencedRequest
+        from airflow_remote_execution.wire.api import FencedRequest
 
         self._post(f"/work/{work_id}/release", FencedRequest(fence=fence))
 
     # ---------------------------------------------------------------- the agent's triggerer
 
     def register_triggerer(self, hostname: str, capacity: int, queues: list[str] | None):
-        from airflow_remote_execution.trigger_protocol import TriggererRegisterRequest, TriggererRegisterResponse
+        from airflow_remote_execution.wire.triggers import TriggererRegisterRequest, TriggererRegisterResponse
 
         body = TriggererRegisterRequest(hostname=hostname, capacity=capacity, queues=queues or None)
         return self._post("/triggerers/register", body, TriggererRegisterResponse)
 
     def sync_triggers(self, triggerer_id: int, capacity: int, running: list[int]):
-        from airflow_remote_execution.trigger_protocol import TriggerSyncRequest, TriggerSyncResponse
+        from airflow_remote_execution.wire.triggers import TriggerSyncRequest, TriggerSyncResponse
 
         body = TriggerSyncRequest(capacity=capacity, running=sorted(running))
         return self._post(f"/triggerers/{triggerer_id}/sync", body, TriggerSyncResponse)
@@ -202,12 +202,12 @@ class PlaneClient:
         self._post(f"/triggerers/{triggerer_id}/stop", None)
 
     def trigger_event(self, triggerer_id: int, trigger_id: int, event: dict) -> None:
-        from airflow_remote_execution.trigger_protocol import TriggerEventRequest
+        from airflow_remote_execution.wire.triggers import TriggerEventRequest
 
         self._post(f"/triggers/{trigger_id}/event", TriggerEventRequest(triggerer_id=triggerer_id, event=event))
 
     def trigger_failure(self, triggerer_id: int, trigger_id: int, traceback: list[str] | None) -> None:
-        from airflow_remote_execution.trigger_protocol import TriggerFailureRequest
+        from airflow_remote_execution.wire.triggers import TriggerFailureRequest
 
         body = TriggerFailureRequest(triggerer_id=triggerer_id, traceback=traceback)
         self._post(f"/triggers/{trigger_id}/failure", body)
@@ -223,39 +223,39 @@ class PlaneClient:
     # ---------------------------------------------------------------- parsing (the agent's dag processor)
 
     def sync_bundles(self, bundles: list[str]) -> list:
-        from airflow_remote_execution.parsing_protocol import BundleSyncRequest, BundleSyncResponse
+        from airflow_remote_execution.wire.parsing import BundleSyncRequest, BundleSyncResponse
 
         return self._post("/parsing/bundles/sync", BundleSyncRequest(bundles=bundles), BundleSyncResponse).bundles
 
     def bundle_state(self, bundle: str):
-        from airflow_remote_execution.parsing_protocol import BundleState
+        from airflow_remote_execution.wire.parsing import BundleState
 
         data = self._post(f"/parsing/bundles/{quote(bundle, safe='')}/state", None, method="GET")
         return BundleState.model_validate(data) if data is not None else None
 
     def update_bundle_state(self, bundle: str, last_refreshed, version: str | None) -> None:
-        from airflow_remote_execution.parsing_protocol import BundleStateUpdate
+        from airflow_remote_execution.wire.parsing import BundleStateUpdate
 
         body = BundleStateUpdate(last_refreshed=last_refreshed, version=version)
         self._post(f"/parsing/bundles/{quote(bundle, safe='')}/state", body, method="PUT")
 
     def bundle_files(self, bundle: str, observed_filelocs: list[str]):
-        from airflow_remote_execution.parsing_protocol import BundleFiles, BundleFilesResponse
+        from airflow_remote_execution.wire.parsing import BundleFiles, BundleFilesResponse
 
         body = BundleFiles(observed_filelocs=sorted(observed_filelocs))
         return self._post(f"/parsing/bundles/{quote(bundle, safe='')}/files", body, BundleFilesResponse, method="PUT")
 
     def parsing_result(self, result):
-        from airflow_remote_execution.parsing_protocol import ParsingResultResponse
+        from airflow_remote_execution.wire.parsing import ParsingResultResponse
 
         return self._post("/parsing/results", result, ParsingResultResponse)
 
     def claim_parsing_requests(self, bundles: list[str], max_callbacks: int):
-        from airflow_remote_execution.parsing_protocol import ClaimRequest, ClaimResponse
+        from airflow_remote_execution.wire.parsing import ClaimRequest, ClaimResponse
 
         return self._post("/parsing/claims", ClaimRequest(bundles=bundles, max_callbacks=max_callbacks), ClaimResponse)
 
     def deactivate_stale_dags(self, request) -> list[str]:
-        from airflow_remote_execution.parsing_protocol import StaleCheckResponse
+        from airflow_remote_execution.wire.parsing import StaleCheckResponse
 
         return self._post("/parsing/stale", request, StaleCheckResponse).deactivated

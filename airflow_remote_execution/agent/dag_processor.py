@@ -24,7 +24,7 @@ import httpx
 from airflow.dag_processing.manager import BundleState, DagFileInfo, DagFileProcessorManager
 
 from airflow_remote_execution.agent.client import PlaneClient, PlaneError
-from airflow_remote_execution.parsing_protocol import (
+from airflow_remote_execution.wire.parsing import (
     ParsedFile,
     ParsingResult,
     SerializedDagPayload,

@@ -3,7 +3,7 @@ The sentinel: a small process beside the agent that answers Kubernetes probes an
 agent's health to the plane on its own schedule, so status keeps flowing while the agent restarts.
 
 It never talks to the agent: it reads the status file the agent rewrites every heartbeat
-(:mod:`.status`) and runs the shared check registry (:mod:`airflow_remote_execution.checks`).
+(:mod:`.status`) and runs the shared check registry (:mod:`airflow_remote_execution.agent.checks`).
 Cheap checks (the agent's components, CPU, memory, disk) run on every probe; the integration
 checks (api, token, clock, secrets, xcom, bundles, ...) run on a slower schedule in a thread and
 their last results are served from memory, so a probe never waits on the network.
@@ -33,8 +33,8 @@ import psutil
 
 from airflow_remote_execution.agent.client import PlaneClient, PlaneError
 from airflow_remote_execution.agent.status import AgentStatus, read_status, status_path
-from airflow_remote_execution.checks import CHECKS, CheckResult, check, load_checks, run_checks
-from airflow_remote_execution.protocol import SentinelCheck, SentinelReport
+from airflow_remote_execution.agent.checks import CHECKS, CheckResult, check, load_checks, run_checks
+from airflow_remote_execution.wire.api import SentinelCheck, SentinelReport
 
 log = logging.getLogger("airflow_remote_execution.sentinel")
 

@@ -27,7 +27,7 @@ from airflow.jobs.triggerer_job_runner import TriggerLoggingFactory, TriggerRunn
 from airflow.triggers.base import BaseTaskEndEvent
 
 from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneError
-from airflow_remote_execution.trigger_protocol import TriggerWork
+from airflow_remote_execution.wire.triggers import TriggerWork
 
 log = logging.getLogger(__name__)
 

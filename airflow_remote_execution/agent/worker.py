@@ -32,7 +32,7 @@ from airflow_remote_execution.agent.log_shipper import start_log_shipper
 from airflow_remote_execution.agent.runners import Runner, RunnerPool, forks_into_waiting
 from airflow_remote_execution.agent.status import StatusPublisher
 from airflow_remote_execution.agent.task_sdk import share_tls_with_task_sdk
-from airflow_remote_execution.protocol import HeartbeatRequest, Lease, RegisterRequest, TaskProcess, WorkState
+from airflow_remote_execution.wire.api import HeartbeatRequest, Lease, RegisterRequest, TaskProcess, WorkState
 
 log = logging.getLogger("airflow_remote_execution.agent")
 START_TIMEOUT = 60.0  # a runner whose task is not set up and forked by then is stuck
@@ -155,7 +155,7 @@ class AgentWorker:
             for t in threads:
                 t.start()
             # Airflow cleans old dag bundle versions only in dag processors and local-executor schedulers.
-            from airflow_remote_execution.bundles import remove_stale_versions_periodically
+            from airflow_remote_execution.agent.bundles import remove_stale_versions_periodically
 
             threading.Thread(
                 target=remove_stale_versions_periodically, args=(self.stopping,), name="bundle-cleanup", daemon=True

@@ -17,7 +17,7 @@ from pathlib import Path
 from airflow.cli.simple_table import AirflowConsole
 from airflow.utils.providers_configuration_loader import providers_configuration_loaded
 
-from airflow_remote_execution import bundles
+from airflow_remote_execution.agent import bundles
 
 SECTION, OPTION = "dag_processor", "dag_bundle_config_list"
 ENV_OVERRIDES = tuple(f"AIRFLOW__{SECTION.upper()}__{OPTION.upper()}{s}" for s in ("", "_CMD", "_SECRET"))

@@ -7,7 +7,7 @@ import json
 from airflow.utils.providers_configuration_loader import providers_configuration_loaded
 
 from airflow_remote_execution import config
-from airflow_remote_execution.checks import CheckOptions, CheckResult, run_checks
+from airflow_remote_execution.agent.checks import CheckOptions, CheckResult, run_checks
 
 
 def render(results: list[CheckResult]) -> str:

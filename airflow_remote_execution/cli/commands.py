@@ -8,7 +8,9 @@ from airflow.cli.simple_table import AirflowConsole
 from airflow.utils.providers_configuration_loader import providers_configuration_loaded
 from airflow.utils.session import create_session
 
-from airflow_remote_execution import agents, config, tokens
+from airflow_remote_execution.plane import agents, tokens
+
+from airflow_remote_execution import config
 
 
 def _print(rows: list[dict], output: str | None) -> None:
@@ -138,7 +140,7 @@ def work_list(args) -> None:
     from sqlalchemy import select
 
     from airflow_remote_execution.models import WorkItemModel
-    from airflow_remote_execution.protocol import WorkItemInfo
+    from airflow_remote_execution.wire.api import WorkItemInfo
 
     with create_session() as session:
         query = select(WorkItemModel).order_by(WorkItemModel.id.desc()).limit(args.limit)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from airflow_remote_execution.secrets_config import SecretsConfigError, SecretsOptions, build, write
+from airflow_remote_execution.agent.secrets_config import SecretsConfigError, SecretsOptions, build, write
 
 _OPTION_NAMES = tuple(f for f in SecretsOptions.__dataclass_fields__ if f != "backend")
 

@@ -9,7 +9,7 @@ from airflow.utils.providers_configuration_loader import providers_configuration
 
 @providers_configuration_loaded
 def xcom_gc(args) -> None:
-    from airflow_remote_execution.tokens import parse_duration
+    from airflow_remote_execution.plane.tokens import parse_duration
     from airflow_remote_execution.xcom import gc
     from airflow_remote_execution.xcom.store import Settings
 

@@ -21,7 +21,9 @@ from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
 from airflow.utils.session import create_session
 
-from airflow_remote_execution import agents, config, leases
+from airflow_remote_execution.plane import agents, leases
+
+from airflow_remote_execution import config
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -79,7 +81,7 @@ class RemoteExecutor(BaseExecutor):
         with create_session() as session:
             for agent in self._lost_agents.mark_lost(session):
                 requeued, failed = leases.reclaim_from_lost(session, agent)
-                from airflow_remote_execution import triggers  # rare path: keep the executor's import light
+                from airflow_remote_execution.plane import triggers  # rare path: keep the executor's import light
 
                 freed = triggers.release_agent(session, agent.name)
                 self.log.warning(

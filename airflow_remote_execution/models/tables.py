@@ -70,7 +70,7 @@ class WorkItemModel(Base):
     """
     One workload handed to agents: a task try, a callback or a connection test.
 
-    State changes only through :mod:`airflow_remote_execution.leases`. ``fence`` grows on every
+    State changes only through :mod:`airflow_remote_execution.plane.leases`. ``fence`` grows on every
     lease; a report must carry the fence it was leased with.
     """
 

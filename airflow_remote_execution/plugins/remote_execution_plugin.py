@@ -13,7 +13,7 @@ _ON_API_SERVER = len(sys.argv) > 1 and sys.argv[1] == "api-server"
 
 
 def _api_app() -> dict:
-    from airflow_remote_execution.api.app import create_app
+    from airflow_remote_execution.plane.api.app import create_app
 
     return {"app": create_app(), "url_prefix": config.API_PREFIX, "name": "Remote Execution API"}
 

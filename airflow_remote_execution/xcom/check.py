@@ -6,7 +6,7 @@ import os
 import socket
 import time
 
-from airflow_remote_execution.checks import CheckResult, check
+from airflow_remote_execution.agent.checks import CheckResult, check
 
 
 def _configured_backend() -> str:

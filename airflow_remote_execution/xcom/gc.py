@@ -109,7 +109,7 @@ def _references(session, select, model, c: Coordinates, url: str) -> bool:
 def live_from_plane(objects: list[StoredObject]) -> list[bool]:
     """Agent side: ask the plane with the agent token."""
     from airflow_remote_execution.agent.client import PlaneClient
-    from airflow_remote_execution.xcom.routes import LiveRequest, LiveResponse, XComObjectRef
+    from airflow_remote_execution.plane.api.xcom_routes import LiveRequest, LiveResponse, XComObjectRef
 
     client = PlaneClient.from_config()
     answer: list[bool] = []

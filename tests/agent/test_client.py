@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneError
-from airflow_remote_execution.protocol import HeartbeatRequest, RegisterRequest, TaskProcess, WorkState
+from airflow_remote_execution.wire.api import HeartbeatRequest, RegisterRequest, TaskProcess, WorkState
 from forward_proxy import RecordingProxy
 
 TOKEN = "rex_0123456789abcdef_" + "S3cr3t-" * 6 + "x"

@@ -124,7 +124,7 @@ def plane_api(airflow_db, tmp_path):
     from airflow.models import import_all_models
     from airflow.models.base import Base as AirflowBase
 
-    from airflow_remote_execution.api.app import create_app
+    from airflow_remote_execution.plane.api.app import create_app
 
     import_all_models()
     AirflowBase.metadata.create_all(airflow_db)
@@ -157,7 +157,7 @@ def plane_api(airflow_db, tmp_path):
 def _token(bundles: list[str]) -> str:
     from airflow.utils.session import create_session
 
-    from airflow_remote_execution import tokens
+    from airflow_remote_execution.plane import tokens
 
     with create_session() as s:
         return tokens.create(s, agent_name="parser", queues=["default"], bundles=bundles)[0]

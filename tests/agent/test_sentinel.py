@@ -23,15 +23,17 @@ from starlette.testclient import TestClient
 from airflow.sdk import timezone
 from airflow.utils.session import create_session
 
-from airflow_remote_execution import agents, config, tokens
+from airflow_remote_execution.plane import agents, tokens
+
+from airflow_remote_execution import config
 from airflow_remote_execution.agent.client import PlaneClient
 from airflow_remote_execution.agent.sentinel import Sentinel, aggregate
 from airflow_remote_execution.agent.status import AgentStatus, StatusPublisher, read_status, write_status
 from airflow_remote_execution.agent.worker import AgentWorker
-from airflow_remote_execution.api.app import create_app
-from airflow_remote_execution.checks import CheckResult, run_checks
+from airflow_remote_execution.plane.api.app import create_app
+from airflow_remote_execution.agent.checks import CheckResult, run_checks
 from airflow_remote_execution.models import AgentModel
-from airflow_remote_execution.protocol import RegisterRequest, SentinelCheck, SentinelReport
+from airflow_remote_execution.wire.api import RegisterRequest, SentinelCheck, SentinelReport
 from localplane import free_port, wait_for
 
 COMPONENTS = ["agent_alive", "agent_heartbeat", "agent_poll", "agent_slots"]

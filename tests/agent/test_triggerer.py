@@ -12,8 +12,8 @@ from airflow.sdk.execution_time.comms import ErrorResponse
 from airflow.triggers.base import TaskFailedEvent, TaskSkippedEvent, TaskSuccessEvent, TriggerEvent
 
 from airflow_remote_execution.agent.triggerer import AgentTriggerRunnerSupervisor, encode_event
-from airflow_remote_execution.triggers import decode_event
-from airflow_remote_execution.trigger_protocol import TriggerEventRequest
+from airflow_remote_execution.plane.triggers import decode_event
+from airflow_remote_execution.wire.triggers import TriggerEventRequest
 
 MOMENT = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 

@@ -17,7 +17,7 @@ from localplane import Agent
 
 from airflow_remote_execution.agent.runners import Runner
 from airflow_remote_execution.agent.worker import START_TIMEOUT, AgentWorker, Running
-from airflow_remote_execution.protocol import Lease
+from airflow_remote_execution.wire.api import Lease
 
 
 def test_refused_registration_exits_with_the_reason(tmp_path):

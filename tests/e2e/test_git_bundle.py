@@ -18,7 +18,7 @@ import pytest
 from git_server import GitServer
 from localplane import AIRFLOW, Agent, Plane, shutdown, wait_for
 
-from airflow_remote_execution.bundles import git_bundle
+from airflow_remote_execution.agent.bundles import git_bundle
 
 pytestmark = pytest.mark.e2e
 

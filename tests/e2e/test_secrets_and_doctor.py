@@ -18,7 +18,7 @@ import hvac
 import pytest
 import requests
 
-from airflow_remote_execution.secrets_config import KWARG_ENV_PREFIX, SecretsOptions, build
+from airflow_remote_execution.agent.secrets_config import KWARG_ENV_PREFIX, SecretsOptions, build
 from emulators import AWS_TEST_CREDENTIALS, OPENBAO_ROOT_TOKEN, moto, openbao
 from localplane import AIRFLOW, Agent, Plane, free_port, fresh_pg_database, self_signed_cert
 

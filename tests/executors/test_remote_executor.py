@@ -15,10 +15,10 @@ from airflow.models.connection_test import ConnectionTestState
 from airflow.utils.session import create_session
 from airflow.utils.state import CallbackState, TaskInstanceState
 
-from airflow_remote_execution import agents, leases, tokens
+from airflow_remote_execution.plane import agents, leases, tokens
 from airflow_remote_execution.executors import RemoteExecutor
 from airflow_remote_execution.models import AgentModel, WorkItemModel
-from airflow_remote_execution.protocol import RegisterRequest, WorkState
+from airflow_remote_execution.wire.api import RegisterRequest, WorkState
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 

@@ -1,0 +1,214 @@
+"""Agent registry on the plane: registration, heartbeats and listing. Identity comes from the token."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from airflow.sdk import timezone
+
+from airflow_remote_execution import config
+
+from airflow_remote_execution.plane import leases
+from airflow_remote_execution.models import AgentModel, AgentTokenModel
+from airflow_remote_execution.wire.api import (
+    AgentInfo,
+    AgentState,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    RegisterRequest,
+    SentinelReport,
+    SentinelReportResponse,
+)
+
+
+class AgentForbidden(Exception):
+    """The token does not allow what the agent asked for (name or queues)."""
+
+
+class AgentNotRegistered(Exception):
+    """The token's agent has not registered yet."""
+
+
+def register(session: Session, token: AgentTokenModel, req: RegisterRequest) -> AgentModel:
+    if req.name is not None and req.name != token.agent_name:
+        raise AgentForbidden(
+            f"Token {token.id} belongs to agent {token.agent_name!r}, not {req.name!r}: "
+            "use that agent's own token"
+        )
+    allowed = list(token.queues)
+    queues = sorted(set(req.queues)) if req.queues else allowed
+    outside = sorted(set(queues) - set(allowed))
+    if outside:
+        raise AgentForbidden(
+            f"Queue(s) {', '.join(outside)} are outside token {token.id}'s queues ({', '.join(allowed)}); "
+            "create a token with those queues or drop them from [remote_execution] queues"
+        )
+    now = timezone.utcnow()
+    agent = token.agent  # loaded with the token (tokens.verify)
+    if agent is None:
+        agent = AgentModel(name=token.agent_name, registered_at=now, versions={}, drained=False)
+        session.add(agent)
+    else:  # a restarted agent may be back before it was found lost: what its predecessor held is gone
+        leases.reclaim_from_lost(session, agent, keep=req.running, why="restarted (work of the previous process)")
+    agent.state = AgentState.ACTIVE.value
+    agent.queues = queues
+    agent.concurrency = req.concurrency
+    agent.free_slots = req.concurrency
+    agent.hostname = req.hostname
+    agent.versions = dict(req.versions)
+    agent.token_id = token.id
+    agent.registered_at = now
+    agent.last_heartbeat_at = now
+    session.flush()
+    return agent
+
+
+def for_token(token: AgentTokenModel) -> AgentModel:
+    agent = token.agent  # loaded with the token (tokens.verify)
+    if agent is None:
+        raise AgentNotRegistered(f"Agent {token.agent_name!r} is not registered: POST /agents/register first")
+    return agent
+
+
+def heartbeat(session: Session, agent: AgentModel, req: HeartbeatRequest) -> HeartbeatResponse:
+    agent.last_heartbeat_at = timezone.utcnow()
+    agent.free_slots = req.free_slots
+    if req.offline:
+        agent.state = AgentState.OFFLINE.value
+    elif req.draining:
+        agent.state = AgentState.STOPPING.value
+    else:
+        agent.state = AgentState.ACTIVE.value  # back from LOST, too
+    return HeartbeatResponse(
+        heartbeat_interval=config.getfloat("heartbeat_interval"),
+        kill=leases.not_owned(session, agent, req.running),
+        drain=agent.drained,
+    )
+
+
+def accepts_work(agent: AgentModel) -> bool:
+    return agent.state == AgentState.ACTIVE.value and not agent.drained
+
+
+def _by_name(session: Session, name: str) -> AgentModel:
+    agent = session.scalar(select(AgentModel).where(AgentModel.name == name))
+    if agent is None:
+        raise LookupError(f"No agent named {name!r} (see `airflow remote-execution agents list`)")
+    return agent
+
+
+def set_drained(session: Session, name: str, drained: bool) -> AgentModel:
+    """Drain: the agent finishes what it runs and leases nothing new until resumed; it stays up."""
+    agent = _by_name(session, name)
+    agent.drained = drained
+    return agent
+
+
+def remove(session: Session, name: str, force: bool = False) -> None:
+    """Forget an agent that is gone. A live one would just register again, so that needs ``force``."""
+    agent = _by_name(session, name)
+    busy = leases.running_counts(session).get(agent.id, 0)
+    if not force and (agent.state in (AgentState.ACTIVE.value, AgentState.STOPPING.value) or busy):
+        raise AgentForbidden(
+            f"Agent {name!r} is {agent.state} with {busy} workload(s): stop it first (or drain it and wait), "
+            "or pass force; revoke its tokens to keep it from coming back"
+        )
+    session.delete(agent)
+    session.flush()
+
+
+class LostAgentDetector:
+    """Declares agents silent for ``lost_agent_threshold`` heartbeat intervals LOST (their work is reclaimed).
+
+    When *no* agent has been heard for two intervals the plane itself (api-server down or stalled,
+    network) is the likelier culprit, so nobody is declared lost; and when agents are heard again after
+    such a silence (or after this scheduler started), each gets one more window to check in, since
+    agents resume at different moments. An API outage or stall must not fail running tasks.
+    """
+
+    def __init__(self) -> None:
+        self.grace_until = timezone.utcnow() + self.window()
+
+    @staticmethod
+    def window() -> timedelta:
+        return timedelta(seconds=config.getfloat("heartbeat_interval") * config.getint("lost_agent_threshold"))
+
+    def mark_lost(self, session: Session) -> list[AgentModel]:
+        now = timezone.utcnow()
+        newest = session.scalar(select(func.max(AgentModel.last_heartbeat_at)))
+        # No agent heard for two intervals: the plane (api-server stalled or down, network) is the likelier
+        # culprit. Nobody is lost now, and every agent gets a full window once they are heard again.
+        if newest is None or newest < now - timedelta(seconds=2 * config.getfloat("heartbeat_interval")):
+            self.grace_until = now + self.window()
+            return []
+        if now < self.grace_until:
+            return []
+        # Silent for a window *after another agent was heard*: when the plane goes away, agents' last
+        # heartbeats differ by up to an interval and must not count as one agent outliving another.
+        query = select(AgentModel).where(
+            AgentModel.state.in_([AgentState.ACTIVE.value, AgentState.STOPPING.value]),
+            AgentModel.last_heartbeat_at < newest - self.window(),
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        lost = list(session.scalars(query))
+        for agent in lost:
+            agent.state = AgentState.LOST.value
+        return lost
+
+
+def list_agents(session: Session) -> list[AgentInfo]:
+    counts = leases.running_counts(session)
+    now = timezone.utcnow()
+    return [
+        AgentInfo(
+            id=a.id,
+            name=a.name,
+            state=a.state,
+            drained=a.drained,
+            queues=list(a.queues),
+            concurrency=a.concurrency,
+            free_slots=a.free_slots,
+            running=counts.get(a.id, 0),
+            hostname=a.hostname,
+            versions=dict(a.versions or {}),
+            registered_at=a.registered_at,
+            last_heartbeat_at=a.last_heartbeat_at,
+            last_lease_at=a.last_lease_at,
+            **sentinel_view(a, now),
+        )
+        for a in session.scalars(select(AgentModel).order_by(AgentModel.name))
+    ]
+
+
+def record_sentinel(session: Session, agent: AgentModel, report: SentinelReport) -> SentinelReportResponse:
+    """Store the sentinel's latest report on its agent's row. It leaves liveness alone: only the
+    agent's own heartbeats keep an agent from being counted as lost."""
+    now = timezone.utcnow()
+    agent.sentinel_status = report.status
+    agent.sentinel_report = report.model_dump(mode="json")
+    agent.sentinel_at = now
+    return SentinelReportResponse(received_at=now)
+
+
+def sentinel_view(agent: AgentModel, now) -> dict:
+    """The sentinel fields of :class:`AgentInfo`; stale once 3 report intervals (+10 s) passed in silence."""
+    if agent.sentinel_at is None:
+        return {}
+    report = agent.sentinel_report or {}
+    age = max(0.0, (now - agent.sentinel_at).total_seconds())
+    failing = [
+        f"{c['name']}: {c.get('detail', '')}"[:300]
+        for c in report.get("checks", [])
+        if not c.get("ok") and not c.get("skipped")
+    ]
+    return {
+        "sentinel_status": agent.sentinel_status,
+        "sentinel_at": agent.sentinel_at,
+        "sentinel_age": round(age, 1),
+        "sentinel_stale": age > 3 * float(report.get("interval", 15)) + 10,
+        "sentinel_failing": failing,
+    }

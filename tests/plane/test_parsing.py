@@ -1,0 +1,302 @@
+"""
+Plane side of agent DAG parsing (``parsing.py``), in-process on SQLite and PostgreSQL with Airflow's own
+tables: results parsed by Airflow's own parser code land as the rows its dag processor writes; bundle
+authorisation; re-parse requests, callbacks and stale DAGs. The HTTP routes are exercised at the end.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import structlog
+from sqlalchemy import delete, select
+
+from airflow.models.base import Base as AirflowBase
+from airflow.models.dag import DagModel
+from airflow.models.dagbundle import DagBundleModel
+from airflow.models.dagcode import DagCode
+from airflow.models.dagwarning import DagWarning
+from airflow.models.errors import ParseImportError
+from airflow.models.serialized_dag import SerializedDagModel
+from airflow.sdk import timezone
+
+from airflow_remote_execution.plane import parsing, tokens
+from airflow_remote_execution.plane.agents import AgentForbidden
+from airflow_remote_execution.wire.parsing import (
+    ParsedFile,
+    ParsingResult,
+    SerializedDagPayload,
+    StaleCheckRequest,
+)
+
+BUNDLE = "team-a"
+DAG_V1 = """
+from airflow.sdk import DAG
+from airflow.providers.standard.operators.empty import EmptyOperator
+
+with DAG("{dag_id}", schedule=None, tags=["remote"]):
+    EmptyOperator(task_id="first")
+"""
+DAG_V2 = DAG_V1 + """    EmptyOperator(task_id="second")
+"""
+_created: set[str] = set()
+
+
+@pytest.fixture
+def adb(db):
+    """``db`` plus Airflow's own tables (created once per engine), emptied around each test."""
+    if db.name not in _created:
+        from airflow.models import import_all_models
+
+        import_all_models()
+        AirflowBase.metadata.create_all(db.engine)
+        _created.add(db.name)
+    _wipe(db)
+    yield db
+    _wipe(db)
+
+
+def _wipe(db) -> None:
+    with db.engine.begin() as conn:
+        for table in reversed(AirflowBase.metadata.sorted_tables):
+            conn.execute(delete(table))
+
+
+def _token(db, bundles=(BUNDLE,), name="agent-a"):
+    with db.session() as s:
+        return tokens.create(s, agent_name=name, queues=["default"], bundles=list(bundles))[1]
+
+
+def _parse(bundle_dir: Path, rel: str, bundle: str = BUNDLE, version: str | None = None) -> ParsingResult:
+    """Parse one file with Airflow's own parser functions, as the agent's parser process does."""
+    from airflow.dag_processing.dagbag import BundleDagBag
+    from airflow.dag_processing.processor import _serialize_dags
+
+    bag = BundleDagBag(dag_folder=bundle_dir / rel, bundle_path=bundle_dir, bundle_name=bundle, load_op_links=False)
+    dags, errors = _serialize_dags(bag, structlog.get_logger())
+    bag.import_errors.update(errors)
+    return ParsingResult(
+        bundle_name=bundle,
+        bundle_version=version,
+        relative_fileloc=rel,
+        run_duration=0.1,
+        serialized_dags=[SerializedDagPayload(data=d.data, last_loaded=d.last_loaded) for d in dags],
+        import_errors=bag.import_errors,
+        warnings=[],
+    )
+
+
+def _write(bundle_dir: Path, rel: str, text: str) -> None:
+    path = bundle_dir / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+
+
+def test_result_becomes_the_rows_the_dag_processor_writes(adb, tmp_path):
+    token = _token(adb)
+    _write(tmp_path, "dags/hello.py", DAG_V1.format(dag_id="hello"))
+    _write(tmp_path, "dags/broken.py", "from airflow.sdk import DAG\nimport does_not_exist\n")
+    with adb.session() as s:
+        assert [b.name for b in parsing.sync_bundles(s, token, [BUNDLE])] == [BUNDLE]
+        assert parsing.store_result(s, token, _parse(tmp_path, "dags/hello.py", version="v1")) == ["hello"]
+        assert parsing.store_result(s, token, _parse(tmp_path, "dags/broken.py", version="v1")) == []
+    with adb.session() as s:
+        dag = s.get(DagModel, "hello")
+        assert (dag.bundle_name, dag.relative_fileloc, dag.is_stale, dag.has_import_errors) == (
+            BUNDLE, "dags/hello.py", False, False)
+        assert dag.fileloc == str(tmp_path / "dags/hello.py")  # the agent's path, as its parser saw it
+        assert [t.name for t in dag.tags] == ["remote"]
+        sdm = SerializedDagModel.get("hello", session=s)
+        assert sdm.dag_version.bundle_version == "v1" and sdm.dag_version.version_number == 1
+        assert sorted(sdm.dag.task_dict) == ["first"]
+        # The code stays on the agent: the plane keeps a note instead of the source.
+        code = DagCode.code("hello", session=s)
+        assert "stays on the agent" in code and "EmptyOperator" not in code
+        error = s.scalar(select(ParseImportError))
+        assert (error.bundle_name, error.filename) == (BUNDLE, "dags/broken.py")
+        assert "does_not_exist" in error.stacktrace
+        assert s.get(DagBundleModel, BUNDLE).active
+
+
+def test_new_bundle_version_and_source(adb, tmp_path, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL", "0")
+    token = _token(adb)
+    _write(tmp_path, "d.py", DAG_V1.format(dag_id="versioned"))
+    with adb.session() as s:
+        parsing.store_result(s, token, _parse(tmp_path, "d.py", version="c1"))
+    _write(tmp_path, "d.py", DAG_V2.format(dag_id="versioned"))
+    result = _parse(tmp_path, "d.py", version="c2")
+    result.source = "the source, sent by the agent"
+    with adb.session() as s:
+        parsing.store_result(s, token, result)
+    with adb.session() as s:
+        from airflow.models.dag_version import DagVersion
+
+        versions = s.scalars(select(DagVersion).where(DagVersion.dag_id == "versioned").order_by(DagVersion.version_number)).all()
+        # As with Airflow's own dag processor, a version no run has used yet is updated in place
+        # (tests/e2e/test_agent_dag_processor.py shows a used one being kept).
+        assert [(v.version_number, v.bundle_version) for v in versions] == [(1, "c2")]
+        assert sorted(SerializedDagModel.get("versioned", session=s).dag.task_dict) == ["first", "second"]
+        assert DagCode.code("versioned", session=s) == "the source, sent by the agent"
+
+
+def test_fixed_file_clears_its_import_error_and_removed_files_go_stale(adb, tmp_path):
+    token = _token(adb)
+    _write(tmp_path, "a.py", "from airflow.sdk import DAG\nraise RuntimeError('boom')\n")
+    _write(tmp_path, "b.py", DAG_V1.format(dag_id="dag_b"))
+    with adb.session() as s:
+        parsing.store_result(s, token, _parse(tmp_path, "a.py"))
+        parsing.store_result(s, token, _parse(tmp_path, "b.py"))
+    _write(tmp_path, "a.py", DAG_V1.format(dag_id="dag_a"))
+    with adb.session() as s:
+        parsing.store_result(s, token, _parse(tmp_path, "a.py"))
+        assert s.scalar(select(ParseImportError)) is None
+    with adb.session() as s:  # b.py deleted from the bundle
+        out = parsing.bundle_files_present(s, token, BUNDLE, ["a.py"])
+        assert out.dags_deactivated
+    with adb.session() as s:
+        assert (s.get(DagModel, "dag_a").is_stale, s.get(DagModel, "dag_b").is_stale) == (False, True)
+
+
+def test_bundles_outside_the_token_are_forbidden(adb, tmp_path):
+    token = _token(adb, bundles=("team-a", "shared"))
+    none = _token(adb, bundles=(), name="agent-none")
+    _write(tmp_path, "x.py", DAG_V1.format(dag_id="x"))
+    with adb.session() as s:
+        with pytest.raises(AgentForbidden, match=r"Bundle\(s\) team-b are outside token \w+'s bundles \(shared, team-a\)"):
+            parsing.sync_bundles(s, token, ["team-a", "team-b"])
+        with pytest.raises(AgentForbidden, match=r"outside token \w+'s bundles \(none\)"):
+            parsing.store_result(s, none, _parse(tmp_path, "x.py"))
+        for call in (lambda: parsing.bundle_state(s, none, BUNDLE),
+                     lambda: parsing.update_bundle_state(s, none, BUNDLE, timezone.utcnow(), "v"),
+                     lambda: parsing.bundle_files_present(s, none, BUNDLE, []),
+                     lambda: parsing.claim(s, none, [BUNDLE], 10)):
+            with pytest.raises(AgentForbidden):
+                call()
+    with adb.session() as s:
+        assert s.scalar(select(DagModel)) is None and s.scalar(select(DagBundleModel)) is None
+
+
+def test_an_agent_cannot_take_over_another_bundles_dag(adb, tmp_path):
+    a = _token(adb, bundles=("team-a",))
+    b = _token(adb, bundles=("team-b",), name="agent-b")
+    _write(tmp_path, "same.py", DAG_V1.format(dag_id="payroll"))
+    with adb.session() as s:
+        parsing.store_result(s, a, _parse(tmp_path, "same.py", bundle="team-a"))
+    with adb.session() as s:
+        with pytest.raises(AgentForbidden, match=r"payroll \(bundle team-a\) belong to bundles"):
+            parsing.store_result(s, b, _parse(tmp_path, "same.py", bundle="team-b"))
+    with adb.session() as s:
+        assert s.get(DagModel, "payroll").bundle_name == "team-a"
+
+
+def test_bundle_state_round_trip(adb):
+    token = _token(adb)
+    now = timezone.utcnow()
+    with adb.session() as s:
+        assert parsing.bundle_state(s, token, BUNDLE) is None
+        parsing.sync_bundles(s, token, [BUNDLE])
+        parsing.update_bundle_state(s, token, BUNDLE, now, "abc")
+        parsing.update_bundle_state(s, token, BUNDLE, now + timedelta(seconds=5), None)  # version unchanged
+    with adb.session() as s:
+        state = parsing.bundle_state(s, token, BUNDLE)
+        assert state.version == "abc" and state.last_refreshed == now + timedelta(seconds=5)
+
+
+def test_claim_hands_out_reparse_requests_and_callbacks_once(adb):
+    from airflow.callbacks.callback_requests import DagCallbackRequest
+    from airflow.models.dagbag import DagPriorityParsingRequest
+    from airflow.models.db_callback_request import DbCallbackRequest
+
+    token = _token(adb, bundles=(BUNDLE, "other"))
+    with adb.session() as s:
+        s.add(DagPriorityParsingRequest(bundle_name=BUNDLE, relative_fileloc="dags/hello.py"))
+        s.add(DagPriorityParsingRequest(bundle_name="not-mine", relative_fileloc="x.py"))
+        request = DagCallbackRequest(filepath="dags/hello.py", bundle_name=BUNDLE, bundle_version="v1",
+                                     dag_id="hello", run_id="r1", is_failure_callback=True, msg="failed")
+        s.add(DbCallbackRequest(priority_weight=10, callback=request))
+        s.add(DbCallbackRequest(priority_weight=10, callback=request.model_copy(update={"bundle_name": "not-mine"})))
+    with adb.session() as s:
+        claimed = parsing.claim(s, token, [BUNDLE], 10)
+    assert [(f.bundle_name, f.relative_fileloc) for f in claimed.priority_files] == [(BUNDLE, "dags/hello.py")]
+    assert len(claimed.callbacks) == 1
+    assert DagCallbackRequest.model_validate(claimed.callbacks[0]) == request
+    with adb.session() as s:
+        again = parsing.claim(s, token, [BUNDLE], 10)
+        assert again.priority_files == [] and again.callbacks == []
+        assert s.scalar(select(DagPriorityParsingRequest.bundle_name)) == "not-mine"  # other bundles untouched
+
+
+def test_stale_dags_of_the_agents_bundles_are_deactivated(adb, tmp_path):
+    token = _token(adb)
+    _write(tmp_path, "multi.py", DAG_V1.format(dag_id="kept") + DAG_V1.format(dag_id="dropped"))
+    with adb.session() as s:
+        parsing.store_result(s, token, _parse(tmp_path, "multi.py"))
+        s.add(DagWarning("dropped", "non-existent pool", "pool p does not exist"))
+    later = timezone.utcnow() + timedelta(minutes=5)
+    with adb.session() as s:  # the file now defines only "kept", parsed just now
+        s.get(DagModel, "kept").last_parsed_time = later
+    request = StaleCheckRequest(
+        last_parsed=[ParsedFile(bundle_name=BUNDLE, relative_fileloc="multi.py", last_finish_time=later)],
+        stale_dag_threshold=50,
+    )
+    with adb.session() as s:
+        assert parsing.deactivate_stale_dags(s, token, request) == ["dropped"]
+    with adb.session() as s:
+        assert s.get(DagModel, "dropped").is_stale and not s.get(DagModel, "kept").is_stale
+        assert s.scalar(select(DagWarning)) is None
+
+
+# ------------------------------------------------------------------ HTTP routes
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+def test_routes(adb, tmp_path):
+    from starlette.testclient import TestClient
+
+    from airflow_remote_execution.plane.api.app import create_app
+
+    with adb.session() as s:
+        clear, _ = tokens.create(s, agent_name="agent-a", queues=["default"], bundles=[BUNDLE])
+        other, _ = tokens.create(s, agent_name="agent-b", queues=["default"], bundles=["team-b"])
+    _write(tmp_path, "dags/hello.py", DAG_V1.format(dag_id="hello"))
+    result = _parse(tmp_path, "dags/hello.py", version="v1").model_dump(mode="json")
+    with TestClient(create_app()) as client:
+        def call(method, path, token, body=None):
+            return client.request(method, f"/v1/parsing{path}", json=body, headers={"Authorization": f"Bearer {token}"})
+
+        r = call("POST", "/bundles/sync", other, {"bundles": [BUNDLE]})
+        assert r.status_code == 403
+        assert r.json()["detail"].startswith(f"Bundle(s) {BUNDLE} are outside token") and "(team-b)" in r.json()["detail"]
+        assert call("POST", "/results", other, result).status_code == 403
+        assert call("GET", f"/bundles/{BUNDLE}/state", "rex_bogus", None).status_code == 401
+        assert call("POST", "/results", clear, {**result, "bogus": 1}).status_code == 422
+
+        assert call("POST", "/bundles/sync", clear, {"bundles": [BUNDLE]}).json() == {
+            "bundles": [{"name": BUNDLE, "last_refreshed": None, "version": None}]}
+        r = call("PUT", f"/bundles/{BUNDLE}/state", clear, {"last_refreshed": "2026-01-01T00:00:00Z", "version": "v1"})
+        assert r.status_code == 200 and r.json()["version"] == "v1"
+        assert call("GET", f"/bundles/{BUNDLE}/state", clear).json()["version"] == "v1"
+        r = call("POST", "/results", clear, result)
+        assert r.status_code == 200 and r.json() == {"dag_ids": ["hello"], "import_errors": 0}
+        assert call("POST", "/claims", clear, {"bundles": [BUNDLE]}).json() == {"priority_files": [], "callbacks": []}
+        r = call("PUT", f"/bundles/{BUNDLE}/files", clear, {"observed_filelocs": []})
+        assert r.json() == {"dags_deactivated": True, "import_errors_cleared": 0}
+        spec = client.get("/openapi.json").json()
+        assert {"/v1/parsing/results", "/v1/parsing/bundles/sync", "/v1/parsing/claims"} <= set(spec["paths"])
+    with adb.session() as s:
+        assert s.get(DagModel, "hello").is_stale
+
+
+def test_import_error_listeners_get_the_agents_path():
+    """Airflow's import-error listeners ask for the file's full path, from a bundle the plane does not have."""
+    result = ParsingResult(bundle_name=BUNDLE, bundle_path="/agent/bundles/team-a", run_duration=0)
+    error = ParseImportError(filename="dags/broken.py", bundle_name=BUNDLE)
+    with pytest.raises(ValueError, match="not configured"):
+        error.full_file_path()  # the plane's own answer: it has no such bundle
+    with parsing._from_agent(result):
+        assert error.full_file_path() == "/agent/bundles/team-a/dags/broken.py"
+        assert DagCode.get_code_from_file("/agent/bundles/team-a/dags/x.py") == parsing.source_note(result)
