@@ -20,10 +20,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from airflow_remote_execution.agent.worker import AgentWorker
+from typing import Protocol
 
 log = logging.getLogger("airflow_remote_execution.agent.logs")
 
@@ -166,23 +163,8 @@ def _warm_up(io: RemoteLogWriter) -> None:
         log.warning("Cannot list the remote log folder %s yet: %s", io.remote_base, e)
 
 
-def running_task_logs(worker: AgentWorker) -> list[TaskLog]:
-    """The worker's running workloads that write a task log, and whether their task process still runs."""
-    with worker.lock:
-        runs = list(worker.running.values())
-    return [
-        TaskLog(
-            relative_path=path,
-            # The worker sets slot_released when the task process is gone (the supervisor is finishing up).
-            active=not run.slot_released and not run.killed,
-        )
-        for run in runs
-        if (path := (run.lease.workload or {}).get("log_path"))
-    ]
-
-
-def start_log_shipper(worker: AgentWorker) -> LogShipper | None:
-    """Start partial uploads for ``worker`` if remote logging is on and ``log_upload_interval`` > 0."""
+def start_log_shipper(running: Callable[[], list[TaskLog]], stopped: threading.Event) -> LogShipper | None:
+    """Upload the logs ``running`` names until ``stopped``, if remote logging is on and ``log_upload_interval`` > 0."""
     from airflow_remote_execution import config
 
     interval = config.getfloat("log_upload_interval")
@@ -199,4 +181,4 @@ def start_log_shipper(worker: AgentWorker) -> LogShipper | None:
         return None
     _warm_up(io)
     log.info("Uploading running tasks' logs to %s every %ss", io.remote_base, interval)
-    return LogShipper(io, lambda: running_task_logs(worker), interval, worker.exited).start()
+    return LogShipper(io, running, interval, stopped).start()

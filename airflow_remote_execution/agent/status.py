@@ -14,13 +14,10 @@ import logging
 import os
 import tempfile
 from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
-
-if TYPE_CHECKING:
-    from airflow_remote_execution.agent.worker import AgentWorker
 
 log = logging.getLogger(__name__)
 DEFAULT_FILE_NAME = "remote-execution-agent.json"
@@ -92,6 +89,21 @@ def read_status(path: Path) -> AgentStatus | None:
     return AgentStatus.model_validate_json(text)
 
 
+@dataclass(frozen=True)
+class WorkerFigures:
+    """What the worker knows of itself at one moment, handed to :meth:`StatusPublisher.publish`."""
+
+    name: str | None
+    running: int
+    concurrency: int
+    free_slots: int
+    paused: bool
+    stopping: bool
+    heartbeat_interval: float
+    long_poll_wait: float
+    request_timeout: float
+
+
 class StatusPublisher:
     """Held by the worker: ``poll_ok``/``heartbeat_ok``/``error`` are cheap in-memory updates;
     ``publish`` writes the record. Publishing never raises into the worker: a full disk must not
@@ -120,35 +132,33 @@ class StatusPublisher:
     def error(self, what: str, detail: str) -> None:
         self.last_error, self.last_error_at = f"{what}: {detail}"[:1000], _now()
 
-    def snapshot(self, worker: AgentWorker) -> AgentStatus:
-        free = worker.free_slots()
-        stopping = worker.stopping.is_set()
-        if free > 0 and not worker.paused and not stopping:
+    def snapshot(self, worker: WorkerFigures) -> AgentStatus:
+        if worker.free_slots > 0 and not worker.paused and not worker.stopping:
             self.wants_work_since = self.wants_work_since or _now()
         else:
             self.wants_work_since = None
         return AgentStatus(
             pid=self.pid,
             pid_started=self.pid_started,
-            name=None if worker.name == "?" else worker.name,
+            name=worker.name,
             started_at=self.started_at,
             updated_at=_now(),
             last_poll_at=self.last_poll_at,
             wants_work_since=self.wants_work_since,
             last_heartbeat_at=self.last_heartbeat_at,
-            running=len(worker.running),
+            running=worker.running,
             concurrency=worker.concurrency,
-            free_slots=free,
+            free_slots=worker.free_slots,
             paused=worker.paused,
-            stopping=stopping,
+            stopping=worker.stopping,
             heartbeat_interval=worker.heartbeat_interval,
             long_poll_wait=worker.long_poll_wait,
-            request_timeout=worker.client.timeout,
+            request_timeout=worker.request_timeout,
             last_error=self.last_error,
             last_error_at=self.last_error_at,
         )
 
-    def publish(self, worker: AgentWorker) -> None:
+    def publish(self, worker: WorkerFigures) -> None:
         try:
             write_status(self.path, self.snapshot(worker))
         except Exception as e:  # noqa: BLE001 - see class docstring

@@ -28,9 +28,9 @@ from datetime import datetime, timezone
 
 from airflow_remote_execution import __version__
 from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneError
-from airflow_remote_execution.agent.log_shipper import start_log_shipper
+from airflow_remote_execution.agent.log_shipper import TaskLog, start_log_shipper
 from airflow_remote_execution.agent.runners import Runner, RunnerPool, forks_into_waiting
-from airflow_remote_execution.agent.status import StatusPublisher
+from airflow_remote_execution.agent.status import StatusPublisher, WorkerFigures
 from airflow_remote_execution.agent.task_sdk import share_tls_with_task_sdk
 from airflow_remote_execution.wire.api import HeartbeatRequest, Lease, RegisterRequest, TaskProcess, WorkState
 
@@ -144,10 +144,10 @@ class AgentWorker:
         self.pool = RunnerPool(self.concurrency)
         try:
             self.pool.fill()
-            start_log_shipper(self)  # partial task-log uploads if remote logging is on; before any fork
-            self.status.publish(self)
+            start_log_shipper(self.task_logs, self.exited)  # partial task-log uploads if remote logging is on; before any fork
+            self.status.publish(self.figures())
             self.register()
-            self.status.publish(self)
+            self.status.publish(self.figures())
             threads = [
                 threading.Thread(target=self._poll_loop, name="poller", daemon=True),
                 threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
@@ -185,7 +185,7 @@ class AgentWorker:
         self.exited.set()
         self.pool.close()
         self._send_heartbeat(offline=True)
-        self.status.publish(self)
+        self.status.publish(self.figures())
         log.info("Agent %s stopped", self.name)
         return 0
 
@@ -210,6 +210,31 @@ class AgentWorker:
                 importlib.import_module(module)
 
     # ------------------------------------------------------------------ leasing
+
+    def figures(self) -> WorkerFigures:
+        """This worker's state for the status record the sentinel reads."""
+        return WorkerFigures(
+            name=None if self.name == "?" else self.name,
+            running=len(self.running),
+            concurrency=self.concurrency,
+            free_slots=self.free_slots(),
+            paused=self.paused,
+            stopping=self.stopping.is_set(),
+            heartbeat_interval=self.heartbeat_interval,
+            long_poll_wait=self.long_poll_wait,
+            request_timeout=self.client.timeout,
+        )
+
+    def task_logs(self) -> list[TaskLog]:
+        """Running workloads that write a task log, and whether their task process still runs."""
+        with self.lock:
+            runs = list(self.running.values())
+        return [
+            # The worker sets slot_released when the task process is gone (the supervisor is finishing up).
+            TaskLog(relative_path=path, active=not run.slot_released and not run.killed)
+            for run in runs
+            if (path := (run.lease.workload or {}).get("log_path"))
+        ]
 
     def free_slots(self) -> int:
         with self.lock:
@@ -416,7 +441,7 @@ class AgentWorker:
         """Heartbeats continue while draining, so running work is not taken for lost."""
         while not self.exited.wait(self.heartbeat_interval):
             self._send_heartbeat()
-            self.status.publish(self)
+            self.status.publish(self.figures())
 
     @staticmethod
     def _kill(run: Running) -> None:

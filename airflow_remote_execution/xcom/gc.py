@@ -72,44 +72,18 @@ LiveFn = Callable[[list[StoredObject]], list[bool]]
 
 def live_from_db(objects: list[StoredObject]) -> list[bool]:
     """Plane side: which objects an XCom row still references (same coordinates and same ``ref``)."""
-    from sqlalchemy import select
-
-    from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
+    from airflow_remote_execution.xcom.references import references
+
     with create_session() as session:
-        return [_references(session, select, XComModel, o.coords, o.url) for o in objects]
-
-
-def _references(session, select, model, c: Coordinates, url: str) -> bool:
-    import json
-
-    from airflow_remote_execution.xcom.backend import is_reference
-
-    values = session.scalars(
-        select(model.value).where(
-            model.dag_id == c.dag_id,
-            model.run_id == c.run_id,
-            model.task_id == c.task_id,
-            model.map_index == c.map_index,
-            model.key == c.key,
-        )
-    ).all()
-    for value in values:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError:
-                continue
-        if is_reference(value) and value.get("ref") == url:
-            return True
-    return False
+        return [references(session, o.coords, o.url) for o in objects]
 
 
 def live_from_plane(objects: list[StoredObject]) -> list[bool]:
     """Agent side: ask the plane with the agent token."""
     from airflow_remote_execution.agent.client import PlaneClient
-    from airflow_remote_execution.plane.api.xcom_routes import LiveRequest, LiveResponse, XComObjectRef
+    from airflow_remote_execution.wire.xcom import LiveRequest, LiveResponse, XComObjectRef
 
     client = PlaneClient.from_config()
     answer: list[bool] = []

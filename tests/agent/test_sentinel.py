@@ -79,7 +79,7 @@ def results(names=COMPONENTS) -> dict[str, CheckResult]:
 def test_worker_publishes_its_status_atomically(status_file):
     worker = AgentWorker(PlaneClient("http://127.0.0.1:9", "rex_x"), concurrency=3, queues=["q"], execution_api_url="x")
     assert worker.status.path == status_file
-    worker.status.publish(worker)  # before registration: no name yet
+    worker.status.publish(worker.figures())  # before registration: no name yet
     first = read_status(status_file)
     assert (first.pid, first.name, first.concurrency, first.free_slots, first.running) == (os.getpid(), None, 3, 3, 0)
     assert first.last_poll_at is None and first.wants_work_since is not None
@@ -89,7 +89,7 @@ def test_worker_publishes_its_status_atomically(status_file):
     worker.status.heartbeat_ok()
     worker.status.error("heartbeat", "401: Token revoked")
     worker.paused = True
-    worker.status.publish(worker)
+    worker.status.publish(worker.figures())
     second = read_status(status_file)
     assert second.name == "agent-1" and second.paused and second.wants_work_since is None
     assert second.last_poll_at and second.last_heartbeat_at and second.last_error == "heartbeat: 401: Token revoked"
@@ -109,7 +109,7 @@ def test_worker_publishes_its_status_atomically(status_file):
     reader = threading.Thread(target=read_forever)
     reader.start()
     for _ in range(300):
-        worker.status.publish(worker)
+        worker.status.publish(worker.figures())
     stop.set()
     reader.join()
     assert errors == []
@@ -121,8 +121,8 @@ def test_publish_never_raises_into_the_worker(tmp_path, caplog):
     blocker.write_text("")
     publisher = StatusPublisher(blocker / "status.json")  # its directory cannot be created
     worker = AgentWorker(PlaneClient("http://127.0.0.1:9", "rex_x"), concurrency=1, queues=None, execution_api_url="x")
-    publisher.publish(worker)
-    publisher.publish(worker)
+    publisher.publish(worker.figures())
+    publisher.publish(worker.figures())
     assert caplog.text.count("Cannot write the agent status file") == 1
 
 

@@ -7,46 +7,24 @@ the table. The agent lists old objects and asks here; only coordinates and URLs 
 from __future__ import annotations
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from airflow_remote_execution.plane.api.agent_routes import ERRORS, Authorization, _as_agent
+from airflow_remote_execution.wire.xcom import LiveRequest, LiveResponse
 
 xcom_router = APIRouter(tags=["Agent"], responses=ERRORS)
-
-
-class XComObjectRef(BaseModel):
-    dag_id: str
-    run_id: str
-    task_id: str
-    map_index: int
-    key: str
-    ref: str = Field(description="The object URL as written in the XCom reference")
-
-
-class LiveRequest(BaseModel):
-    objects: list[XComObjectRef] = Field(max_length=1000)
-
-
-class LiveResponse(BaseModel):
-    live: list[bool] = Field(description="Per object, in order: an XCom row still references it")
 
 
 @xcom_router.post("/xcom/live", response_model=LiveResponse)
 async def xcom_live(body: LiveRequest, authorization: Authorization = None) -> LiveResponse:
     """Which of these objects an XCom row still references; the rest are orphans ``xcom gc`` may delete."""
-    from sqlalchemy import select
-
-    from airflow.models.xcom import XComModel
-
-    from airflow_remote_execution.xcom.gc import _references
+    from airflow_remote_execution.xcom.references import references
     from airflow_remote_execution.xcom.store import Coordinates
 
     def run(session, _token, _agent) -> LiveResponse:
         return LiveResponse(
             live=[
-                _references(session, select, XComModel,
-                            Coordinates(o.dag_id, o.run_id, o.task_id, o.map_index, o.key), o.ref)
+                references(session, Coordinates(o.dag_id, o.run_id, o.task_id, o.map_index, o.key), o.ref)
                 for o in body.objects
             ]
         )
