@@ -38,6 +38,18 @@ def get_provider_info() -> dict:
                         "boolean",
                         "True",
                     ),
+                    "parsed_dag_import_allowlist": _opt(
+                        "Comma-separated fnmatch patterns of import paths of *installed* code (the standard "
+                        "library, Airflow, providers, site-packages) that DAGs parsed by agents may name as "
+                        "deadline-alert callbacks, trigger classes of tasks that start from a trigger, and asset "
+                        "watchers' triggers. Empty: none; a SyncCallback must then be the bundle's own code, and "
+                        "AsyncCallbacks and triggers from agents' DAGs are refused (they may run in the plane's "
+                        "triggerer). Read on the plane for uploaded DAGs and on each agent for the callbacks it "
+                        "is asked to run. See docs/security.md.",
+                        "string",
+                        "",
+                        "airflow.providers.slack.notifications.*,airflow.providers.standard.triggers.*",
+                    ),
                     "heartbeat_interval": _opt(
                         "Seconds between agent heartbeats. The plane returns it in every heartbeat "
                         "response, so agents follow the plane's value.",

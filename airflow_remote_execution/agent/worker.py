@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from airflow_remote_execution import __version__
+from airflow_remote_execution.agent import code_policy
 from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneError
 from airflow_remote_execution.agent.log_shipper import TaskLog, start_log_shipper
 from airflow_remote_execution.agent.runners import Runner, RunnerPool, forks_into_waiting
@@ -298,6 +299,9 @@ class AgentWorker:
             return
         handed = []
         for lease in leases:
+            if why := code_policy.refusal(lease.kind, lease.workload or {}):
+                self._refuse(lease, why)
+                continue
             runner = self.pool.take()
             waiting = None
             if lease.kind == "task":
@@ -308,6 +312,16 @@ class AgentWorker:
             handed.append((lease, runner, waiting))
         for lease, runner, waiting in handed:
             self._start(lease, runner, waiting)
+
+    def _refuse(self, lease: Lease, why: str) -> None:
+        """Work this agent must not run (``code_policy``): confirmed and reported failed with the reason, so
+        the task or callback fails with it instead of being handed to the next agent again and again."""
+        log.error("Work %s (%s) refused: %s", lease.work_id, lease.kind, why)
+        try:
+            self.client.start(lease.work_id, lease.fence, None)
+            self.client.finish(lease.work_id, lease.fence, WorkState.FAILED, why)
+        except PlaneError as e:
+            log.warning("Could not report refused work %s: %s", lease.work_id, e.detail)
 
     def _start(self, lease: Lease, runner: Runner, waiting: dict | None = None) -> None:
         """A task: confirm the lease with its task process's pid, so the plane reports the task started in

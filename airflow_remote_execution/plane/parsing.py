@@ -26,6 +26,7 @@ from airflow.models.dagbundle import DagBundleModel
 from airflow.models.dagcode import DagCode
 from airflow.models.errors import ParseImportError
 
+from airflow_remote_execution.plane import dag_policy
 from airflow_remote_execution.plane.agents import AgentForbidden
 from airflow_remote_execution.models import AgentTokenModel
 from airflow_remote_execution.wire.parsing import (
@@ -198,11 +199,8 @@ def store_result(session: Session, token: AgentTokenModel, result: ParsingResult
     from airflow.serialization.serialized_objects import LazyDeserializedDAG
 
     check_bundles(token, [result.bundle_name])
-    dags = [LazyDeserializedDAG(data=d.data, last_loaded=d.last_loaded) for d in result.serialized_dags]
-    try:
-        dag_ids = [dag.dag_id for dag in dags]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"A serialized DAG has no dag id ({e}): send DagSerialization.to_dict() output") from None
+    dags = [LazyDeserializedDAG(data=_accepted(d.data), last_loaded=d.last_loaded) for d in result.serialized_dags]
+    dag_ids = [dag.dag_id for dag in dags]
     _check_dag_ownership(session, token, result.bundle_name, dag_ids)
     if session.get(DagBundleModel, result.bundle_name) is None:
         sync_bundles(session, token, [result.bundle_name])
@@ -226,6 +224,21 @@ def store_result(session: Session, token: AgentTokenModel, result: ParsingResult
             session=session,
         )
     return dag_ids
+
+
+def _accepted(data: dict) -> dict:
+    """The serialized DAG if Airflow's schema and our policy accept it (else a 422 naming what is wrong):
+    deserialized once with Airflow's own decoders, which import only core or registered classes."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    data = dag_policy.check(data)
+    try:
+        DagSerialization.validate_schema(data)
+        DagSerialization.from_dict(data)
+    except Exception as e:  # noqa: BLE001 - whatever Airflow's decoders raise, the agent sent it
+        dag_id = data["dag"]["dag_id"]
+        raise dag_policy.DagRefused(f"DAG {dag_id}: not a valid serialized DAG: {type(e).__name__}: {e}"[:2000]) from None
+    return data
 
 
 # ---------------------------------------------------------------------------------------- requests
