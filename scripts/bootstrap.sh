@@ -27,3 +27,12 @@ if [ ! -f "$npm_stamp" ] && command -v npm >/dev/null; then
   rm -f scripts/npm/node_modules/.installed-*
   touch "$npm_stamp"
 fi
+# The UI page's build tools (Vite, TypeScript), pinned by ui/package-lock.json: the bundle-freshness test
+# rebuilds ui/ with them. The built bundle is committed, so installing the package needs no Node.
+ui_stamp="ui/node_modules/.installed-$(sha1sum ui/package-lock.json | cut -c1-12)"
+if [ ! -f "$ui_stamp" ] && command -v npm >/dev/null; then
+  echo "Installing the UI build tools into ui/node_modules ..." >&2
+  npm ci --prefix ui --prefer-offline --no-audit --no-fund --loglevel=error
+  rm -f ui/node_modules/.installed-*
+  touch "$ui_stamp"
+fi

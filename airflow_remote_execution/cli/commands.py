@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import sys
 
 from airflow.cli.simple_table import AirflowConsole
@@ -102,12 +103,13 @@ def agents_list(args) -> None:
             row["sentinel_age"] = f"{age:.0f}s" if age is not None else ""
             row["sentinel_failing"] = ",".join(f.split(":", 1)[0] for f in failing)
             row.pop("sentinel_at")
+            row.pop("drained_by"), row.pop("drained_at")
     _print(rows, args.output)
 
 
 @providers_configuration_loaded
 def agents_drain(args) -> None:
-    _set_drained(args.name, True)
+    _set_drained(args.name, True, args.reason)
     print(f"Agent {args.name!r} drained: it finishes its running work and leases nothing new until resumed")
 
 
@@ -117,10 +119,10 @@ def agents_resume(args) -> None:
     print(f"Agent {args.name!r} resumed")
 
 
-def _set_drained(name: str, drained: bool) -> None:
+def _set_drained(name: str, drained: bool, reason: str | None = None) -> None:
     try:
         with create_session() as session:
-            agents.set_drained(session, name, drained)
+            agents.set_drained(session, name, drained, reason=reason, by=f"{getpass.getuser()} (cli)")
     except LookupError as e:
         raise _fail(e) from None
 

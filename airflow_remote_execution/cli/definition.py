@@ -67,7 +67,7 @@ AGENTS_COMMANDS = (
         name="drain",
         help="Let an agent finish its work and lease nothing new (it stays up) until resumed",
         func=lazy_load_command(_CMD + "agents_drain"),
-        args=(ARG_AGENT_NAME,),
+        args=(ARG_AGENT_NAME, Arg(("--reason",), help="Why: shown in `agents list`, the admin API and the UI")),
     ),
     ActionCommand(
         name="resume",

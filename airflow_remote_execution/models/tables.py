@@ -51,6 +51,10 @@ class AgentModel(Base):
     name: Mapped[str] = mapped_column(String(250), nullable=False, unique=True)
     state: Mapped[str] = mapped_column(String(20), nullable=False)
     drained: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)  # by an operator
+    # Why, by whom and when it was drained (shown in the UI, `agents list` and the admin API); cleared on resume.
+    drain_reason: Mapped[str | None] = mapped_column(String(500))
+    drained_by: Mapped[str | None] = mapped_column(String(250))
+    drained_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     queues: Mapped[list] = mapped_column(JSON, nullable=False)
     concurrency: Mapped[int] = mapped_column(Integer, nullable=False)
     free_slots: Mapped[int] = mapped_column(Integer, nullable=False, default=0)

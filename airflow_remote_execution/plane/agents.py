@@ -100,10 +100,19 @@ def _by_name(session: Session, name: str) -> AgentModel:
     return agent
 
 
-def set_drained(session: Session, name: str, drained: bool) -> AgentModel:
-    """Drain: the agent finishes what it runs and leases nothing new until resumed; it stays up."""
+def set_drained(
+    session: Session, name: str, drained: bool, reason: str | None = None, by: str | None = None
+) -> AgentModel:
+    """Drain: the agent finishes what it runs and leases nothing new until resumed; it stays up.
+    ``reason`` and ``by`` are kept with it (across restarts) until it is resumed."""
     agent = _by_name(session, name)
     agent.drained = drained
+    if drained:
+        agent.drain_reason = (reason or "").strip()[:500] or None
+        agent.drained_by = (by or "")[:250] or None
+        agent.drained_at = timezone.utcnow()
+    else:
+        agent.drain_reason = agent.drained_by = agent.drained_at = None
     return agent
 
 
@@ -169,6 +178,9 @@ def list_agents(session: Session) -> list[AgentInfo]:
             name=a.name,
             state=a.state,
             drained=a.drained,
+            drain_reason=a.drain_reason,
+            drained_by=a.drained_by,
+            drained_at=a.drained_at,
             queues=list(a.queues),
             concurrency=a.concurrency,
             free_slots=a.free_slots,

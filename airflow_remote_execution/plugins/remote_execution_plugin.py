@@ -18,6 +18,21 @@ def _api_app() -> dict:
     return {"app": create_app(), "url_prefix": config.API_PREFIX, "name": "Remote Execution API"}
 
 
+def _react_apps() -> list[dict]:
+    """The Remote Agents page (nav) and the "Remote execution" tab of task instances (docs/ui.md)."""
+    from urllib.parse import urlparse
+
+    from airflow.configuration import conf
+
+    from airflow_remote_execution.plane.api.ui_routes import react_apps
+
+    return react_apps(urlparse(conf.get("api", "base_url", fallback="/") or "/").path)
+
+
+_SERVED = _ON_API_SERVER and config.getboolean("api_enabled")
+
+
 class RemoteExecutionPlugin(AirflowPlugin):
     name = "remote_execution"
-    fastapi_apps = [_api_app()] if _ON_API_SERVER and config.getboolean("api_enabled") else []
+    fastapi_apps = [_api_app()] if _SERVED else []
+    react_apps = _react_apps() if _SERVED else []

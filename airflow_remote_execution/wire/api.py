@@ -158,6 +158,9 @@ class AgentInfo(BaseModel):
     name: str
     state: str
     drained: bool
+    drain_reason: str | None = Field(default=None, description="Why an operator drained it (cleared on resume).")
+    drained_by: str | None = Field(default=None, description="Who drained it: the Airflow user, or '<os user> (cli)'.")
+    drained_at: datetime | None = Field(default=None, description="When it was drained.")
     queues: list[str]
     concurrency: int
     free_slots: int
@@ -172,6 +175,10 @@ class AgentInfo(BaseModel):
     sentinel_age: float | None = Field(default=None, description="Seconds since that report.")
     sentinel_stale: bool = Field(default=False, description="No report for 3 of the sentinel's intervals (+10 s).")
     sentinel_failing: list[str] = Field(default_factory=list, description="'check: detail' of each failing check.")
+
+
+class DrainRequest(Strict):
+    reason: str | None = Field(default=None, max_length=500, description="Why; shown wherever the agent is listed.")
 
 
 class TokenInfo(BaseModel):

@@ -7,13 +7,14 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from airflow.api_fastapi.auth.managers.models.resource_details import AccessView
-from airflow.api_fastapi.core_api.security import requires_access_configuration, requires_access_view
+from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_configuration, requires_access_view
 from airflow.utils.session import create_session
 
 from airflow_remote_execution.plane import agents, tokens
 from airflow_remote_execution.models import WorkItemModel
 from airflow_remote_execution.wire.api import (
     AgentInfo,
+    DrainRequest,
     TokenCreated,
     TokenCreateRequest,
     TokenInfo,
@@ -38,9 +39,9 @@ async def list_agents() -> list[AgentInfo]:
 
 
 @admin_router.post("/agents/{name}/drain", response_model=AgentInfo, dependencies=_write)
-async def drain_agent(name: str) -> AgentInfo:
-    """The agent finishes what it runs and leases nothing new until resumed."""
-    return await run_in_threadpool(_set_drained, name, True)
+async def drain_agent(name: str, user: GetUserDep, body: DrainRequest | None = None) -> AgentInfo:
+    """The agent finishes what it runs and leases nothing new until resumed; ``reason`` is shown with it."""
+    return await run_in_threadpool(_set_drained, name, True, body.reason if body else None, user.get_name())
 
 
 @admin_router.post("/agents/{name}/resume", response_model=AgentInfo, dependencies=_write)
@@ -59,9 +60,9 @@ async def remove_agent(name: str, force: bool = False) -> None:
     await run_in_threadpool(run)
 
 
-def _set_drained(name: str, drained: bool) -> AgentInfo:
+def _set_drained(name: str, drained: bool, reason: str | None = None, by: str | None = None) -> AgentInfo:
     with create_session() as session:
-        agents.set_drained(session, name, drained)
+        agents.set_drained(session, name, drained, reason=reason, by=by)
         session.flush()
         return next(a for a in agents.list_agents(session) if a.name == name)
 

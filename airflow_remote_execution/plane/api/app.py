@@ -21,6 +21,7 @@ def create_app() -> FastAPI:
     from airflow_remote_execution.plane.api.xcom_routes import xcom_router
     from airflow_remote_execution.plane.api.trigger_routes import trigger_router
     from airflow_remote_execution.plane.api.parsing_routes import parsing_router
+    from airflow_remote_execution.plane.api.ui_routes import ui_router
 
     app = FastAPI(
         title="Airflow Remote Execution API",
@@ -35,6 +36,7 @@ def create_app() -> FastAPI:
     app.include_router(admin_router, prefix="/v1/admin")
     app.include_router(xcom_router, prefix="/v1")
     app.include_router(parsing_router, prefix="/v1")
+    app.include_router(ui_router, prefix="/ui")  # the Remote Agents page: its bundle and page API
 
     for exc_class, status in _STATUS.items():
         app.add_exception_handler(exc_class, _handler(status))
