@@ -120,7 +120,8 @@ class ObjectStorageXComBackend(BaseXCom):
 
     @classmethod
     def purge(cls, xcom, *args) -> None:
-        """Delete the object of an XCom being cleared (the Task SDK calls this before a rerun overwrites)."""
+        """Delete the object of an XCom being cleared (the Task SDK calls this before a rerun overwrites).
+        A reference outside ``xcom_path`` is refused (XComStorageError): nothing is deleted."""
         value = getattr(xcom, "value", None)
         if is_reference(value):
             delete_object(value)
@@ -145,9 +146,13 @@ class _Value:
 
 
 def _path_of(ref: dict):
+    """The object of ``ref``, only if it lies under ``xcom_path`` (store.confined: else XComStorageError).
+    Every read and delete goes through here: a reference is data from the XCom table, not trusted."""
     from airflow.sdk import ObjectStoragePath
 
-    return ObjectStoragePath(ref["ref"], conn_id=Settings.from_config().conn_id)
+    settings = Settings.from_config()
+    url = store.confined(settings, ref.get("ref"), ref.get("written_by"))
+    return ObjectStoragePath(url, conn_id=settings.conn_id)
 
 
 def read_object(ref: dict) -> Any:

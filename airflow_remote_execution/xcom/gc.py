@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from airflow_remote_execution.xcom.store import Coordinates, Settings, parse_relative_key
+from airflow_remote_execution.xcom.store import Coordinates, Settings, why_outside, confined, parse_relative_key
 
 log = logging.getLogger(__name__)
 BATCH = 500  # candidates per question to the plane
@@ -55,8 +55,8 @@ def list_objects(settings: Settings) -> list[StoredObject]:
             continue
         rel = path.path[len(base.path):].lstrip("/")  # relative_to() does not work on object-store paths
         coords = parse_relative_key(rel)
-        if coords is None:
-            continue
+        if coords is None or why_outside(settings.path, f"{settings.path}/{rel}") is not None:
+            continue  # not of our layout (e.g. characters the layout never writes): never touched
         info = path.stat()
         raw = info if isinstance(info, dict) else {"mtime": info.st_mtime, "size": info.st_size}
         modified = _modified(raw)
@@ -126,7 +126,7 @@ def collect(settings: Settings, older_than: timedelta, live: LiveFn, dry_run: bo
 def _delete(settings: Settings, url: str) -> None:
     from airflow.sdk import ObjectStoragePath
 
-    ObjectStoragePath(url, conn_id=settings.conn_id).unlink(missing_ok=True)
+    ObjectStoragePath(confined(settings, url), conn_id=settings.conn_id).unlink(missing_ok=True)
 
 
 def choose_live_source() -> tuple[str, LiveFn]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import json
+import logging
 import queue
 import re
 import threading
@@ -30,6 +31,7 @@ COMPRESSIONS = {"none": "", "gzip": ".gz", "zstd": ".zst"}
 DEFAULT_THRESHOLD = 65536
 MARKER = "__remote_execution_xcom__"  # key of the reference dict kept in the DB instead of a large value
 _SAFE = re.compile(r"[A-Za-z0-9_.:+=@,-]")
+log = logging.getLogger(__name__)
 
 
 class XComStorageError(RuntimeError):
@@ -78,6 +80,81 @@ class Settings:
 
 def is_local_url(url: str) -> bool:
     return "://" not in url or url.startswith(("file://", "local://"))
+
+
+# ------------------------------------------------------------------------------------------ confinement
+
+# Schemes that name the same store (fsspec aliases); local paths may be written with or without file://.
+_SCHEME_FAMILY = {"": "file", "file": "file", "local": "file", "gcs": "gs", "s3a": "s3", "s3n": "s3"}
+# What a path below xcom_path may consist of: what the layout writes (_escape's characters and ``~``).
+# No ``%`` (no percent-encoded ``..`` or ``/``), no ``?``/``#``, no ``\``, no whitespace, nothing non-ASCII.
+_SEGMENT = re.compile(r"[A-Za-z0-9_.:+=@,~-]+")
+
+
+def _split_url(url: str) -> tuple[str, str, str]:
+    """(scheme family, netloc: bucket/container/account/host, path) of an xcom_path or a reference."""
+    from urllib.parse import urlsplit
+
+    if "://" not in url:
+        return "file", "", url  # a local path without scheme
+    parts = urlsplit(url)
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError("it has a query or fragment")
+    scheme = parts.scheme.lower()
+    return _SCHEME_FAMILY.get(scheme, scheme), parts.netloc, parts.path
+
+
+def confined(settings: Settings, url: Any, writer: str | None = None) -> str:
+    """``url`` (an XCom reference's ``ref``, or an object ``xcom gc`` would delete) if it lies under
+    ``settings.path``, else :class:`XComStorageError` (logged) naming it and ``xcom_path``.
+
+    Every read and delete of an XCom object calls this first: a reference comes from the XCom table,
+    which tasks (and so agents) write, so a planted ``file:///etc/passwd`` or ``s3://other-bucket/x``
+    must never be read or deleted. Under ``xcom_path`` means: the same scheme (aliases such as
+    ``gs``/``gcs`` and ``file://``/a bare path are the same), the same bucket/container/account/host,
+    ``xcom_path``'s path followed by ``/``, then only non-empty segments of the characters the layout
+    writes, none of them ``.`` or ``..`` (no ``%``, so no percent-encoded tricks; no query/fragment).
+    """
+    reason = why_outside(settings.path, url)
+    if reason is None:
+        return url
+    message = (
+        f"XCom reference {url!r}{f' (written by {writer})' if writer else ''} is not under "
+        f"[remote_execution] xcom_path = {settings.path!r}: {reason}. Refused: it is neither read nor deleted. "
+        "This backend only writes references under xcom_path, so this one was planted in the XCom table or "
+        "xcom_path changed since it was written; delete that XCom entry (UI, or the REST API's "
+        "DELETE .../xcomEntries/{key}) and rerun the task that should write it."
+    )
+    log.error(message)
+    raise XComStorageError(message)
+
+
+def why_outside(base: str, url: Any) -> str | None:
+    """Why ``url`` is not under ``base``; None if it is."""
+    if not base:
+        return "no xcom_path is configured here"
+    if not isinstance(url, str) or not url:
+        return "the reference is not a URL string"
+    try:
+        b_scheme, b_host, b_path = _split_url(base)
+        scheme, host, path = _split_url(url)
+    except ValueError as e:
+        return str(e)
+    if scheme != b_scheme:
+        return f"another scheme ({scheme}:// instead of {b_scheme}://)"
+    if host != b_host:
+        return f"another bucket, container, account or host ({host!r} instead of {b_host!r})"
+    prefix = b_path.rstrip("/") + "/"
+    if not path.startswith(prefix):
+        return f"its path is not below {prefix!r}"
+    rest = path[len(prefix):]
+    for segment in rest.split("/"):
+        if segment in ("", ".", ".."):
+            return f"its path below xcom_path has an empty, '.' or '..' segment ({rest!r})"
+        if not _SEGMENT.fullmatch(segment):
+            return (f"its path below xcom_path has characters the object layout never writes ({rest!r}; "
+                    "percent-encoding, '\\', whitespace and non-ASCII are refused)")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ layout

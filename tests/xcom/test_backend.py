@@ -457,3 +457,168 @@ def test_gcs_compose_failing_in_a_later_round_leaves_no_half_object(xcom_store_e
         XCom._store(settings, Coordinates("big_dag", RUN_ID, "produce", -1, "return_value"), "json", b"[", stream())
     assert len(small_parts) == 8
     assert list_objects(settings) == []
+
+
+# ------------------------------------------------------------------ confinement: references stay under xcom_path
+# A reference is data from the XCom table, which tasks (agents) write: a planted one must never make a
+# task read or delete anything outside xcom_path (issue 13, finding 3).
+
+
+def planted_victim(base: str, monkeypatch, where: str) -> dict:
+    """A valid object (checksum and all) written under ``where`` instead of ``base``; back to ``base``."""
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__XCOM_PATH", where)
+    ref = push("secret " * 1000, task_id="victim")
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__XCOM_PATH", base)
+    return ref
+
+
+def assert_refused(planted: dict, base: str, caplog) -> None:
+    """Read, purge and delete all refuse ``planted`` naming it and xcom_path, log it, touch nothing."""
+    from airflow_remote_execution.xcom.backend import delete_object
+
+    for attempt in (lambda: pull(planted), lambda: XCom.purge(_Value(planted)), lambda: delete_object(planted)):
+        caplog.clear()
+        with pytest.raises(XComStorageError, match="is not under") as e:
+            attempt()
+        assert repr(planted.get("ref")) in str(e.value) and f"xcom_path = {base!r}" in str(e.value)
+        assert "Refused" in str(e.value) and any("is not under" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_planted_reference_outside_xcom_path_is_neither_read_nor_deleted(xcom_store_env, monkeypatch, caplog):
+    """An object in a sibling prefix (``<xcom_path>-other``: no ``/`` boundary), as another DAG's XCom."""
+    victim = planted_victim(xcom_store_env, monkeypatch, xcom_store_env + "-other")
+    with monkeypatch.context() as m:  # it is a perfectly readable object where it was written
+        m.setenv("AIRFLOW__REMOTE_EXECUTION__XCOM_PATH", xcom_store_env + "-other")
+        assert pull(victim) == "secret " * 1000
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__XCOM_PATH", xcom_store_env)
+    assert_refused(victim, xcom_store_env, caplog)
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__XCOM_PATH", xcom_store_env + "-other")
+    assert obj(victim).exists()  # nothing was deleted
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__XCOM_PATH", xcom_store_env)
+    assert pull(push("mine " * 1000)) == "mine " * 1000  # legit references still work
+
+
+def _tricks(base: str, sibling_ref: str) -> dict[str, object]:
+    """Reference URLs that name (or try to name) something outside ``base``, each a different trick."""
+    scheme, _, rest = base.partition("://")
+    host, _, prefix = rest.partition("/")
+    name = base.rsplit("/", 1)[1]
+    rel = sibling_ref[len(base + "-other/"):]
+    other = f"{name}-other/{rel}"
+    tricks: dict[str, object] = {
+        "sibling prefix without a / boundary": sibling_ref,
+        "dot-dot segment": f"{base}/../{other}",
+        "dot-dot deeper": f"{base}/big_dag/../../{other}",
+        "dot segment": f"{base}/./{rel}",
+        "empty segment": f"{base}//{rel}",
+        "percent-encoded dot-dot": f"{base}/%2e%2e/{other}",
+        "percent-encoded DOT-DOT": f"{base}/%2E%2E/{other}",
+        "percent-encoded slash": f"{base}/..%2f{other}",
+        "double percent-encoding": f"{base}/%252e%252e/{other}",
+        "backslash": f"{base}/..\\{other}",
+        "unicode dots": f"{base}/\uff0e\uff0e/{other}",
+        "query": f"{base}/{rel}?versionId=1",
+        "fragment": f"{base}/{rel}#x",
+        "xcom_path itself": base,
+        "absolute local file": "file:///etc/passwd",
+        "bare absolute path": "/etc/passwd",
+        "not a string": 12345,
+        "missing": None,
+    }
+    if scheme == "s3":
+        tricks |= {
+            "other bucket": f"s3://victim/{prefix}/{rel}",
+            "other scheme, same bucket and path": f"gs://{host}/{prefix}/{rel}",
+            "userinfo before the bucket": f"s3://{host}@victim/{prefix}/{rel}",
+            "other scheme: local file": "file:///etc/passwd",
+        }
+    else:  # local: file:///.../xcom
+        path = rest
+        tricks |= {
+            "other scheme, same path": f"s3:/{path}/{rel}",
+            "host in a file URL": f"file://evil{path}/{rel}",
+            "bare path of the sibling": sibling_ref.removeprefix("file://"),
+        }
+    return tricks
+
+
+TRICKS = [(kind, trick) for kind, sample in (("local", "file:///x/xcom"), ("s3", "s3://b/p"))
+          for trick in _tricks(sample, f"{sample}-other/r")]
+
+
+@pytest.mark.parametrize(("kind", "trick"), TRICKS)
+def test_every_trick_to_leave_xcom_path_is_refused(xcom_store_env, servers, monkeypatch, caplog, kind, trick):
+    if kind == "s3":
+        s3 = boto3.client("s3", endpoint_url=servers["s3"].url, **AWS_TEST_CREDENTIALS)
+        if "victim" not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+            s3.create_bucket(Bucket="victim")
+    victim = planted_victim(xcom_store_env, monkeypatch, xcom_store_env + "-other")
+    tricks = _tricks(xcom_store_env, victim["ref"])
+    if trick == "other bucket":
+        planted_victim(xcom_store_env, monkeypatch, tricks[trick].rsplit("/big_dag/", 1)[0])
+    planted = {**victim, "ref": tricks[trick]}
+    if tricks[trick] is None:
+        del planted["ref"]
+    assert_refused(planted, xcom_store_env, caplog)
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__XCOM_PATH", xcom_store_env + "-other")
+    assert pull(victim) == "secret " * 1000  # still there, unchanged
+
+
+@pytest.mark.parametrize("kind", ["local"])
+def test_planted_reference_to_a_local_file_is_not_deleted(xcom_store_env, tmp_path, caplog):
+    """The attack as found: ``ref: file:///<any path>`` cleared by the Task SDK deleted that file."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    ref = {store.MARKER: 1, "ref": f"file://{precious}", "bytes": 7, "format": "text", "compression": "none",
+           "written_by": "evil.task in run r (key 'return_value')"}
+    for planted in (ref, {**ref, "ref": str(precious)}, {**ref, "ref": f"{xcom_store_env}/../precious.txt"}):
+        assert_refused(planted, xcom_store_env, caplog)
+        assert precious.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("kind", ["local"])
+def test_gc_never_deletes_outside_xcom_path(xcom_store_env, tmp_path, caplog):
+    from airflow_remote_execution.xcom import gc as xcom_gc
+
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    settings = Settings.from_config()
+    for url in (f"file://{precious}", f"{settings.path}/../precious.txt", f"{settings.path}/%2e%2e/precious.txt"):
+        with pytest.raises(XComStorageError, match="is not under"):
+            xcom_gc._delete(settings, url)
+    assert precious.read_text() == "keep me"
+    # an object with characters the layout never writes is not listed (so never deleted) either
+    odd = settings.base() / "big_dag" / "run%2e" / "t" / "-1" / "k.json"
+    odd.parent.mkdir(parents=True, exist_ok=True)
+    odd.write_text("{}")
+    ours = push("g" * 5000, task_id="gc")
+    assert {o.url for o in list_objects(settings)} == {ours["ref"]}
+
+
+@pytest.mark.parametrize("kind", ["local"])
+def test_legit_references_in_every_spelling_of_xcom_path(xcom_store_env, monkeypatch, tmp_path):
+    ref = push("v" * 5000)
+    bare = xcom_store_env.removeprefix("file://")
+    for base in (bare, bare + "/", xcom_store_env + "/"):  # xcom_path spelt with or without file://, with a /
+        monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__XCOM_PATH", base)
+        assert pull(ref) == "v" * 5000
+        assert pull({**ref, "ref": ref["ref"].removeprefix("file://")}) == "v" * 5000
+    XCom.purge(_Value(ref))
+    assert not obj(ref).exists()
+
+
+def test_confinement_rule():
+    from airflow_remote_execution.xcom.store import why_outside
+
+    ok = [("s3://b/p", "s3://b/p/d/r/t/-1/k.json"), ("S3://b/p", "s3a://b/p/x"), ("gs://b", "gcs://b/x/y"),
+          ("abfs://c@acct.dfs.core.windows.net/p", "abfs://c@acct.dfs.core.windows.net/p/a~2E~2E/k.json.zst"),
+          ("wasb://c/p", "wasb://c/p/x"), ("/srv/xcom", "file:///srv/xcom/x"), ("rel/xcom", "rel/xcom/a")]
+    for base, url in ok:
+        assert why_outside(base, url) is None, (base, url)
+    bad = [("s3://b/p", "s3://b/p"), ("s3://b/p", "s3://b/px/y"), ("s3://b/p", "s3://B/p/x"),
+           ("abfs://c@acct.dfs.core.windows.net/p", "abfs://c@other.dfs.core.windows.net/p/x"),
+           ("abfs://c/p", "wasb://c/p/x"), ("gs://b/p", "gs://b/p/a/%2e%2e/x"), ("", "s3://b/p/x"),
+           ("rel/xcom", "rel/xcom/../x"), ("/srv/xcom", "/srv/xcom/a b")]
+    for base, url in bad:
+        assert why_outside(base, url) is not None, (base, url)
