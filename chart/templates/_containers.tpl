@@ -6,13 +6,14 @@ securityContext: {{ toYaml $v.securityContext | nindent 2 }}
 env:
   - name: AIRFLOW_CONFIG
     value: /opt/airflow/config/airflow.cfg
-  # The pod's ordinal in its StatefulSet picks its own token: <group>-<ordinal>.
+  # The pod's ordinal in its StatefulSet picks its own token, <group>-<ordinal>. Airflow expands
+  # ${AGENT_ORDINAL} when it reads the option (Kubernetes itself would only expand $(...)).
   - name: AGENT_ORDINAL
     valueFrom:
       fieldRef:
         fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
   - name: AIRFLOW__REMOTE_EXECUTION__TOKEN_FILE
-    value: {{ printf "%s/%s-$(AGENT_ORDINAL)" $v.token.mountPath .c.id }}
+    value: {{ printf "%s/%s-${AGENT_ORDINAL}" $v.token.mountPath .c.id | quote }}
   {{- with $v.proxy.httpsProxy }}
   - {name: HTTPS_PROXY, value: {{ . | quote }}}
   - {name: https_proxy, value: {{ . | quote }}}

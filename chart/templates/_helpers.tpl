@@ -61,7 +61,10 @@ airflow-remote-execution/group: {{ .c.id }}
 {{- define "rex.components" -}}
 {{- $out := list -}}
 {{- range .Values.workers -}}
-{{- $out = append $out (merge (dict "id" .name "kind" "worker" "components" "worker") (deepCopy .)) -}}
+{{- $w := merge (dict "id" .name "kind" "worker" "components" "worker") (deepCopy .) -}}
+{{- if or (not (hasKey . "replicas")) (kindIs "invalid" .replicas) }}{{ $_ := set $w "replicas" 1 }}{{ end -}}
+{{- if or (not (hasKey . "concurrency")) (kindIs "invalid" .concurrency) }}{{ $_ := set $w "concurrency" 4 }}{{ end -}}
+{{- $out = append $out $w -}}
 {{- end -}}
 {{- if .Values.dagProcessor.enabled -}}
 {{- $out = append $out (dict "id" "dag-processor" "kind" "dag-processor" "components" "dag-processor"
@@ -334,6 +337,7 @@ airflow-remote-execution/group: {{ .c.id }}
 {{- $_ := set $re "client_key" (printf "/etc/airflow-agent/client-cert/%s" $v.clientCert.keyKey) -}}
 {{- end -}}
 {{- $core := dict "load_examples" "False" -}}
+{{- with $v.executor }}{{ $_ := set $core "executor" . }}{{ end -}}
 {{- if $v.xcomBackend.enabled -}}
 {{- $_ := set $core "xcom_backend" "airflow_remote_execution.xcom.ObjectStorageXComBackend" -}}
 {{- $_ := set $re "xcom_path" $v.xcomBackend.path -}}
