@@ -38,6 +38,16 @@ def get_provider_info() -> dict:
                         "boolean",
                         "True",
                     ),
+                    "serve_plane_secrets_to_agents": _opt(
+                        "Whether tasks on agents may read the plane's own Connections and Variables through the "
+                        "execution API. False (default): no; agents' tasks use the agent's secrets backend and "
+                        "AIRFLOW_CONN_*/AIRFLOW_VAR_*, and the plane answers 'not found'. True: all agents. Or a "
+                        "comma-separated list of ``queue:NAME`` and ``bundle:NAME`` items whose work may. See "
+                        "docs/security.md.",
+                        "string",
+                        "False",
+                        "queue:default,bundle:shared-dags",
+                    ),
                     "parsed_dag_import_allowlist": _opt(
                         "Comma-separated fnmatch patterns of import paths of *installed* code (the standard "
                         "library, Airflow, providers, site-packages) that DAGs parsed by agents may name as "

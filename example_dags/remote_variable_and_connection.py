@@ -1,4 +1,5 @@
-"""Reads a Variable and a Connection on the agent (resolved through the execution API)."""
+"""Reads a Variable and a Connection on the agent, from the agent's own secrets backend or AIRFLOW_VAR_* /
+AIRFLOW_CONN_* (the plane serves its own only where [remote_execution] serve_plane_secrets_to_agents allows)."""
 
 from __future__ import annotations
 

@@ -19,6 +19,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from localplane import ROOT, Agent, Plane, free_port  # noqa: E402
 
+# Agents read Variables and Connections from their own secrets (here the environment; a secrets backend
+# in production): the plane does not serve its own to agents unless serve_plane_secrets_to_agents says so.
+AGENT_SECRETS = {
+    "AIRFLOW_VAR_REMOTE_DEMO_GREETING": "hello from the agent's own secrets",
+    "AIRFLOW_CONN_REMOTE_DEMO_HTTP": '{"conn_type": "http", "host": "example.org"}',
+}
+
 EXAMPLES = [
     "remote_fan_out_fan_in",
     "remote_two_queues",
@@ -56,16 +63,10 @@ def main() -> int:
         plane.start()
         for name, queues in AGENTS.items():
             token = plane.create_agent_token(name, queues)
-            agents.append(Agent(name, base / name, plane.url, token).start())
+            agents.append(Agent(name, base / name, plane.url, token, extra_env=AGENT_SECRETS).start())
             print(f"Started {name} (queues: {queues}) in {base / name}, with only the API URL and its token", flush=True)
         for agent in agents:
             agent.wait_registered()
-        plane.api("POST", "/api/v2/variables", json={"key": "remote_demo_greeting", "value": "hello from the plane"})
-        plane.api(
-            "POST",
-            "/api/v2/connections",
-            json={"connection_id": "remote_demo_http", "conn_type": "http", "host": "example.org"},
-        )
         runs = {dag_id: plane.trigger(dag_id) for dag_id in EXAMPLES}
         print(f"Triggered {', '.join(EXAMPLES)}", flush=True)
         failed = []

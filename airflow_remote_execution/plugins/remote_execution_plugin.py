@@ -1,4 +1,5 @@
-"""Airflow plugin: mounts the Remote Execution API at ``/remote_execution`` in ``airflow api-server``."""
+"""Airflow plugin: mounts the Remote Execution API at ``/remote_execution`` in ``airflow api-server``, the
+Remote Agents page, and the guard in front of the execution API for agents' tokens."""
 
 from __future__ import annotations
 
@@ -32,7 +33,16 @@ def _react_apps() -> list[dict]:
 _SERVED = _ON_API_SERVER and config.getboolean("api_enabled")
 
 
+def _root_middlewares() -> list[dict]:
+    """The guard in front of Airflow's execution API for tokens handed to agents (plane/exec_guard.py)."""
+    from airflow_remote_execution.plane.exec_guard import ExecutionApiGuard
+
+    return [{"middleware": ExecutionApiGuard, "args": [], "kwargs": {}, "name": "Remote Execution token guard"}]
+
+
 class RemoteExecutionPlugin(AirflowPlugin):
     name = "remote_execution"
     fastapi_apps = [_api_app()] if _SERVED else []
+    # Always on in an api-server, even with the Remote Execution API off: agents' tokens may still be live.
+    fastapi_root_middlewares = _root_middlewares() if _ON_API_SERVER else []
     react_apps = _react_apps() if _SERVED else []

@@ -20,6 +20,11 @@ from localplane import EXAMPLE_DAGS, Agent, Plane, fresh_pg_database, shutdown, 
 pytestmark = pytest.mark.e2e
 TEST_DAGS = Path(__file__).parent / "dags"
 V1 = "/remote_execution/v1"
+# The agents' own Variables and Connections (the plane does not serve its own to agents by default).
+AGENT_SECRETS = {
+    "AIRFLOW_VAR_REMOTE_DEMO_GREETING": "bonjour",
+    "AIRFLOW_CONN_REMOTE_DEMO_HTTP": json.dumps({"conn_type": "http", "host": "example.org"}),
+}
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -38,7 +43,7 @@ def cluster(request, tmp_path_factory):
         plane.start()
         for name, queues in (("agent-a", "default"), ("agent-b", "analytics")):
             token = plane.create_agent_token(name, queues)
-            agents.append(Agent(name, base / name, plane.url, token, dags_folder=dags).start())
+            agents.append(Agent(name, base / name, plane.url, token, dags_folder=dags, extra_env=AGENT_SECRETS).start())
         for agent in agents:
             agent.wait_registered()
         yield plane, {a.name: a for a in agents}
@@ -109,9 +114,11 @@ def test_queues_route_to_different_agents(cluster):
 
 
 def test_variable_and_connection_resolved_on_agent(cluster):
+    """From the agent's own secrets: the plane's Connections and Variables of the same names are not served
+    to agents' tasks ([remote_execution] serve_plane_secrets_to_agents is off)."""
     plane, _ = cluster
-    plane.api("POST", "/api/v2/variables", json={"key": "remote_demo_greeting", "value": "bonjour"})
-    plane.api("POST", "/api/v2/connections", json={"connection_id": "remote_demo_http", "conn_type": "http", "host": "example.org"})
+    plane.api("POST", "/api/v2/variables", json={"key": "remote_demo_greeting", "value": "from the plane"})
+    plane.api("POST", "/api/v2/connections", json={"connection_id": "remote_demo_http", "conn_type": "http", "host": "plane.internal"})
     run_id, _ = _run(plane, "remote_variable_and_connection")
     xcom = plane.api(
         "GET",

@@ -17,6 +17,7 @@ from airflow.utils.session import create_session
 from airflow_remote_execution.plane import agents, leases, tokens
 
 from airflow_remote_execution import config
+from airflow_remote_execution.plane import exec_guard
 from airflow_remote_execution.plane.api import task_start
 from airflow_remote_execution.models import AgentModel, AgentTokenModel, WorkItemModel
 from airflow_remote_execution.wire.api import (
@@ -70,10 +71,14 @@ def _as_agent(authorization: str | None, fn: Callable[..., T]) -> Callable[[], T
     return run
 
 
-def _lease_view(item: WorkItemModel) -> Lease:
+def _lease_view(item: WorkItemModel, token_id: str) -> Lease:
+    """The lease as the agent gets it: the workload's execution-API token bound to this lease."""
     import json
 
-    return Lease(work_id=item.id, fence=item.fence, kind=item.kind, queue=item.queue, workload=json.loads(item.workload))
+    workload = json.loads(item.workload)
+    if workload.get("token"):
+        workload["token"] = exec_guard.bind(workload["token"], item.id, item.fence, token_id)
+    return Lease(work_id=item.id, fence=item.fence, kind=item.kind, queue=item.queue, workload=workload)
 
 
 @agent_router.post("/agents/register", response_model=RegisterResponse)
@@ -123,10 +128,10 @@ async def lease(body: LeaseRequest, request: Request, authorization: Authorizati
 
     queues = await run_in_threadpool(_as_agent(authorization, who))
 
-    def take(session, _t, agent: AgentModel) -> list[Lease]:
+    def take(session, token: AgentTokenModel, agent: AgentModel) -> list[Lease]:
         if not agents.accepts_work(agent):
             return []
-        return [_lease_view(i) for i in leases.lease(session, agent, queues, body.slots, confirm_timeout)]
+        return [_lease_view(i, token.id) for i in leases.lease(session, agent, queues, body.slots, confirm_timeout)]
 
     deadline = time.monotonic() + wait
     while True:
@@ -155,17 +160,18 @@ async def start(work_id: int, body: StartRequest, request: Request, authorizatio
     """Confirm the lease is still this agent's before starting; 409 means: do not start. With ``task``, the
     plane then also makes the execution API's start report for the task and returns its answer."""
 
-    def run(session, _t, agent) -> tuple[StartResponse, tuple | None]:
+    def run(session, token, agent) -> tuple[StartResponse, tuple | None]:
         item = leases.confirm_start(session, agent, work_id, body.fence)
         report = None
         if body.task is not None and item.kind == "task":
             stamped = body.task.start_date or item.started_at
-            report = (item.workload, min(max(stamped, item.leased_at), item.started_at))
+            report = (item.workload, min(max(stamped, item.leased_at), item.started_at), (item.id, item.fence, token.id))
         return StartResponse(work_id=item.id, state=item.state, fence=item.fence), report
 
     reply, report = await run_in_threadpool(_as_agent(authorization, run))
     if report is not None:  # the confirmation is committed: the task may start
-        reply.task_run = await task_start.report_started(request.scope, *report, task=body.task)
+        workload, start_date, lease = report
+        reply.task_run = await task_start.report_started(request.scope, workload, start_date, body.task, lease)
     return reply
 
 

@@ -20,6 +20,7 @@ from datetime import datetime
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Scope
 
+from airflow_remote_execution.plane import exec_guard
 from airflow_remote_execution.wire.api import ExecutionApiReply, TaskProcess
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,12 @@ def execution_app(scope: Scope) -> ASGIApp | None:
 
 
 async def report_started(
-    scope: Scope, workload_json: str, start_date: datetime, task: TaskProcess
+    scope: Scope, workload_json: str, start_date: datetime, task: TaskProcess, lease: tuple[int, int, str]
 ) -> ExecutionApiReply | None:
     """Tell the execution API the task started, as its supervisor would; None if it cannot be done here.
     ``start_date``: when the agent asked to start it (``TaskProcess.start_date``, kept between the lease
-    and the confirmation), as a supervisor stamps its task's start before asking the execution API."""
+    and the confirmation), as a supervisor stamps its task's start before asking the execution API.
+    ``lease``: (work id, fence, agent token id) the execution token Airflow swaps in is bound to."""
     import httpx
 
     app = execution_app(scope)
@@ -63,8 +65,8 @@ async def report_started(
     except Exception:  # noqa: BLE001 - the supervisor then reports itself, with its own retries
         log.exception("In-process start report for task %s failed", workload["ti"]["id"])
         return None
-    return ExecutionApiReply(
-        status=response.status_code,
-        headers={k: response.headers[k] for k in _PASSED_HEADERS if k in response.headers},
-        body=response.text,
-    )
+    headers = {k: response.headers[k] for k in _PASSED_HEADERS if k in response.headers}
+    if fresh := headers.get("refreshed-api-token"):
+        work_id, fence, token_id = lease
+        headers["refreshed-api-token"] = exec_guard.bind(fresh, work_id, fence, token_id)
+    return ExecutionApiReply(status=response.status_code, headers=headers, body=response.text)
