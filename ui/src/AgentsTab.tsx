@@ -5,7 +5,7 @@ import { call } from "./api";
 import { HealthBadge, StatusBadge } from "./badges";
 import { ConfirmDialog } from "./ConfirmDialog";
 import { age, when } from "./format";
-import { HEALTHS, type AgentView, type Overview } from "./types";
+import { HEALTHS, type AgentView, type Overview, type SentinelView } from "./types";
 
 type Action = { kind: "drain" | "resume" | "remove"; agent: AgentView } | null;
 
@@ -184,7 +184,7 @@ function AgentRow({
         </Text>
       </Table.Cell>
       <Table.Cell>
-        <Stack gap={1} maxW="260px">
+        <Stack gap={1} maxW="260px" align="flex-start">
           <HealthBadge health={a.health} />
           {a.health_reasons.map((r) => (
             <Text key={r} fontSize="xs" color="fg.muted">
@@ -249,27 +249,7 @@ function AgentRow({
         </Stack>
       </Table.Cell>
       <Table.Cell>
-        {a.sentinel ? (
-          <Stack gap={0} fontSize="xs" maxW="300px" data-testid="agent-sentinel">
-            <HStack gap={1}>
-              <StatusBadge status={a.sentinel.status} />
-              <Text color={a.sentinel.stale ? "fg.warning" : "fg.muted"}>
-                {age(a.sentinel.age)}
-                {a.sentinel.stale ? " (stale)" : ""}
-              </Text>
-            </HStack>
-            {a.sentinel.checks.map((c) => (
-              <Text
-                key={c.name}
-                color={c.skipped ? "fg.muted" : !c.ok ? "fg.error" : c.warning ? "fg.warning" : undefined}
-                title={c.hint || undefined}
-              >
-                {c.skipped ? "–" : c.ok ? (c.warning ? "!" : "✓") : "✗"} {c.name}
-                {c.detail ? `: ${c.detail}` : ""}
-              </Text>
-            ))}
-          </Stack>
-        ) : (
+        {a.sentinel ? <Sentinel sentinel={a.sentinel} /> : (
           <Text color="fg.muted" fontSize="xs">
             no report
           </Text>
@@ -277,7 +257,7 @@ function AgentRow({
       </Table.Cell>
       <Table.Cell>
         {a.token_id ? (
-          <Stack gap={1}>
+          <Stack gap={1} align="flex-start">
             <Code fontSize="xs">{a.token_id}</Code>
             {a.token_status ? <StatusBadge status={a.token_status} /> : null}
           </Stack>
@@ -302,5 +282,39 @@ function AgentRow({
         </HStack>
       </Table.Cell>
     </Table.Row>
+  );
+}
+
+function Sentinel({ sentinel }: { sentinel: SentinelView }) {
+  const [all, setAll] = useState(false);
+  const notable = sentinel.checks.filter((c) => !c.skipped && (!c.ok || c.warning));
+  const rest = sentinel.checks.filter((c) => !notable.includes(c));
+  const shown = all ? sentinel.checks : notable;
+  return (
+    <Stack gap={0} fontSize="xs" maxW="320px" align="flex-start" data-testid="agent-sentinel">
+      <HStack gap={1}>
+        <StatusBadge status={sentinel.status} />
+        <Text color={sentinel.stale ? "fg.warning" : "fg.muted"}>
+          {age(sentinel.age)}
+          {sentinel.stale ? " (stale)" : ""}
+        </Text>
+      </HStack>
+      {shown.map((c) => (
+        <Text
+          key={c.name}
+          data-testid="sentinel-check"
+          color={c.skipped ? "fg.muted" : !c.ok ? "fg.error" : c.warning ? "fg.warning" : undefined}
+          title={c.hint || undefined}
+        >
+          {c.skipped ? "–" : c.ok ? (c.warning ? "!" : "✓") : "✗"} {c.name}
+          {c.detail ? `: ${c.detail}` : ""}
+        </Text>
+      ))}
+      {rest.length ? (
+        <Button size="2xs" variant="plain" px={0} color="fg.muted" onClick={() => setAll(!all)}>
+          {all ? "hide passing checks" : `+ ${rest.length} passing or skipped`}
+        </Button>
+      ) : null}
+    </Stack>
   );
 }

@@ -11,10 +11,9 @@ export function duration(seconds: number | null | undefined): string {
   return seconds === null || seconds === undefined ? "-" : age(seconds).replace(/ ago$/, "");
 }
 
+/** "2026-12-05 08:42:53" in the browser's time zone (the format of Airflow's own pages). */
 export function when(iso: string | null | undefined): string {
-  if (!iso) return "-";
-  const d = new Date(iso);
-  return Number.isNaN(d.getTime()) ? iso : d.toLocaleString();
+  return exactTime(iso).replace(/\.\d{3}$/, "");
 }
 
 export function exactTime(iso: string | null | undefined): string {

@@ -280,8 +280,11 @@ def health(agent: AgentModel, heartbeat_age: float | None, sentinel: dict, inter
         if sentinel["sentinel_stale"]:
             reasons.append(f"sentinel silent for {sentinel['sentinel_age']:.0f}s")
         elif sentinel["sentinel_status"] != "ok":
-            failing = ", ".join(f.split(":", 1)[0] for f in sentinel["sentinel_failing"])
-            reasons.append(f"sentinel {sentinel['sentinel_status']}" + (f": {failing}" if failing else ""))
+            checks = (agent.sentinel_report or {}).get("checks", [])
+            failing = [c["name"] for c in checks if not c.get("ok") and not c.get("skipped")]
+            warning = [c["name"] for c in checks if c.get("ok") and c.get("warning")]
+            named = ", ".join([*failing, *(f"{n} (warning)" for n in warning)])
+            reasons.append(f"sentinel {sentinel['sentinel_status']}" + (f": {named}" if named else ""))
     if agent.state == AgentState.LOST.value:
         return "lost", [f"no heartbeat for {heartbeat_age:.0f}s" if heartbeat_age is not None else "no heartbeat"]
     if agent.state == AgentState.OFFLINE.value:

@@ -200,18 +200,19 @@ def test_overview_agents_queues_health_and_versions(client, manager):
     (lease,) = client.post("/v1/leases", json={"slots": 1, "wait": 0}, headers=bearer(a)).json()["leases"]
     assert client.post(f"/v1/work/{w1}/start", json={"fence": lease["fence"]}, headers=bearer(a)).status_code == 200
     report = {"status": "degraded", "interval": 15, "checks": [
-        {"name": "disk", "ok": False, "detail": "3% free on /tmp"}, {"name": "api", "ok": True, "detail": "200 in 4 ms"}]}
+        {"name": "disk", "ok": False, "detail": "3% free on /tmp"}, {"name": "api", "ok": True, "detail": "200 in 4 ms"},
+        {"name": "cpu", "ok": True, "warning": True, "detail": "load 8 on 2 CPUs"}]}
     assert client.post("/v1/agents/sentinel", json=report, headers=bearer(a)).status_code == 200
 
     body = client.get(f"{UI}/overview", headers=admin).json()
     assert body["plane_versions"] == plane_versions()
     agents = {x["name"]: x for x in body["agents"]}
     ag = agents["agent-a"]
-    assert ag["health"] == "degraded" and ag["health_reasons"] == ["sentinel degraded: disk"]
+    assert ag["health"] == "degraded" and ag["health_reasons"] == ["sentinel degraded: disk, cpu (warning)"]
     assert (ag["queues"], ag["concurrency"], ag["slots_used"]) == (["default", "gpu"], 3, 1)
     assert [(w["id"], w["state"], w["label"]) for w in ag["running"]] == [(w1, "running", "d.t1 r try 1")]
     assert [(c["name"], c["ok"], c["detail"]) for c in ag["sentinel"]["checks"]] == [
-        ("disk", False, "3% free on /tmp"), ("api", True, "200 in 4 ms")]
+        ("disk", False, "3% free on /tmp"), ("api", True, "200 in 4 ms"), ("cpu", True, "load 8 on 2 CPUs")]
     assert ag["token_id"] == a.split("_")[1] and ag["token_status"] == "active" and ag["hostname"] == "agent-a.example"
     assert ag["version_mismatch"] == [] and 0 <= ag["heartbeat_age"] < 5
     # agent-b: another Airflow is marked; a Python patch release is not.
