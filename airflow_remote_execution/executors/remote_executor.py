@@ -61,6 +61,7 @@ class RemoteExecutor(BaseExecutor):
             kind, queue, weight = "connection_test", workload.queue or default_queue, 1_000_000
         else:
             raise TypeError(f"RemoteExecutor cannot run workloads of type {type(workload).__name__}")
+        bundle_info = getattr(workload, "bundle_info", None)  # tasks and callbacks have a DAG bundle
         leases.enqueue(
             session,
             key=workload.key,
@@ -68,6 +69,7 @@ class RemoteExecutor(BaseExecutor):
             queue=queue,
             priority_weight=weight,
             workload=workload.model_dump_json(),
+            bundle=bundle_info.name if bundle_info else None,
         )
         # Counted as running from now on: the scheduler only queues what slots_available allows.
         self.running.add(workload.key)

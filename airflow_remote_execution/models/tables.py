@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, MetaData, String, Text, desc
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from airflow.models.base import _get_schema, naming_convention
@@ -87,6 +87,9 @@ class WorkItemModel(Base):
     dag_id: Mapped[str | None] = mapped_column(String(250))  # tasks only: for filtering
     run_id: Mapped[str | None] = mapped_column(String(250))
     queue: Mapped[str] = mapped_column(String(256), nullable=False)
+    # The DAG bundle of a task or callback: work of a bundle that agents parse goes only to agent tokens
+    # that allow that bundle (see leases.lease).
+    bundle: Mapped[str | None] = mapped_column(String(250))
     priority_weight: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
     workload: Mapped[str] = mapped_column(Text, nullable=False)
     state: Mapped[str] = mapped_column(String(20), nullable=False)
@@ -105,7 +108,9 @@ class WorkItemModel(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
     __table_args__ = (
-        Index("idx_remote_work_item_lease", "state", "queue", "priority_weight", "id"),
+        # The lease order (priority_weight DESC, id): the top of a queue is read without a sort.
+        Index("idx_remote_work_item_lease", "state", "queue", desc("priority_weight"), "id"),
+        Index("idx_remote_work_item_finished", "finished_at"),
         Index("idx_remote_work_item_key", "key_digest"),
         Index("idx_remote_work_item_agent", "agent_id", "state"),
         Index("idx_remote_work_item_report", "report_pending"),

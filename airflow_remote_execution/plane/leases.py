@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow.sdk import timezone
@@ -78,8 +78,11 @@ def key_digest(key_json: list) -> str:
 # ---------------------------------------------------------------- executor side
 
 
-def enqueue(session: Session, *, key: Any, kind: str, queue: str, priority_weight: int, workload: str) -> None:
-    """Queue a workload (new, or again under the same key). Commits with the caller's transaction."""
+def enqueue(
+    session: Session, *, key: Any, kind: str, queue: str, priority_weight: int, workload: str, bundle: str | None = None
+) -> None:
+    """Queue a workload (new, or again under the same key). Commits with the caller's transaction.
+    ``bundle``: the DAG bundle of a task or callback (see :func:`lease`)."""
     key_json = key_to_json(key)
     digest = key_digest(key_json)
     now = timezone.utcnow()
@@ -91,6 +94,7 @@ def enqueue(session: Session, *, key: Any, kind: str, queue: str, priority_weigh
         existing.state = WorkState.QUEUED.value
         existing.workload = workload
         existing.queue = queue
+        existing.bundle = bundle
         existing.priority_weight = priority_weight
         existing.agent_id = None
         existing.agent_name = None
@@ -108,6 +112,7 @@ def enqueue(session: Session, *, key: Any, kind: str, queue: str, priority_weigh
                 dag_id=key_json[1] if key_json[0] == "ti" else None,
                 run_id=key_json[3] if key_json[0] == "ti" else None,
                 queue=queue,
+                bundle=bundle,
                 priority_weight=priority_weight,
                 workload=workload,
                 state=WorkState.QUEUED.value,
@@ -235,8 +240,16 @@ def purge_finished(session: Session, older_than: timedelta) -> int:
 # ---------------------------------------------------------------- agent side (via the API)
 
 
-def lease(session: Session, agent: AgentModel, queues: Sequence[str], slots: int, confirm_timeout: float) -> list[WorkItemModel]:
-    """Lease up to ``slots`` queued items from ``queues`` to ``agent`` (highest priority first), in one
+def lease(
+    session: Session,
+    agent: AgentModel,
+    queues: Sequence[str],
+    slots: int,
+    confirm_timeout: float,
+    not_bundles: Sequence[str] = (),
+) -> list[WorkItemModel]:
+    """Lease up to ``slots`` queued items from ``queues`` to ``agent`` (highest priority first), leaving
+    work of ``not_bundles`` (bundles agents parse that the agent's token does not allow), in one
     statement: ``WITH picked AS MATERIALIZED (SELECT id ... LIMIT n FOR UPDATE SKIP LOCKED) UPDATE ...
     FROM picked WHERE id = picked.id RETURNING``. Materialized: PostgreSQL may otherwise evaluate the
     pick once per row it updates, and each evaluation skips the rows updated so far and picks others,
@@ -249,6 +262,8 @@ def lease(session: Session, agent: AgentModel, queues: Sequence[str], slots: int
         .order_by(WorkItemModel.priority_weight.desc(), WorkItemModel.id)
         .limit(slots)
     )
+    if not_bundles:
+        pick = pick.where(or_(WorkItemModel.bundle.is_(None), WorkItemModel.bundle.not_in(list(not_bundles))))
     if session.get_bind().dialect.name == "postgresql":
         pick = pick.with_for_update(skip_locked=True)  # concurrent leases take other rows, never wait
     picked = pick.cte("picked").prefix_with("MATERIALIZED")

@@ -448,3 +448,35 @@ def test_concurrent_lessees_never_share_an_item(db):
     assert {r.state for r in rows} == {"leased"} and {r.fence for r in rows} == {1}
     owner = {work_id: agent_id for agent_id, pairs in got.items() for work_id, _ in pairs}
     assert all(owner[r.id] == r.agent_id for r in rows)
+
+
+# ------------------------------------------------------------------ bundles parsed by agents
+
+
+def test_work_of_an_agent_parsed_bundle_goes_only_to_tokens_allowing_it(db):
+    """A bundle some agent token may parse is that token's work: another team's agent on the same queue
+    never leases its tasks or callbacks (issue 13: a parse-only token's callback ran on another team's agent)."""
+    from airflow_remote_execution.plane import parsing
+
+    with db.session() as s:
+        _, evil_parser = tokens.create(s, agent_name="evil-parser", queues=["team-a"], bundles=["evil"])
+    parsing._parsed_by_agents = (float("-inf"), frozenset())  # no cached view from an earlier test
+    other_team = make_agent(db, "other-team", ["default"])
+    with db.session() as s:
+        for i, bundle in enumerate(["evil", None, "plane-bundle"]):
+            leases.enqueue(s, key=ti_key(f"t{i}"), kind="task", queue="default", priority_weight=10 - i,
+                           workload="{}", bundle=bundle)
+        leases.enqueue(s, key=CallbackKey(id="cb"), kind="callback", queue="default", priority_weight=99,
+                       workload="{}", bundle="evil")
+    with db.session() as s:
+        token = s.scalars(select(tokens.AgentTokenModel).where(tokens.AgentTokenModel.agent_name == "other-team")).one()
+        refused = parsing.bundles_refused_to(s, token)
+        assert refused == ["evil"]
+        agent = s.get(AgentModel, other_team.id)
+        taken = leases.lease(s, agent, ["default"], 10, 30, not_bundles=refused)
+        assert sorted(i.bundle or "" for i in taken) == ["", "plane-bundle"]
+    evil_agent = None
+    with db.session() as s:
+        evil_agent = agents.register(s, s.get(tokens.AgentTokenModel, evil_parser.id), RegisterRequest(concurrency=4))
+        taken = leases.lease(s, evil_agent, ["default"], 10, 30, not_bundles=parsing.bundles_refused_to(s, evil_parser))
+        assert sorted((i.kind, i.bundle) for i in taken) == [("callback", "evil"), ("task", "evil")]

@@ -14,7 +14,7 @@ from airflow.configuration import conf
 from airflow.sdk import timezone
 from airflow.utils.session import create_session
 
-from airflow_remote_execution.plane import agents, leases, tokens
+from airflow_remote_execution.plane import agents, leases, parsing, tokens
 
 from airflow_remote_execution import config
 from airflow_remote_execution.plane import exec_guard
@@ -131,7 +131,9 @@ async def lease(body: LeaseRequest, request: Request, authorization: Authorizati
     def take(session, token: AgentTokenModel, agent: AgentModel) -> list[Lease]:
         if not agents.accepts_work(agent):
             return []
-        return [_lease_view(i, token.id) for i in leases.lease(session, agent, queues, body.slots, confirm_timeout)]
+        refused = parsing.bundles_refused_to(session, token)
+        items = leases.lease(session, agent, queues, body.slots, confirm_timeout, not_bundles=refused)
+        return [_lease_view(i, token.id) for i in items]
 
     deadline = time.monotonic() + wait
     while True:

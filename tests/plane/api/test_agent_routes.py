@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from datetime import timedelta
@@ -15,7 +16,7 @@ from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.sdk import timezone
 from airflow.utils.session import create_session
 
-from airflow_remote_execution.plane import leases, tokens
+from airflow_remote_execution.plane import exec_guard, leases, tokens
 from airflow_remote_execution.plane.api.app import create_app
 from airflow_remote_execution.models import AgentModel, AgentTokenModel, WorkItemModel
 
@@ -282,6 +283,11 @@ def test_start_finish(client):
         assert s.get(WorkItemModel, work_id).info == "exit code 3"
 
 
+def _jwt(sub: str, scope: str) -> str:
+    """A token as the scheduler (workload) or the execution API (execution) issues it."""
+    return exec_guard._generator().generate({"sub": sub, "scope": scope})
+
+
 def test_start_makes_the_execution_api_start_report_for_a_forked_task():
     """Mounted beside an execution API (as in ``airflow api-server``), a confirmed start with the task's
     process is reported to it in-process, with the workload's own token; its answer comes back as is."""
@@ -291,27 +297,31 @@ def test_start_makes_the_execution_api_start_report_for_a_forked_task():
     @execution.patch("/task-instances/{ti_id}/run")
     async def run(ti_id: str, request: Request):
         seen.append((ti_id, request.headers["authorization"], request.headers["airflow-api-version"], await request.json()))
-        return JSONResponse({"max_tries": 3}, headers={"Refreshed-API-Token": "execution-jwt"})
+        return JSONResponse({"max_tries": 3}, headers={"Refreshed-API-Token": execution_jwt})
 
     root = FastAPI()
     root.mount("/execution", execution)
     root.mount("/remote_execution", create_app())
     process = {"pid": 4242, "hostname": "agent-host", "unixname": "airflow", "api_version": "2026-04-01"}
+    workload_jwt, execution_jwt = _jwt("ti-1", "workload"), _jwt("ti-1", "execution")
     with TestClient(root, base_url="http://testserver/remote_execution") as c:
         token = registered(c, "reporter")
-        work_id = enqueue("reported", workload='{"type": "ExecuteTask", "token": "workload-jwt", "ti": {"id": "ti-1"}}')
+        work_id = enqueue("reported", workload=json.dumps({"type": "ExecuteTask", "token": workload_jwt, "ti": {"id": "ti-1"}}))
         (lease,) = post(c, "/leases", token, {"slots": 1, "wait": 0}).json()["leases"]
+        # The agent gets the workload's token bound to this lease (plane/exec_guard.py).
+        assert exec_guard.bound_claims(lease["workload"]["token"])["rex_work"] == work_id
         assert post(c, f"/work/{work_id}/start", token, {"fence": lease["fence"] + 1, "task": process}).status_code == 409
         assert seen == []  # not confirmed: nothing reported
         r = post(c, f"/work/{work_id}/start", token, {"fence": lease["fence"], "task": process})
     assert r.status_code == 200, r.text
-    assert r.json()["task_run"] == {
-        "status": 200,
-        "headers": {"content-type": "application/json", "refreshed-api-token": "execution-jwt"},
-        "body": '{"max_tries":3}',
-    }
+    task_run = r.json()["task_run"]
+    swapped = task_run["headers"].pop("refreshed-api-token")
+    assert task_run == {"status": 200, "headers": {"content-type": "application/json"}, "body": '{"max_tries":3}'}
+    # The execution token Airflow swapped in comes back bound to the lease too.
+    claims = exec_guard.bound_claims(swapped)
+    assert (claims["sub"], claims["scope"], claims["rex_work"], claims["rex_fence"]) == ("ti-1", "execution", work_id, lease["fence"])
     ((ti_id, authorization, version, body),) = seen
-    assert (ti_id, authorization, version) == ("ti-1", "Bearer workload-jwt", "2026-04-01")
+    assert (ti_id, authorization, version) == ("ti-1", f"Bearer {workload_jwt}", "2026-04-01")
     assert {k: body[k] for k in ("state", "pid", "hostname", "unixname")} == {
         "state": "running", "pid": 4242, "hostname": "agent-host", "unixname": "airflow"
     }
@@ -338,7 +348,7 @@ def test_start_date_is_the_agents_stamp_kept_between_lease_and_confirmation(skew
     root.mount("/remote_execution", create_app())
     with TestClient(root, base_url="http://testserver/remote_execution") as c:
         token = registered(c, f"stamper-{skew}")
-        work_id = enqueue(f"stamped-{skew}", workload='{"type": "ExecuteTask", "token": "jwt", "ti": {"id": "ti-2"}}')
+        work_id = enqueue(f"stamped-{skew}", workload=json.dumps({"type": "ExecuteTask", "token": _jwt("ti-2", "workload"), "ti": {"id": "ti-2"}}))
         (lease,) = post(c, "/leases", token, {"slots": 1, "wait": 0}).json()["leases"]
         time.sleep(0.05)
         stamp = {"none": timezone.utcnow(), "behind": timezone.utcnow() - timedelta(hours=1),
