@@ -5,7 +5,9 @@ a Kubernetes cluster does that podman does not:
   ``<statefulset>-<ordinal>`` from the template, with the ``apps.kubernetes.io/pod-index`` label the
   controller adds (the chart picks each pod's token by it);
 - the kubelet's Secret volumes: podman 4.3 writes a Secret's values base64-encoded into the files, so each
-  Secret volume becomes a host directory holding the decoded keys the volume selects (``items``).
+  Secret volume becomes a host directory holding the decoded keys the volume selects (``items``);
+- the kubelet's emptyDir volumes: podman 4.3 makes each a named volume shared by every pod that uses the same
+  volume name (two agents' status files would be one file), so each becomes a directory of its own pod.
 
 Everything else (ConfigMaps, env, fieldRef, volumes, security contexts, commands) is played as rendered.
 """
@@ -38,6 +40,15 @@ def pods_for_podman(objects: list[dict], secrets_dir: Path) -> list[dict]:
             meta["labels"]["apps.kubernetes.io/pod-index"] = str(ordinal)
             meta["labels"]["statefulset.kubernetes.io/pod-name"] = meta["name"]
             for volume in template["spec"].get("volumes", []):
+                if "emptyDir" in volume:
+                    volume.pop("emptyDir")
+                    target = secrets_dir / meta["name"] / "emptydir" / volume["name"]
+                    target.mkdir(parents=True, exist_ok=True)
+                    uid = template["spec"].get("securityContext", {}).get("runAsUser", 0)
+                    os.chown(target, uid, 0)
+                    os.chmod(target, 0o770)
+                    volume["hostPath"] = {"path": str(target), "type": "Directory"}
+                    continue
                 if "secret" not in volume:
                     continue
                 source = volume.pop("secret")

@@ -1,0 +1,209 @@
+"""The chart runs: the agent image is built (on a Debian base made here with debootstrap), the chart is rendered
+for a real plane (api-server, scheduler, dag-processor on PostgreSQL, started on the host), and its pods run
+as containers with `podman kube play`. Agents must register with their own tokens, run the example DAGs on
+the right worker groups, answer probes through their sentinels, and drain on `podman kube down` (SIGTERM)
+with nothing lost.
+
+podman (4.3) is not a cluster; tests/chart/podman_kube.py does the two things it lacks (the StatefulSet
+controller's pods, decoded Secret volumes). Its own limits, which the chart's values below work around:
+init containers must exit (so the sentinel runs as an ordinary container, `sentinel.nativeSidecar: false`),
+emptyDir volumes are shared between pods (so podman_kube gives each pod directories of its own),
+and a declared containerPort is published on the host (so `sentinel.declarePort: false`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+import yaml
+
+from localplane import EXAMPLE_DAGS, Plane, fresh_pg_database, wait_for
+
+from .conftest import ROOT, render
+from .podman_kube import dump, pods_for_podman
+
+pytestmark = [pytest.mark.e2e, pytest.mark.chart, pytest.mark.timeout(1500)]
+TEST_DAGS = ROOT / "tests" / "e2e" / "dags"
+CONTAINERS_CONF = ROOT / "images" / "containers.conf"
+IMAGE = "localhost/airflow-remote-execution-agent:chart-e2e"
+GROUPS = {"default": ("default", 2), "analytics": ("analytics,drain", 1)}  # group -> (token queues, replicas)
+
+
+def podman(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
+    result = subprocess.run(["podman", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def image():
+    for tool in ("podman", "debootstrap"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} is not installed (scripts/system-deps.sh installs it)")
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "build-agent-image.sh"), "--local-base", "--wheels", "cache", "--tag", IMAGE],
+        capture_output=True, text=True, env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}, timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    size = json.loads(podman("image", "inspect", IMAGE).stdout)[0]["Size"]
+    timings = [line for line in result.stderr.splitlines() if "timings" in line or "ready after" in line]
+    print(f"agent image {IMAGE}: {size / 1e6:.0f} MB, built in {time.monotonic() - started:.1f} s; {timings}")
+    return IMAGE
+
+
+@pytest.fixture(scope="module")
+def network():
+    name = f"rex-chart-{uuid.uuid4().hex[:8]}"
+    podman("network", "create", name)
+    try:
+        (info,) = json.loads(podman("network", "inspect", name).stdout)
+        yield name, info["subnets"][0]["gateway"]
+    finally:
+        podman("network", "rm", "-f", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def plane(pg_url, tmp_path_factory):
+    base = tmp_path_factory.mktemp("chart-plane")
+    dags = base / "dags"
+    shutil.copytree(EXAMPLE_DAGS, dags, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(TEST_DAGS / "remote_sleepy.py", dags)
+    os.chmod(base, 0o755)
+    # Pods reach the plane through the podman network's gateway, so the api-server listens beyond loopback.
+    plane = Plane(base / "plane", db_url=fresh_pg_database(pg_url, "chart_e2e"), dags_folder=dags,
+                  extra_env={"AIRFLOW__API__HOST": "0.0.0.0"})
+    try:
+        plane.start()
+        yield plane
+    finally:
+        plane.stop()
+        for proc in plane.history:
+            print(f"--- {proc.name}\n{proc.tail(30)}")
+
+
+def _iso(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
+    net, gateway = network
+    release = f"c{uuid.uuid4().hex[:6]}"
+    tokens = {}
+    for group, (queues, replicas) in GROUPS.items():
+        for n in range(replicas):
+            tokens[f"{group}-{n}"] = plane.create_agent_token(f"{release}-{group}-{n}", queues)
+    values = {
+        "apiUrl": f"http://{gateway}:{plane.port}",
+        "image": {"repository": image.rsplit(":", 1)[0], "tag": image.rsplit(":", 1)[1], "pullPolicy": "Never"},
+        "token": {"values": tokens},
+        "shutdownTimeout": 60,
+        "terminationGracePeriodSeconds": 90,
+        "sentinel": {"nativeSidecar": False, "declarePort": False, "reportInterval": 5},
+        "workers": [{"name": "default", "queues": ["default"], "replicas": 2, "concurrency": 4},
+                    {"name": "analytics", "queues": ["analytics", "drain"], "replicas": 1, "concurrency": 2}],
+        # The DAG files reach the agents as the dags-folder bundle, from a host directory.
+        "extraVolumes": [{"name": "dags", "hostPath": {"path": str(plane.dags_folder), "type": "Directory"}}],
+        "extraVolumeMounts": [{"name": "dags", "mountPath": "/opt/airflow/dags", "readOnly": True}],
+    }
+    objects = render(values, release=release)
+    manifest = dump(pods_for_podman(objects, tmp_path / "secrets"), tmp_path / "play.yaml")
+    pods = [o["metadata"]["name"] for o in yaml.safe_load_all(manifest.read_text()) if o["kind"] == "Pod"]
+    assert sorted(pods) == sorted(f"{release}-agent-{t}" for t in tokens)
+
+    # Work is queued before any agent exists: the first lease measures the agents' own start.
+    plane.wait_dag("remote_fan_out_fan_in")
+    fan_run = plane.trigger("remote_fan_out_fan_in")
+    queues_run = plane.trigger("remote_two_queues")
+    played = dt.datetime.now(dt.timezone.utc)
+    try:
+        podman("kube", "play", "--network", net, str(manifest))
+
+        def all_registered():
+            agents = plane.api("GET", "/remote_execution/v1/admin/agents").json()
+            mine = {a["name"]: a for a in agents if a["name"].startswith(release) and a["state"] == "active"}
+            return mine if len(mine) == len(tokens) else None
+
+        agents = wait_for(all_registered, 240, "the chart's agents to register", 1)
+        assert {a["name"]: sorted(a["queues"]) for a in agents.values()} == {
+            f"{release}-default-0": ["default"], f"{release}-default-1": ["default"],
+            f"{release}-analytics-0": ["analytics", "drain"]}
+
+        assert plane.wait_run("remote_fan_out_fan_in", fan_run) == "success"
+        assert plane.wait_run("remote_two_queues", queues_run) == "success"
+        fan = plane.settled_work_items(dag_id="remote_fan_out_fan_in", run_id=fan_run)
+        assert {w["agent_name"] for w in fan} <= {f"{release}-default-0", f"{release}-default-1"}
+        assert len(fan) == 7 and {w["state"] for w in fan} == {"success"}
+        by_task = {w["key"][2]: w["agent_name"] for w in plane.work_items(dag_id="remote_two_queues", run_id=queues_run)}
+        assert by_task["transform"] == f"{release}-analytics-0"
+        assert by_task["extract"].startswith(f"{release}-default-") and by_task["load"].startswith(f"{release}-default-")
+
+        registered = max(_iso(a["registered_at"]) for a in agents.values())
+        first_lease = min(_iso(w["leased_at"]) for w in fan if w.get("leased_at")) if any(
+            w.get("leased_at") for w in fan) else None
+        print(f"kube play -> all {len(tokens)} agents registered: {(registered - played).total_seconds():.1f} s; "
+              f"-> first lease: {(first_lease - played).total_seconds():.1f} s" if first_lease else "no leased_at")
+
+        # The sentinel answers inside the pod, on the port the probes use: /healthz (liveness) and /readyz.
+        def probe(pod: str, container: str, path: str) -> dict:
+            code = ("import json, urllib.request as u, urllib.error as e\n"
+                    f"try: r = u.urlopen('http://127.0.0.1:8990{path}', timeout=5)\n"
+                    "except e.HTTPError as x: r = x\n"
+                    "print(json.dumps({**json.loads(r.read()), 'http': r.status}))")
+            result = podman("exec", f"{pod}-{container}", "python", "-c", code, check=False)
+            return json.loads(result.stdout) if result.returncode == 0 else {"error": result.stderr}
+
+        for pod in pods:
+            last: dict = {}
+
+            def healthy(pod=pod, last=last):
+                last.clear()
+                last.update(probe(pod, "sentinel", "/healthz"))
+                return last.get("http") == 200 and last.get("healthy") is True
+
+            try:
+                wait_for(healthy, 60, f"{pod}: sentinel /healthz", 2)
+            except TimeoutError:
+                pytest.fail(f"{pod} not healthy: {last}")
+
+            def ready(pod=pod, last=last):
+                last.clear()
+                last.update(probe(pod, "agent", "/readyz"))
+                return last.get("http") == 200 and last.get("ready") is True
+
+            try:
+                wait_for(ready, 120, f"{pod}: /readyz", 2)
+            except TimeoutError:
+                pytest.fail(f"{pod} not ready: {[c for c in last.get('checks', []) if not c.get('ok')] or last}")
+
+        # Scale-in: a task runs when the pods are stopped (SIGTERM); it finishes, nothing is lost or retried.
+        nap_run = plane.trigger("remote_sleepy", {"seconds": 8})
+        wait_for(lambda: [w for w in plane.work_items(dag_id="remote_sleepy", run_id=nap_run) if w["state"] == "running"],
+                 120, "the nap to run", 0.5)
+        started = time.monotonic()
+        podman("kube", "down", str(manifest), timeout=200)
+        print(f"kube down (drain) took {time.monotonic() - started:.1f} s")
+        assert plane.wait_run("remote_sleepy", nap_run, timeout=120) == "success"
+        (nap,) = plane.task_instances("remote_sleepy", nap_run)
+        assert nap["try_number"] == 1 and nap["state"] == "success"
+        assert [w["state"] for w in plane.work_items(dag_id="remote_sleepy", run_id=nap_run)] == ["success"]
+        states = {a["name"]: a["state"] for a in plane.api("GET", "/remote_execution/v1/admin/agents").json()
+                  if a["name"].startswith(release)}
+        assert set(states.values()) == {"offline"}, states
+    finally:
+        for pod in pods:
+            for container in ("agent", "sentinel"):
+                logs = podman("logs", f"{pod}-{container}", check=False)
+                print(f"--- {pod}/{container}\n" + "\n".join((logs.stdout + logs.stderr).splitlines()[-25:]))
+        podman("kube", "down", str(manifest), check=False, timeout=200)
+        for pod in pods:
+            podman("pod", "rm", "-f", "-t", "0", pod, check=False)
