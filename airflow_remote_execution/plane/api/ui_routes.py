@@ -273,9 +273,14 @@ def version_mismatch(theirs: dict[str, str], ours: dict[str, str]) -> list[str]:
     return sorted(k for k, v in theirs.items() if k in ours and norm(k, v) != norm(k, ours[k]))
 
 
-def health(agent: AgentModel, heartbeat_age: float | None, sentinel: dict, interval: float) -> tuple[Health, list[str]]:
-    """healthy / degraded / draining / lost / offline, and why (from heartbeats and the last sentinel report)."""
+def health(
+    agent: AgentModel, heartbeat_age: float | None, sentinel: dict, interval: float, token_status: str | None = None
+) -> tuple[Health, list[str]]:
+    """healthy / degraded / draining / lost / offline, and why (from heartbeats, the last sentinel report and
+    the token it registered with)."""
     reasons: list[str] = []
+    if token_status in ("revoked", "expired"):
+        reasons.append(f"its token is {token_status}: the plane refuses it")
     if sentinel:
         if sentinel["sentinel_stale"]:
             reasons.append(f"sentinel silent for {sentinel['sentinel_age']:.0f}s")
@@ -336,9 +341,10 @@ def build_overview(session, user: Any) -> Overview:
     for a in rows:
         hb_age = max(0.0, (now - a.last_heartbeat_at).total_seconds()) if a.last_heartbeat_at else None
         sentinel = agents.sentinel_view(a, now)
-        state, reasons = health(a, hb_age, sentinel, interval)
-        report = a.sentinel_report or {}
         token = token_rows.get(a.token_id) if a.token_id else None
+        token_status = tokens.token_status(token, now) if token else None
+        state, reasons = health(a, hb_age, sentinel, interval, token_status)
+        report = a.sentinel_report or {}
         views.append(
             AgentView(
                 name=a.name, hostname=a.hostname, health=state, health_reasons=reasons, state=a.state,
@@ -356,7 +362,7 @@ def build_overview(session, user: Any) -> Overview:
                         for c in report.get("checks", [])
                     ],
                 ) if sentinel else None,
-                token_id=a.token_id, token_status=tokens.token_status(token, now) if token else None,
+                token_id=a.token_id, token_status=token_status,
             )
         )
 

@@ -311,6 +311,9 @@ def test_tokens_create_rotate_revoke(client, manager):
     r = client.delete(f"{UI}/tokens/{info['id']}", headers=op)
     assert r.status_code == 200 and r.json()["status"] == "revoked"
     assert client.post("/v1/agents/heartbeat", json={"free_slots": 1}, headers=bearer(clear)).status_code == 401
+    (agent,) = client.get(f"{UI}/overview", headers=op).json()["agents"]  # registered with the revoked token
+    assert (agent["token_status"], agent["health"]) == ("revoked", "degraded")
+    assert agent["health_reasons"] == ["its token is revoked: the plane refuses it"]
     assert client.post("/v1/agents/heartbeat", json={"free_slots": 1}, headers=bearer(new_clear)).status_code == 200
     bad = client.post(f"{UI}/tokens", json={"agent_name": "x", "queues": ["q"], "expires_in": "forever"}, headers=op)
     assert bad.status_code == 422 and "Invalid duration" in bad.json()["detail"]
