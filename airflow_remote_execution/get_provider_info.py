@@ -48,6 +48,31 @@ def get_provider_info() -> dict:
                         "False",
                         "queue:default,bundle:shared-dags",
                     ),
+                    "max_body_size": _opt(
+                        "Largest request body, in bytes, the Remote Execution API reads from an agent (after "
+                        "authenticating it on its headers); larger ones are answered 413 without being read.",
+                        "integer",
+                        "1048576",
+                    ),
+                    "max_parsing_result_size": _opt(
+                        "Largest body, in bytes, of ``POST /v1/parsing/results`` (one parsed DAG file: its "
+                        "serialized DAGs, and its source with ``send_dag_source``).",
+                        "integer",
+                        "33554432",
+                    ),
+                    "auth_failure_limit": _opt(
+                        "Failed agent authentications from one client address within a minute after which the "
+                        "API answers 429 (Retry-After) to unknown tokens from that address until the minute has "
+                        "passed; tokens that authenticated recently are still served. Per api-server process.",
+                        "integer",
+                        "30",
+                    ),
+                    "max_long_polls_per_token": _opt(
+                        "Lease long-polls one agent token may hold open at once on one api-server process; more "
+                        "are answered at once with no work and a Retry-After, not queued. An agent holds one.",
+                        "integer",
+                        "4",
+                    ),
                     "parsed_dag_import_allowlist": _opt(
                         "Comma-separated fnmatch patterns of import paths of *installed* code (the standard "
                         "library, Airflow, providers, site-packages) that DAGs parsed by agents may name as "

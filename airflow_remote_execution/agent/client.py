@@ -8,6 +8,7 @@ only in the Authorization header and never logged or shown in ``repr``.
 from __future__ import annotations
 
 import logging
+import time
 from urllib.parse import quote
 
 import requests
@@ -120,8 +121,11 @@ class PlaneClient:
     def __repr__(self) -> str:
         return f"PlaneClient({self.base!r})"
 
-    def _post(self, path: str, body, model=None, timeout: float | None = None, method: str = "POST"):
-        """POST ``body``; return the answer validated as ``model`` (or raw), or raise PlaneError."""
+    def _post(
+        self, path: str, body, model=None, timeout: float | None = None, method: str = "POST", headers: dict | None = None
+    ):
+        """POST ``body``; return the answer validated as ``model`` (or raw), or raise PlaneError. ``headers``:
+        filled with the answer's headers."""
         try:
             response = self.http.request(
                 method,
@@ -142,6 +146,8 @@ class PlaneClient:
             raise PlaneError(0, f"Request to {self.base} timed out") from None
         except requests.RequestException as e:
             raise PlaneError(0, f"Plane not reachable at {self.base}: {type(e).__name__}") from None
+        if headers is not None:
+            headers.update(response.headers)
         if response.status_code < 300:
             try:
                 data = response.json()
@@ -168,7 +174,14 @@ class PlaneClient:
         return self._post("/agents/heartbeat", req, HeartbeatResponse)
 
     def lease(self, slots: int, wait: float) -> list[Lease]:
-        return self._post("/leases", LeaseRequest(slots=slots, wait=wait), LeaseResponse, wait + self.timeout).leases
+        """Long-poll for work. An empty answer with Retry-After (the plane holds too many of this token's
+        long-polls) is waited out here, so the caller's loop does not spin."""
+        headers: dict = {}
+        answer = self._post("/leases", LeaseRequest(slots=slots, wait=wait), LeaseResponse, wait + self.timeout,
+                            headers=headers)
+        if not answer.leases and (delay := _seconds(headers.get("Retry-After"))):
+            time.sleep(min(delay, wait))
+        return answer.leases
 
     def start(self, work_id: int, fence: int, task: TaskProcess | None = None) -> StartResponse:
         """Confirm the lease (LeaseLost: do not start); with ``task``, the plane also reports the task started."""
@@ -259,3 +272,11 @@ class PlaneClient:
         from airflow_remote_execution.wire.parsing import StaleCheckResponse
 
         return self._post("/parsing/stale", request, StaleCheckResponse).deactivated
+
+
+def _seconds(retry_after: str | None) -> float:
+    """A Retry-After header's delay in seconds (the plane sends seconds); 0 if absent or unreadable."""
+    try:
+        return max(float(retry_after), 0.0) if retry_after else 0.0
+    except ValueError:
+        return 0.0

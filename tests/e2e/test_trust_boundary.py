@@ -168,3 +168,69 @@ def test_parse_only_token_cannot_plant_code_for_the_plane_or_other_agents(plane,
     assert plane.api("GET", "/api/v2/dags/evil_dag").status_code == 404
     time.sleep(3)
     assert not pwned.exists()
+
+
+def _raw_post(plane: Plane, path: str, token: str | None, declared: int, sent: int) -> tuple[str, float]:
+    """Send headers declaring ``declared`` body bytes, then ``sent`` of them; return the status line and
+    how long the answer took. The plane should answer without waiting for (or reading) the rest."""
+    import socket
+
+    host, port = plane.url.split("//")[1].split(":")
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    head = (f"POST {V1}{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{auth}"
+            f"Content-Length: {declared}\r\n\r\n").encode()
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head)
+        try:
+            sock.sendall(b" " * sent)
+        except OSError:
+            pass  # the plane answered and closed: it did not want the rest
+        answer = sock.recv(4096).decode(errors="replace")
+    return answer.split("\r\n", 1)[0], time.monotonic() - started
+
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+
+
+def test_no_work_before_authentication_and_bounded_work_after(plane):
+    """Finding 4: an unauthenticated 100 MB body took 22.6 s to refuse and grew the api-server by 5 GB."""
+    api = plane.procs["api-server"].pid
+    before = _tree_rss(api)
+    status, took = _raw_post(plane, "/parsing/results", None, 100 * 1024 * 1024, 4 * 1024 * 1024)
+    assert status.endswith("401 Unauthorized") and took < 5, (status, took)
+    token = plane.create_agent_token("big-body", "default", "--bundles", "b")
+    status, took = _raw_post(plane, "/parsing/results", token, 100 * 1024 * 1024, 4 * 1024 * 1024)
+    assert status.endswith("413 Request Entity Too Large") or " 413 " in status, status
+    assert took < 5
+    assert _tree_rss(api) - before < 100 * 1024 * 1024
+    assert requests.get(f"{plane.url}/api/v2/monitor/health", timeout=5).status_code == 200
+
+
+def test_one_token_cannot_hold_the_plane_with_long_polls(plane):
+    """Finding 5: 1,000 concurrent long-polls from one token stalled the UI for 46.8 s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    token = plane.create_agent_token("greedy", "greedy-queue")
+    assert _post(plane, "/agents/register", token, {"concurrency": 1}).status_code == 200
+
+    def poll(_):
+        started = time.monotonic()
+        r = _post(plane, "/leases", token, {"slots": 1, "wait": 10})
+        return r.status_code, r.headers.get("Retry-After"), time.monotonic() - started
+
+    with ThreadPoolExecutor(60) as pool:
+        futures = [pool.submit(poll, i) for i in range(60)]
+        time.sleep(2)
+        started = time.monotonic()
+        assert plane.api("GET", "/api/v2/dags?limit=1").status_code == 200
+        ui_latency = time.monotonic() - started
+        answers = [f.result() for f in futures]
+    assert all(status == 200 for status, _, _ in answers)
+    refused = [a for a in answers if a[1] is not None]
+    assert len(refused) >= 60 - 4 and all(took < 5 for _, _, took in refused)
+    assert ui_latency < 2, ui_latency

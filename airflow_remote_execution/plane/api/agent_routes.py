@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from airflow.configuration import conf
@@ -115,18 +116,25 @@ async def sentinel_report(body: SentinelReport, authorization: Authorization = N
 
 
 @agent_router.post("/leases", response_model=LeaseResponse)
-async def lease(body: LeaseRequest, request: Request, authorization: Authorization = None) -> LeaseResponse:
+async def lease(
+    body: LeaseRequest, request: Request, response: Response, authorization: Authorization = None
+) -> LeaseResponse:
     """
     Long-poll for work: returns as soon as work for the agent's queues is queued (up to ``slots``
-    items), or empty after ``wait`` seconds (capped by ``[remote_execution] long_poll_wait``).
+    items), or empty after ``wait`` seconds (capped by ``[remote_execution] long_poll_wait``). A token
+    already holding ``max_long_polls_per_token`` long-polls here is answered at once, empty, with
+    ``Retry-After``.
     """
     wait = min(body.wait, config.getfloat("long_poll_wait"))
     confirm_timeout = config.getfloat("lease_confirm_timeout")
 
-    def who(_s, token: AgentTokenModel, agent: AgentModel) -> list[str]:
-        return [q for q in agent.queues if q in token.queues]
+    def who(_s, token: AgentTokenModel, agent: AgentModel) -> tuple[str, list[str]]:
+        return token.id, [q for q in agent.queues if q in token.queues]
 
-    queues = await run_in_threadpool(_as_agent(authorization, who))
+    token_id, queues = await run_in_threadpool(_as_agent(authorization, who))
+    if _long_polls[token_id] >= config.getint("max_long_polls_per_token"):
+        response.headers["Retry-After"] = str(max(int(wait), 1))
+        return LeaseResponse(leases=[])
 
     def take(session, token: AgentTokenModel, agent: AgentModel) -> list[Lease]:
         if not agents.accepts_work(agent):
@@ -136,21 +144,30 @@ async def lease(body: LeaseRequest, request: Request, authorization: Authorizati
         return [_lease_view(i, token.id) for i in items]
 
     deadline = time.monotonic() + wait
-    while True:
-        event = waker.arm(queues)
-        try:
-            if await request.is_disconnected():
-                return LeaseResponse(leases=[])
-            found = await run_in_threadpool(_as_agent(authorization, take))
-            remaining = deadline - time.monotonic()
-            if found or remaining <= 0:
-                return LeaseResponse(leases=found)
+    _long_polls[token_id] += 1
+    try:
+        while True:
+            event = waker.arm(queues)
             try:
-                await _wait(event, min(remaining, 1.0))
-            except asyncio.TimeoutError:
-                pass
-        finally:
-            waker.disarm(event)
+                if await request.is_disconnected():
+                    return LeaseResponse(leases=[])
+                found = await run_in_threadpool(_as_agent(authorization, take))
+                remaining = deadline - time.monotonic()
+                if found or remaining <= 0:
+                    return LeaseResponse(leases=found)
+                try:
+                    await _wait(event, min(remaining, 1.0))
+                except asyncio.TimeoutError:
+                    pass
+            finally:
+                waker.disarm(event)
+    finally:
+        _long_polls[token_id] -= 1
+        if not _long_polls[token_id]:
+            del _long_polls[token_id]
+
+
+_long_polls: Counter[str] = Counter()  # open long-polls per agent token, in this process
 
 
 async def _wait(event, timeout: float) -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from airflow_remote_execution import __version__
 from airflow_remote_execution.plane.agents import AgentForbidden, AgentNotRegistered
 from airflow_remote_execution.plane.leases import LeaseConflict
 from airflow_remote_execution.plane.tokens import TokenError
+
+log = logging.getLogger(__name__)
 
 
 def _problem(status: int, exc: Exception, headers: dict | None = None) -> JSONResponse:
@@ -17,6 +22,7 @@ def _problem(status: int, exc: Exception, headers: dict | None = None) -> JSONRe
 
 def create_app() -> FastAPI:
     from airflow_remote_execution.plane.api.admin import admin_router
+    from airflow_remote_execution.plane.api.admission import Admission
     from airflow_remote_execution.plane.api.agent_routes import agent_router
     from airflow_remote_execution.plane.api.xcom_routes import xcom_router
     from airflow_remote_execution.plane.api.trigger_routes import trigger_router
@@ -37,9 +43,16 @@ def create_app() -> FastAPI:
     app.include_router(xcom_router, prefix="/v1")
     app.include_router(parsing_router, prefix="/v1")
     app.include_router(ui_router, prefix="/ui")  # the Remote Agents page: its bundle and page API
+    app.add_middleware(Admission)  # agents' requests: authenticated on headers, bounded bodies, throttled
 
     for exc_class, status in _STATUS.items():
         app.add_exception_handler(exc_class, _handler(status))
+    app.add_exception_handler(LookupError, _not_found)
+    app.add_exception_handler(OverflowError, _out_of_range)
+    from sqlalchemy.exc import DataError
+
+    app.add_exception_handler(DataError, _out_of_range)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     return app
 
 
@@ -49,7 +62,6 @@ _STATUS: dict[type[Exception], int] = {
     AgentForbidden: 403,
     LeaseConflict: 409,
     AgentNotRegistered: 409,
-    LookupError: 404,
     ValueError: 422,
 }
 
@@ -61,3 +73,57 @@ def _handler(status: int):
         return _problem(status, exc, headers)
 
     return handle
+
+
+async def _not_found(request: Request, exc: Exception) -> JSONResponse:
+    """404. The plane's own ``LookupError("No work item 7")`` messages say what is missing; a ``KeyError`` or
+    ``IndexError`` from deeper down would carry an internal key, so its answer names the request instead."""
+    if type(exc) is LookupError:
+        return _problem(404, exc)
+    log.warning("%s %s: %s: %r", request.method, request.url.path, type(exc).__name__, exc)
+    return JSONResponse(
+        status_code=404,
+        content={
+            "detail": f"Not found: something {request.method} {request.url.path} refers to does not exist on the "
+            "plane (or no longer: deleted or finished meanwhile). Check the ids in the path and the body."
+        },
+    )
+
+
+async def _out_of_range(request: Request, exc: Exception) -> JSONResponse:
+    """422 for a value the database cannot hold (an integer beyond its column, a malformed value): never a
+    500. The schemas bound every field, so this is a last line; the DB's own message is not echoed."""
+    log.warning("%s %s: value out of range for the database: %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        status_code=422,
+        content={
+            "detail": f"{request.method} {request.url.path}: a value in the path or body is out of range for the "
+            f"plane's database ({type(exc).__name__}): ids, fences and counts are integers from 1 to 2147483647, "
+            "times are between 1970 and 2200 with a time zone; fix the request."
+        },
+    )
+
+
+def _short(value):
+    """A wrong value as an error may show it: JSON-safe (no NaN/Infinity) and short (not a 10 MB string)."""
+    if value is None or isinstance(value, bool | int) and abs(value) < 2**256:
+        return value
+    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+        return value
+    text = value if isinstance(value, str) else repr(value) if not isinstance(value, Exception) else str(value)
+    return text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
+
+
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming every wrong field (``loc``) and what is wrong with it (``msg``), as FastAPI answers, but
+    with each wrong value shortened: FastAPI echoes it whole (a 300k-element list, a 10 MB string) and
+    cannot write NaN or Infinity at all."""
+    errors = []
+    for error in exc.errors():
+        item = {"type": error.get("type"), "loc": list(error.get("loc", ())), "msg": error.get("msg")}
+        if "input" in error:
+            item["input"] = _short(error["input"])
+        if error.get("ctx"):
+            item["ctx"] = {k: _short(v) for k, v in error["ctx"].items()}
+        errors.append(item)
+    return JSONResponse(status_code=422, content={"detail": errors})
