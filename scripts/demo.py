@@ -78,6 +78,8 @@ def main() -> int:
                 failed.append(dag_id)
         print(
             f"\nAirflow UI: {plane.url}  (login admin / admin)\n"
+            f"Remote Agents page (agents, queues, tokens; drain, resume, create tokens): {plane.url}/plugin/remote-agents\n"
+            f"Where each task ran: a task instance's 'Remote execution' tab in the UI (docs/ui.md)\n"
             f"Remote Execution API docs: {plane.url}/remote_execution/docs\n"
             f"Agents: AIRFLOW_HOME={plane.home} .venv/bin/airflow remote-execution agents list\n"
             f"Logs: {plane.logs} and the agents' homes under {base}",
