@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from airflow.configuration import conf
@@ -43,6 +43,7 @@ from airflow_remote_execution.plane.wakeup import waker
 
 T = TypeVar("T")
 Authorization = Annotated[str | None, Header(description="Bearer <agent token>")]
+WorkId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The work item's id, as leased")]
 ERRORS = {
     401: {"model": Problem, "description": "Token missing, malformed, unknown, expired or revoked"},
     403: {"model": Problem, "description": "The token does not allow this"},
@@ -175,7 +176,7 @@ async def _wait(event, timeout: float) -> None:
 
 
 @agent_router.post("/work/{work_id}/start", response_model=StartResponse)
-async def start(work_id: int, body: StartRequest, request: Request, authorization: Authorization = None) -> StartResponse:
+async def start(work_id: WorkId, body: StartRequest, request: Request, authorization: Authorization = None) -> StartResponse:
     """Confirm the lease is still this agent's before starting; 409 means: do not start. With ``task``, the
     plane then also makes the execution API's start report for the task and returns its answer."""
 
@@ -195,7 +196,7 @@ async def start(work_id: int, body: StartRequest, request: Request, authorizatio
 
 
 @agent_router.post("/work/{work_id}/finish", response_model=WorkStateResponse)
-async def finish(work_id: int, body: FinishRequest, authorization: Authorization = None) -> WorkStateResponse:
+async def finish(work_id: WorkId, body: FinishRequest, authorization: Authorization = None) -> WorkStateResponse:
     """Report the outcome of work this agent ran under the given fence."""
     return await _report(
         authorization, lambda s, a: leases.finish(s, a, work_id, body.fence, body.outcome, body.info)
@@ -203,7 +204,7 @@ async def finish(work_id: int, body: FinishRequest, authorization: Authorization
 
 
 @agent_router.post("/work/{work_id}/release", response_model=WorkStateResponse)
-async def release(work_id: int, body: FencedRequest, authorization: Authorization = None) -> WorkStateResponse:
+async def release(work_id: WorkId, body: FencedRequest, authorization: Authorization = None) -> WorkStateResponse:
     """Hand back leased work the agent will not start; it is queued for other agents at once."""
     return await _report(authorization, lambda s, a: leases.release(s, a, work_id, body.fence))
 

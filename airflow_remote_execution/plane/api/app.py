@@ -44,6 +44,7 @@ def create_app() -> FastAPI:
     app.include_router(parsing_router, prefix="/v1")
     app.include_router(ui_router, prefix="/ui")  # the Remote Agents page: its bundle and page API
     app.add_middleware(Admission)  # agents' requests: authenticated on headers, bounded bodies, throttled
+    _document_own_bodies(app)
 
     for exc_class, status in _STATUS.items():
         app.add_exception_handler(exc_class, _handler(status))
@@ -54,6 +55,20 @@ def create_app() -> FastAPI:
     app.add_exception_handler(DataError, _out_of_range)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     return app
+
+
+def _document_own_bodies(app: FastAPI) -> None:
+    from airflow_remote_execution.plane.api.parsing_routes import openapi_schemas
+
+    default = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = default()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(openapi_schemas())
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 # Domain errors -> HTTP answers; each message says what is wrong and what to do.

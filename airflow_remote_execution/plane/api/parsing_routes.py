@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Header, Path
+from fastapi import APIRouter, Header, Path, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from airflow.utils.session import create_session
@@ -32,6 +34,13 @@ T = TypeVar("T")
 Authorization = Annotated[str | None, Header(description="Bearer <agent token>")]
 BundlePath = Annotated[str, Path(min_length=1, max_length=250, description="DAG bundle name")]
 parsing_router = APIRouter(tags=["Parsing"], responses=ERRORS)
+
+
+def openapi_schemas() -> dict[str, dict]:
+    """Components for bodies a route reads itself (``/parsing/results``): FastAPI lists only typed params."""
+    schema = ParsingResult.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs", {})
+    return {**defs, "ParsingResult": schema}
 
 
 async def _with_token(authorization: str | None, fn: Callable[..., T]) -> T:
@@ -78,9 +87,24 @@ async def put_bundle_files(
     )
 
 
-@parsing_router.post("/parsing/results", response_model=ParsingResultResponse)
-async def post_result(body: ParsingResult, authorization: Authorization = None) -> ParsingResultResponse:
-    """Store the result of parsing one file: serialized DAGs, import errors, warnings."""
+@parsing_router.post(
+    "/parsing/results",
+    response_model=ParsingResultResponse,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ParsingResult"}}},
+        }
+    },
+)
+async def post_result(request: Request, authorization: Authorization = None) -> ParsingResultResponse:
+    """Store the result of parsing one file: serialized DAGs, import errors, warnings. The body (up to
+    ``max_parsing_result_size``) is parsed and validated in a worker thread, not on the event loop."""
+    raw = await request.body()
+    try:
+        body = await run_in_threadpool(ParsingResult.model_validate_json, raw)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False, include_context=False)) from None
     dag_ids = await _with_token(authorization, lambda s, t: parsing.store_result(s, t, body))
     return ParsingResultResponse(dag_ids=dag_ids, import_errors=len(body.import_errors or {}))
 
