@@ -35,10 +35,12 @@ def client():
 def manager(sqlite_engine):
     """Airflow's auth manager initialised in-process, with the tables it and the task tab read."""
     from airflow.api_fastapi.app import init_auth_manager
+    from airflow.models import import_all_models
     from airflow.models.revoked_token import RevokedToken
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.taskinstancehistory import TaskInstanceHistory
 
+    import_all_models()  # the task instance tables' foreign keys name other Airflow tables
     for table in (RevokedToken.__table__, TaskInstance.__table__, TaskInstanceHistory.__table__):
         table.create(sqlite_engine, checkfirst=True)
     return init_auth_manager()
@@ -367,3 +369,34 @@ def test_bundle_and_icons_are_served_as_javascript_and_svg(client):
     assert client.get("/ui/remote-agents.svg").headers["content-type"] == "image/svg+xml"
     assert client.get("/ui/..%2Fapp.py").status_code == 404
     assert client.get("/ui/build-info.json").status_code == 404
+
+
+def test_overview_queries_on_sqlite_and_postgres(db, manager):
+    """The page's own queries (per-queue counts and oldest item, held work per agent), on both databases."""
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    from airflow_remote_execution.plane.api.ui_routes import build_overview
+
+    now = timezone.utcnow()
+    with db.session() as s:
+        _, token = tokens.create(s, agent_name="pg-agent", queues=["default"])
+        agent = AgentModel(name="pg-agent", state="active", drained=False, queues=["default"], concurrency=2,
+                           free_slots=1, versions=plane_versions(), token_id=token.id, registered_at=now,
+                           last_heartbeat_at=now)
+        s.add(agent)
+        s.flush()
+        for i, (queue, state, age) in enumerate([("default", "running", 5), ("default", "queued", 30),
+                                                 ("default", "queued", 90), ("gpu", "queued", 40), ("gpu", "success", 9)]):
+            s.add(WorkItemModel(kind="task", key=["ti", "d", f"t{i}", "r", -1, 1], key_digest=f"k{i}", dag_id="d",
+                                run_id="r", queue=queue, workload="{}", state=state, fence=1, report_pending=False,
+                                queued_at=now - timedelta(seconds=age),
+                                agent_id=agent.id if state == "running" else None))
+    with db.session() as s:
+        view = build_overview(s, SimpleAuthManagerUser(username="admin", role="admin"))
+    (a,) = view.agents
+    assert (a.health, a.slots_used, [w.label for w in a.running], a.token_status) == (
+        "healthy", 1, ["d.t0 r try 1"], "active")
+    queues = {q.queue: q for q in view.queues}
+    assert (queues["default"].queued, queues["default"].running, queues["default"].warning) == (2, 1, None)
+    assert 89 <= queues["default"].oldest_queued_age < 100
+    assert queues["gpu"].queued == 1 and queues["gpu"].agents == [] and "no live agent" in queues["gpu"].warning
