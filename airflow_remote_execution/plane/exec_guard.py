@@ -19,7 +19,8 @@ request that carries a bound token, before Airflow sees it:
   treats as "not found", so the agent's own secrets backends and defaults apply) unless
   ``[remote_execution] serve_plane_secrets_to_agents`` allows the work's queue or bundle;
 * XComs are written only for the task's own task instance, and read (like DAG runs, DAG details and
-  task-instance states) only of the task's own DAG or of DAGs in bundles the agent token allows;
+  task-instance states) only of the task's own DAG, DAGs of its own bundle, or DAGs in bundles the
+  agent token allows;
 * per-task-instance routes (state, heartbeat, HITL, task state store, reschedules) only for its own
   task instance.
 
@@ -159,7 +160,9 @@ def load_grant(work_id: int, fence: int, token_id: str) -> Grant:
             task_id=ti.get("task_id"),
             map_index=ti.get("map_index"),
             secrets=secrets_allowed(item.queue, bundle),
-            bundles=frozenset(token.bundles or ()),
+            # Its own bundle's DAGs (a team's DAGs read each other's XComs, trigger each other) and those
+            # of the bundles its agent token may parse.
+            bundles=frozenset({*(token.bundles or ()), *([bundle] if bundle else [])}),
         )
 
 
@@ -176,14 +179,26 @@ def grant_for(claims: dict) -> Grant:
     return grant
 
 
+_bundles_of_dags: dict[str, tuple[float, str | None]] = {}
+
+
 def _dag_bundle(dag_id: str) -> str | None:
+    """The bundle a DAG was parsed from (remembered a minute: a DAG moves between bundles rarely)."""
     from sqlalchemy import select
 
     from airflow.models.dag import DagModel
     from airflow.utils.session import create_session
 
+    now = time.monotonic()
+    hit = _bundles_of_dags.get(dag_id)
+    if hit is not None and now - hit[0] < 60:
+        return hit[1]
     with create_session() as session:
-        return session.scalar(select(DagModel.bundle_name).where(DagModel.dag_id == dag_id))
+        bundle = session.scalar(select(DagModel.bundle_name).where(DagModel.dag_id == dag_id))
+    if len(_bundles_of_dags) > 10_000:
+        _bundles_of_dags.clear()
+    _bundles_of_dags[dag_id] = (now, bundle)
+    return bundle
 
 
 def dag_allowed(grant: Grant, dag_id: str) -> bool:

@@ -41,7 +41,7 @@ def test_other_dags_need_their_bundle_in_the_agent_token(monkeypatch):
     monkeypatch.setattr(exec_guard, "_dag_bundle", lambda dag_id: {"shared": "team-a", "theirs": "team-b"}[dag_id])
     assert exec_guard.refusal(GRANT, "GET", "xcoms/theirs/r/t/k", "")[0] == 403
     assert exec_guard.refusal(GRANT, "GET", "dag-runs/count", "dag_id=theirs")[0] == 403
-    allowed = Grant(dead=None, ti_id=TI, dag_id="mine", bundles=frozenset({"team-a"}))
+    allowed = Grant(dead=None, ti_id=TI, dag_id="mine", bundles=frozenset({"team-a"}))  # own or token's bundle
     assert exec_guard.refusal(allowed, "GET", "xcoms/shared/r/t/k", "") is None
     assert exec_guard.refusal(allowed, "POST", "dag-runs/theirs/new_run", "")[0] == 403
 
