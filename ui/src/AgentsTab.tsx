@@ -178,7 +178,9 @@ function AgentRow({
   return (
     <Table.Row data-testid={`agent-row-${a.name}`} verticalAlign="top">
       <Table.Cell>
-        <Text fontWeight="semibold">{a.name}</Text>
+        <Text fontWeight="semibold" whiteSpace="nowrap">
+          {a.name}
+        </Text>
         <Text fontSize="xs" color="fg.muted">
           {a.hostname ?? ""}
         </Text>
