@@ -272,6 +272,18 @@ def test_token_created_in_page_runs_a_third_agent_and_revoking_it_refuses_the_ag
     wait_for(lambda: "Agent token rejected" in agent_c.proc.log_path.read_text(errors="replace"), 60,
              "agent-c refused by the plane")
     assert "was revoked at" in agent_c.proc.log_path.read_text(errors="replace")
+    # Rotating agent-b's token: a new one shown once; the old one keeps working for the overlap.
+    (old_id,) = [t["id"] for t in plane.api("GET", f"{V1}/admin/tokens", params={"agent_name": "agent-b"}).json()]
+    admin.get_by_test_id(f"token-row-{old_id}").get_by_role("button", name="Rotate").click()
+    admin.get_by_test_id("rotate-overlap").fill("1h")
+    admin.get_by_test_id("token-dialog-submit").click()
+    expect(admin.get_by_test_id("token-dialog")).to_be_hidden()
+    rotated = admin.get_by_test_id("new-token-value").inner_text().strip()
+    assert rotated.startswith("rex_") and rotated.split("_")[1] != old_id
+    old = next(t for t in plane.api("GET", f"{V1}/admin/tokens").json() if t["id"] == old_id)
+    assert old["status"] == "active" and old["expires_at"] is not None  # ends with the overlap
+    expect(admin.get_by_test_id(f"token-row-{rotated.split('_')[1]}")).to_contain_text("rotated from " + old_id)
+
     tab(admin, "Agents")
     expect(row(admin, "agent-c")).to_contain_text("revoked")
     expect(row(admin, "agent-c").get_by_test_id("agent-health")).to_have_text(re.compile("degraded|lost"))
