@@ -307,8 +307,10 @@ def decode_event(data: dict[str, Any]):
 
 
 def submit_event(session: Session, row: AgentTriggererModel, trigger_id: int, data: dict[str, Any]) -> None:
-    event = decode_event(data)
+    """Resume the trigger's task with the event. Ownership first (409), then decoding: decoding imports the
+    classes the payload names, which only the trigger's own triggerer may make the plane do."""
     _owned_by(session, row, trigger_id)
+    event = decode_event(data)
     Trigger.submit_event(trigger_id=trigger_id, event=event, session=session)
 
 

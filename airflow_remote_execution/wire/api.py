@@ -2,16 +2,47 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields are a 422, and no float may be NaN or infinite."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------- bounds
+# Every request field is bounded, so a malformed request is a 422 saying what is wrong, never a database
+# error (a 500). Ids and fences are 32-bit INTEGER columns on the plane: at most 2**31 - 1.
+
+INT32_MAX = 2**31 - 1
+MAX_CONCURRENCY = 10_000  # an agent's concurrency cap, so also its free slots and running work items
+DbId = Annotated[int, Field(ge=1, le=INT32_MAX)]
+EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+LATEST = datetime(2200, 1, 1, tzinfo=timezone.utc)
+
+
+def _sane_time(value: datetime) -> datetime:
+    if not EARLIEST <= value <= LATEST:
+        raise ValueError(
+            f"{value.isoformat()} is out of range: send a time between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} "
+            "(UTC), with its time zone (e.g. 2026-11-21T10:00:00+00:00); check the agent's clock"
+        )
+    return value.astimezone(timezone.utc)
+
+
+# A point in time an agent sends: with its time zone (a naive time is a 422), between 1970 and 2200.
+Timestamp = Annotated[AwareDatetime, AfterValidator(_sane_time)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=250)]  # agent, bundle, host, DAG id
+QueueName = Annotated[str, StringConstraints(min_length=1, max_length=256)]  # Airflow's task_instance.queue
+
+# Agent names (tokens, the admin API, the CLI: plane/tokens.check_agent_name applies the same rule).
+AGENT_NAME_PATTERN = r"^[\w.\-@]+$"
+AGENT_NAME_MAX_LENGTH = 250
 
 
 class WorkState(str, Enum):
@@ -42,17 +73,22 @@ class RegisterRequest(Strict):
     name: str | None = Field(
         default=None, max_length=250, description="Must match the token's agent name if given."
     )
-    queues: list[str] | None = Field(
-        default=None, description="Queues to serve; a subset of the token's queues. Default: all of them."
+    queues: list[QueueName] | None = Field(
+        default=None,
+        max_length=1000,
+        description="Queues to serve (at most 1000); a subset of the token's queues. Default: all of them.",
     )
-    concurrency: int = Field(ge=1, le=10_000)
+    concurrency: int = Field(ge=1, le=MAX_CONCURRENCY)
     hostname: str = Field(default="", max_length=250)
-    versions: dict[str, str] = Field(default_factory=dict)
-    running: list[int] = Field(
+    versions: dict[Annotated[str, StringConstraints(max_length=100)], Annotated[str, StringConstraints(max_length=250)]] = (
+        Field(default_factory=dict, max_length=100, description="Package versions: at most 100, names ≤ 100 and "
+              "versions ≤ 250 characters.")
+    )
+    running: list[DbId] = Field(
         default_factory=list,
-        max_length=10_000,
-        description="Work this agent process still runs (when it registers again). Everything else the agent "
-        "held is taken back: a restarted agent holds nothing.",
+        max_length=MAX_CONCURRENCY,
+        description="Work this agent process still runs (when it registers again; at most the concurrency cap, "
+        "10,000). Everything else the agent held is taken back: a restarted agent holds nothing.",
     )
 
 
@@ -66,8 +102,12 @@ class RegisterResponse(BaseModel):
 
 
 class HeartbeatRequest(Strict):
-    running: list[int] = Field(default_factory=list, description="Work item ids the agent runs now.")
-    free_slots: int = Field(ge=0)
+    running: list[DbId] = Field(
+        default_factory=list,
+        max_length=MAX_CONCURRENCY,
+        description="Work item ids the agent runs now (at most the concurrency cap, 10,000).",
+    )
+    free_slots: int = Field(ge=0, le=MAX_CONCURRENCY, description="Free slots (at most the concurrency cap, 10,000).")
     draining: bool = Field(default=False, description="The agent is shutting down: lease it nothing.")
     offline: bool = Field(default=False, description="The agent is stopping now (clean shutdown).")
 
@@ -96,7 +136,7 @@ class LeaseResponse(BaseModel):
 
 
 class FencedRequest(Strict):
-    fence: int = Field(ge=1, description="The fencing token the work was leased with.")
+    fence: int = Field(ge=1, le=INT32_MAX, description="The fencing token the work was leased with.")
 
 
 class FinishRequest(FencedRequest):
@@ -113,11 +153,11 @@ class WorkStateResponse(BaseModel):
 class TaskProcess(Strict):
     """A task's process, forked and waiting for its start: what the execution API's start report needs."""
 
-    pid: int = Field(ge=1)
+    pid: int = Field(ge=1, le=INT32_MAX)
     hostname: str = Field(max_length=1000)
     unixname: str = Field(max_length=1000)
     api_version: str = Field(max_length=100, description="The Task SDK's execution API version.")
-    start_date: AwareDatetime | None = Field(
+    start_date: Timestamp | None = Field(
         default=None,
         description="The agent's clock when it asked to start the task (its process forked): the task's "
         "start_date, as a supervisor stamps its task's start before it asks. The plane keeps it between the "
@@ -195,17 +235,26 @@ class TokenInfo(BaseModel):
 
 
 class TokenCreateRequest(Strict):
-    agent_name: str = Field(min_length=1, max_length=250, pattern=r"^[\w.\-@]+$")
-    queues: list[str] = Field(min_length=1)
-    expires_in: str | None = Field(default=None, description="Lifetime such as 30d, 12h, 90m; none = never.")
+    agent_name: str = Field(
+        min_length=1,
+        max_length=AGENT_NAME_MAX_LENGTH,
+        pattern=AGENT_NAME_PATTERN,
+        description="Letters, digits, '_', '.', '-' and '@' (the CLI applies the same rule).",
+    )
+    queues: list[QueueName] = Field(min_length=1, max_length=1000)
+    expires_in: str | None = Field(
+        default=None, max_length=50, description="Lifetime such as 30d, 12h, 90m; none = never."
+    )
     description: str | None = Field(default=None, max_length=1000)
-    bundles: list[str] | None = Field(default=None, description="DAG bundles the agent may parse and write.")
+    bundles: list[Name] | None = Field(
+        default=None, max_length=1000, description="DAG bundles the agent may parse and write (at most 1000)."
+    )
 
 
 class TokenRotateRequest(Strict):
-    expires_in: str | None = Field(default=None, description="Lifetime of the new token; none = never.")
+    expires_in: str | None = Field(default=None, max_length=50, description="Lifetime of the new token; none = never.")
     old_valid_for: str | None = Field(
-        default=None, description="Overlap: the old token expires this long from now (e.g. 1h); none = until revoked."
+        default=None, max_length=50, description="Overlap: the old token expires this long from now (e.g. 1h); none = until revoked."
     )
 
 

@@ -7,20 +7,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 # Trigger and Job ids are 32-bit integer columns: larger values are a 422, not a database error.
 DbId = Annotated[int, Field(ge=1, le=2**31 - 1)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+QueueName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
 class TriggererRegisterRequest(_Strict):
     hostname: str = Field(default="", max_length=250)
     capacity: int = Field(ge=1, le=100_000, description="How many triggers this triggerer runs at most.")
-    queues: list[str] | None = Field(
+    queues: list[QueueName] | None = Field(
         default=None, max_length=1000, description="Queues whose deferred tasks' triggers to run; a subset of the token's."
     )
 
@@ -56,14 +59,19 @@ class TriggerSyncResponse(BaseModel):
 class TriggerEventRequest(_Strict):
     triggerer_id: DbId
     event: dict[str, Any] = Field(
+        min_length=1,
+        max_length=10,
         description="{'payload': <airflow serde form>} for a TriggerEvent, or the model of a "
-        "TaskSuccessEvent/TaskFailedEvent/TaskSkippedEvent ({'task_instance_state', 'xcoms'})."
+        "TaskSuccessEvent/TaskFailedEvent/TaskSkippedEvent ({'task_instance_state', 'xcoms'}): 1-10 keys. "
+        "Decoded only after the plane checked the trigger is this triggerer's.",
     )
 
 
 class TriggerFailureRequest(_Strict):
     triggerer_id: DbId
-    traceback: list[str] | None = None
+    traceback: list[Annotated[str, StringConstraints(max_length=10_000)]] | None = Field(
+        default=None, max_length=10_000, description="The traceback's lines: at most 10,000 of ≤ 10,000 characters."
+    )
 
 
 class TriggerAck(BaseModel):
