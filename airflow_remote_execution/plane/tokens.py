@@ -18,11 +18,14 @@ from sqlalchemy.orm import Session
 from airflow.sdk import timezone
 
 from airflow_remote_execution.models import AgentTokenModel
-from airflow_remote_execution.wire.api import TokenInfo
+from airflow_remote_execution.wire.api import AGENT_NAME_MAX_LENGTH, AGENT_NAME_PATTERN, TokenInfo
 
 PREFIX = "rex"
 _TOKEN_RE = re.compile(rf"^{PREFIX}_([0-9a-f]{{16}})_([A-Za-z0-9_\-]{{43}})$")
 _DURATION_RE = re.compile(r"^(\d+)\s*([smhdw])$")
+# An agent name: what the admin API's TokenCreateRequest.agent_name allows (AGENT_NAME_PATTERN), checked
+# here too so every way in (CLI, admin API, UI) applies the same rule.
+_AGENT_NAME_RE = re.compile(AGENT_NAME_PATTERN)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
@@ -40,6 +43,16 @@ def parse_duration(text: str) -> timedelta:
     except OverflowError:
         raise ValueError(f"Invalid duration {text!r}: too long; use at most a few thousand days") from None
     return delta
+
+
+def check_agent_name(name: object) -> str:
+    """``name`` if it is a valid agent name, else a ValueError saying what is allowed."""
+    if not isinstance(name, str) or not name or len(name) > AGENT_NAME_MAX_LENGTH or not _AGENT_NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"Invalid agent name {name!r}: use 1-{AGENT_NAME_MAX_LENGTH} letters, digits, '_', '.', '-' or '@' "
+            "(no spaces, '/', quotes or other punctuation), e.g. cluster-eu-1"
+        )
+    return name
 
 
 def _hash(secret: str) -> str:
@@ -81,6 +94,7 @@ def create(
 ) -> tuple[str, AgentTokenModel]:
     """Create a token; returns the clear token (shown once) and its row. ``bundles``: the DAG bundles
     the agent's dag processor may write (none by default)."""
+    check_agent_name(agent_name)
     queues = sorted({q.strip() for q in queues if q.strip()})
     bundles = sorted({b.strip() for b in bundles or [] if b.strip()}) or None
     if not queues:
