@@ -20,6 +20,7 @@ from localplane import AIRFLOW, ROOT, Agent, Plane, Proc, free_port, shutdown, w
 pytestmark = pytest.mark.e2e
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
+expect.set_options(timeout=30_000)  # every expectation waits for the page's 5 s refresh on a busy machine
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -27,7 +28,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 DAGS = Path(__file__).parent / "dags"
 ARTIFACTS = Path(os.environ.get("REX_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "ui"
 V1 = "/remote_execution/v1"
-REFRESH = 15_000  # ms: the page refreshes every 5 s; room for a slow machine
+REFRESH = 30_000  # ms: the page refreshes every 5 s; room for a slow machine
 LIVE = re.compile(r"^(healthy|degraded)$")  # degraded: the sentinel may find this shared machine's CPU busy
 
 
