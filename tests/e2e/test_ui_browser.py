@@ -291,6 +291,12 @@ def test_token_created_in_page_runs_a_third_agent_and_revoking_it_refuses_the_ag
     expect(row(admin, "agent-c")).to_contain_text(re.compile("its token is revoked|no heartbeat"))
     shot(admin, "08-token-revoked")
 
+    # Remove it (its token is revoked, so it cannot register again).
+    row(admin, "agent-c").get_by_role("button", name="Remove").click()
+    confirm(admin)
+    expect(row(admin, "agent-c")).to_have_count(0)
+    assert "agent-c" not in [a["name"] for a in plane.api("GET", f"{V1}/admin/agents").json()]
+
 
 def test_read_only_user_cannot_act(plane, browser):
     page = login(browser, plane, "viewer")
