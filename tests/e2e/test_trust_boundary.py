@@ -96,9 +96,12 @@ def test_execution_tokens_are_bound_to_the_lease_and_see_only_their_task(plane):
     assert plane.api("GET", "/api/v2/variables/plane_only_var").json()["value"] == "plane-value"
 
     ti = lease["workload"]["ti"]
-    other = "xcoms/remote_fan_out_fan_in/some_run/extract/return_value"
-    assert _execution(plane, "POST", other, execution_token, json="planted").status_code == 403
-    assert _execution(plane, "GET", other, execution_token).status_code == 403
+    same_bundle = "xcoms/remote_fan_out_fan_in/some_run/extract/return_value"
+    assert _execution(plane, "POST", same_bundle, execution_token, json="planted").status_code == 403
+    assert _execution(plane, "GET", same_bundle, execution_token).status_code == 404  # readable: not there
+    other_team = _other_teams_dag(plane)
+    assert _execution(plane, "GET", f"xcoms/{other_team}/r/t/return_value", execution_token).status_code == 403
+    assert _execution(plane, "POST", f"xcoms/{other_team}/r/t/k", execution_token, json="x").status_code == 403
     assert _execution(plane, "PATCH", "task-instances/0197a0b1-0000-7000-8000-000000000000/state", execution_token,
                       json={"state": "success", "end_date": datetime.now(timezone.utc).isoformat()}).status_code == 403
     own = f"xcoms/remote_probe/{ti['run_id']}/probe/note"
@@ -127,8 +130,19 @@ def test_revoking_the_agent_token_kills_its_tasks_tokens(plane):
     assert r.status_code == 403 and "is revoked" in r.text
 
 
-def _serialized_dag(tmp_path: Path, callback: str) -> dict:
+def _other_teams_dag(plane: Plane) -> str:
+    """A DAG of bundle team-b, uploaded by team B's parser agent."""
+    token = plane.create_agent_token("team-b-parser", "team-b", "--bundles", "team-b")
+    data = _serialized_dag(plane.home / "team-b", 'SyncCallback("team_b.callbacks.notify")', dag_id="team_b_dag")
+    body = {"bundle_name": "team-b", "relative_fileloc": "b.py", "run_duration": 0.1, "serialized_dags": [{"data": data}]}
+    r = _post(plane, "/parsing/results", token, body)
+    assert r.status_code == 200, r.text
+    return "team_b_dag"
+
+
+def _serialized_dag(tmp_path: Path, callback: str, dag_id: str = "evil_dag") -> dict:
     """A DAG serialized by Airflow's own parser, as an agent's dag processor sends it."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     source = textwrap.dedent(f"""
         import json, sys
         from datetime import datetime, timedelta
@@ -136,7 +150,7 @@ def _serialized_dag(tmp_path: Path, callback: str) -> dict:
         from airflow.sdk.definitions.callback import AsyncCallback, SyncCallback
         from airflow.sdk.definitions.deadline import DeadlineAlert, DeadlineReference
         from airflow.serialization.serialized_objects import DagSerialization
-        with DAG("evil_dag", schedule="@once", start_date=datetime(2024, 1, 1), is_paused_upon_creation=False,
+        with DAG("{dag_id}", schedule="@once", start_date=datetime(2024, 1, 1), is_paused_upon_creation=False,
                  deadline=DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT,
                                         interval=timedelta(seconds=1), callback={callback})) as dag:
             @task(queue="default")
