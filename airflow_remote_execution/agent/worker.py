@@ -313,6 +313,23 @@ class AgentWorker:
         for lease, runner, waiting in handed:
             self._start(lease, runner, waiting)
 
+    def _confirm(self, lease: Lease, task: TaskProcess | None):
+        """Confirm a lease, retrying what may only have lost its answer (a timeout, a 5xx) with the same
+        fence for up to START_TIMEOUT: the plane answers a repeated confirmation of the same lease as the
+        first, so a lost reply neither starts the work twice nor leaves the plane believing it runs."""
+        deadline = time.monotonic() + START_TIMEOUT
+        attempt = 0
+        while True:
+            try:
+                return self.client.start(lease.work_id, lease.fence, task)
+            except PlaneError as e:
+                delay = backoff(attempt, cap=5.0)
+                if not e.retryable or time.monotonic() + delay > deadline or self.exited.is_set():
+                    raise
+                log.warning("Confirming work %s failed (%s); retrying in %.1fs", lease.work_id, e.detail, delay)
+                attempt += 1
+                time.sleep(delay)
+
     def _refuse(self, lease: Lease, why: str) -> None:
         """Work this agent must not run (``code_policy``): confirmed and reported failed with the reason, so
         the task or callback fails with it instead of being handed to the next agent again and again."""
@@ -339,7 +356,7 @@ class AgentWorker:
             # Stamped now, as a supervisor stamps its task's start before it asks the execution API.
             task = TaskProcess(**forked, start_date=datetime.now(timezone.utc)) if forked else None
         try:
-            reply = self.client.start(lease.work_id, lease.fence, task)
+            reply = self._confirm(lease, task)
         except PlaneError as e:
             log.warning("Not starting work %s: %s", lease.work_id, e.detail)
             if lease.kind == "task":

@@ -287,7 +287,12 @@ def lease(
     return sorted(leased, key=lambda item: (-item.priority_weight, item.id))
 
 
-def _fenced_update(session: Session, agent: AgentModel, work_id: int, fence: int, expected: Sequence[str], **values) -> WorkItemModel:
+def _fenced_update(
+    session: Session, agent: AgentModel, work_id: int, fence: int, expected: Sequence[str],
+    already: Sequence[str] = (), **values,
+) -> WorkItemModel:
+    """Apply a fenced transition; ``already``: states in which the same report from the same lease is a
+    retry whose first answer was lost, answered with the row as it is (so a lost reply loses nothing)."""
     updated = session.execute(
         update(WorkItemModel)
         .where(
@@ -309,13 +314,16 @@ def _fenced_update(session: Session, agent: AgentModel, work_id: int, fence: int
         raise LeaseConflict(f"Work item {work_id} is not leased to agent {agent.name!r}")
     if row.fence != fence:
         raise LeaseConflict(f"Stale fencing token {fence} for work item {work_id}: the current lease is {row.fence}")
+    if row.state in already:
+        return row
     raise LeaseConflict(f"Work item {work_id} is {row.state}, expected {' or '.join(expected)}")
 
 
 def confirm_start(session: Session, agent: AgentModel, work_id: int, fence: int) -> WorkItemModel:
-    """The agent may start the work only if this succeeds."""
+    """The agent may start the work only if this succeeds. Confirming again under the same lease (its first
+    answer was lost) succeeds too, with the work as it is."""
     return _fenced_update(
-        session, agent, work_id, fence, [WorkState.LEASED.value],
+        session, agent, work_id, fence, [WorkState.LEASED.value], already=[WorkState.RUNNING.value],
         state=WorkState.RUNNING.value, report_pending=True, started_at=timezone.utcnow(), lease_expires_at=None,
     )
 
@@ -324,7 +332,7 @@ def finish(session: Session, agent: AgentModel, work_id: int, fence: int, outcom
     if outcome not in (WorkState.SUCCESS, WorkState.FAILED):
         raise ValueError("outcome must be 'success' or 'failed'")
     return _fenced_update(
-        session, agent, work_id, fence, [WorkState.RUNNING.value],
+        session, agent, work_id, fence, [WorkState.RUNNING.value], already=[outcome.value],
         state=outcome.value, report_pending=True, finished_at=timezone.utcnow(), info=info,
     )
 

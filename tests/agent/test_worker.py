@@ -71,3 +71,36 @@ def test_a_confirmed_task_whose_runner_never_gets_to_its_gate_is_killed(tmp_path
         assert runner.result() < 0  # killed by a signal: reported as failed
     finally:
         runner.stop()
+
+
+def test_a_confirmation_whose_answer_was_lost_is_sent_again_with_the_same_fence():
+    """A timed-out start confirmation may have been committed: the agent asks again under the same lease
+    (the plane answers it as the first) instead of killing a task the plane believes started (issue 14).
+    A refusal (409) is final at once."""
+    from airflow_remote_execution.agent.client import LeaseLost, PlaneError
+
+    calls = []
+
+    def start(work_id, fence, task):
+        calls.append((work_id, fence))
+        if len(calls) == 1:
+            raise PlaneError(0, "Request to http://plane timed out")
+        return "confirmed"
+
+    lease = Lease(work_id=7, fence=3, kind="task", queue="default", workload={})
+    worker = SimpleNamespace(client=SimpleNamespace(start=start), exited=threading.Event())
+    assert AgentWorker._confirm(worker, lease, None) == "confirmed"
+    assert calls == [(7, 3), (7, 3)]
+
+    def refused(work_id, fence, task):
+        calls.append("refused")
+        raise LeaseLost(409, "Stale fencing token")
+
+    worker.client = SimpleNamespace(start=refused)
+    try:
+        AgentWorker._confirm(worker, lease, None)
+    except LeaseLost:
+        pass
+    else:
+        raise AssertionError("a 409 must not be retried")
+    assert calls[2:] == ["refused"]

@@ -208,8 +208,8 @@ def test_fencing_errors_are_clear(db):
     assert get(db, item.id).state == "leased"  # nothing changed
 
     call(db, leases.confirm_start, owner, item.id, fence)
-    with pytest.raises(LeaseConflict, match=rf"^Work item {item.id} is running, expected leased$"):
-        call(db, leases.confirm_start, owner, item.id, fence)
+    # Confirming again under the same lease is a retry (test_a_report_whose_answer_was_lost...), not a conflict.
+    assert call(db, leases.confirm_start, owner, item.id, fence).state == "running"
     with pytest.raises(LeaseConflict, match="is running, expected leased"):
         call(db, leases.release, owner, item.id, fence)
     with pytest.raises(LeaseConflict, match="not leased to agent 'other'"):
@@ -480,3 +480,22 @@ def test_work_of_an_agent_parsed_bundle_goes_only_to_tokens_allowing_it(db):
         evil_agent = agents.register(s, s.get(tokens.AgentTokenModel, evil_parser.id), RegisterRequest(concurrency=4))
         taken = leases.lease(s, evil_agent, ["default"], 10, 30, not_bundles=parsing.bundles_refused_to(s, evil_parser))
         assert sorted((i.kind, i.bundle) for i in taken) == [("callback", "evil"), ("task", "evil")]
+
+
+def test_a_report_whose_answer_was_lost_can_be_sent_again(db):
+    """The same confirmation or finish under the same lease is answered as the first (issue 14: a lost
+    start reply made the agent kill a task the plane believed started); another outcome still conflicts."""
+    agent = make_agent(db, "retrier", ["default"])
+    item = enqueue(db, ti_key("retried"))
+    (leased,) = lease(db, agent)
+    first = call(db, leases.confirm_start, agent, item.id, leased.fence)
+    again = call(db, leases.confirm_start, agent, item.id, leased.fence)
+    assert (again.state, again.started_at, again.fence) == ("running", first.started_at, first.fence)
+    with pytest.raises(LeaseConflict, match="Stale fencing token"):
+        call(db, leases.confirm_start, agent, item.id, leased.fence - 1)
+    done = call(db, leases.finish, agent, item.id, leased.fence, WorkState.SUCCESS, None)
+    assert call(db, leases.finish, agent, item.id, leased.fence, WorkState.SUCCESS, None).finished_at == done.finished_at
+    with pytest.raises(LeaseConflict, match="is success, expected running"):
+        call(db, leases.finish, agent, item.id, leased.fence, WorkState.FAILED, "late")
+    with pytest.raises(LeaseConflict, match="is success, expected leased"):
+        call(db, leases.confirm_start, agent, item.id, leased.fence)
