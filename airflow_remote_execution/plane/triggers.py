@@ -188,8 +188,11 @@ def owned_ids(session: Session, job_id: int) -> list[int]:
     return sorted(set(session.scalars(query)))
 
 
-def claim(session: Session, row: AgentTriggererModel, room: int, now: datetime) -> list[int]:
-    """Take up to ``room`` free triggers in the triggerer's queues; returns the ids taken."""
+def claim(
+    session: Session, row: AgentTriggererModel, room: int, now: datetime, not_bundles: list[str] | None = None
+) -> list[int]:
+    """Take up to ``room`` free triggers in the triggerer's queues, leaving those of DAGs in ``not_bundles``
+    (bundles agents parse that the triggerer's token does not allow); returns the ids taken."""
     if room <= 0:
         return []
     alive = _alive_job_ids(now)
@@ -201,6 +204,10 @@ def claim(session: Session, row: AgentTriggererModel, room: int, now: datetime) 
         .order_by(func.coalesce(TaskInstance.priority_weight, 0).desc(), Trigger.created_date, Trigger.id)
         .limit(room)
     )
+    if not_bundles:
+        from airflow.models.dag import DagModel
+
+        query = query.where(~TaskInstance.dag_id.in_(select(DagModel.dag_id).where(DagModel.bundle_name.in_(not_bundles))))
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(of=Trigger, skip_locked=True)
     ids = list(session.scalars(query))
@@ -215,13 +222,16 @@ def claim(session: Session, row: AgentTriggererModel, room: int, now: datetime) 
     return list(session.scalars(select(Trigger.id).where(Trigger.id.in_(ids), Trigger.triggerer_id == row.job_id)))
 
 
-def sync(session: Session, row: AgentTriggererModel, req: TriggerSyncRequest) -> TriggerSyncResponse:
-    """Heartbeat the triggerer's Job, claim up to its capacity, and hand out what it must start."""
+def sync(
+    session: Session, row: AgentTriggererModel, req: TriggerSyncRequest, not_bundles: list[str] | None = None
+) -> TriggerSyncResponse:
+    """Heartbeat the triggerer's Job, claim up to its capacity (not of ``not_bundles``' DAGs), and hand out
+    what it must start."""
     now = timezone.utcnow()
     _heartbeat(session, row, now)
     owned = owned_ids(session, row.job_id)
     if _accepts_triggers(session, row.agent_name):
-        claim(session, row, min(req.capacity, row.capacity) - len(owned), now)
+        claim(session, row, min(req.capacity, row.capacity) - len(owned), now, not_bundles)
         owned = owned_ids(session, row.job_id)
     running = set(req.running)
     start = _workloads(session, row.job_id, [i for i in owned if i not in running])

@@ -139,6 +139,25 @@ def test_claims_only_deferred_remote_tasks_in_its_queues_by_priority_up_to_capac
     assert owner(adb, local) is None  # a LocalExecutor task's trigger is not an agent's
 
 
+def test_triggers_of_an_agent_parsed_bundle_go_only_to_tokens_allowing_it(adb):
+    """The DAG's bundle ("bundle") is parsed by an agent: only a triggerer whose token allows it claims."""
+    from airflow_remote_execution.plane import parsing
+
+    trigger = deferred(adb, "t")
+    with adb.session() as s:
+        tokens.create(s, agent_name="bundle-parser", queues=["default"], bundles=["bundle"])
+    parsing._parsed_by_agents = (float("-inf"), frozenset())
+    other = triggerer(adb, "other-team", ["default"])
+    with adb.session() as s:
+        token = s.get(AgentTokenModel, _token_of_job[other])
+        refused = parsing.bundles_refused_to(s, token)
+        row = triggers.for_agent(s, token, other)
+        assert refused == ["bundle"]
+        assert triggers.sync(s, row, TriggerSyncRequest(capacity=10, running=[]), not_bundles=refused).assigned == []
+    assert owner(adb, trigger) is None
+    assert sync(adb, other).assigned == [trigger]  # without the restriction it would have been taken
+
+
 def test_trigger_queue_set_by_queues_enabled_wins_over_the_task_queue(adb):
     trigger = deferred(adb, "t", queue="default", trigger_queue="gpu")
     assert sync(adb, triggerer(adb, "agent-a", ["default"])).assigned == []

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 from starlette.concurrency import run_in_threadpool
 
-from airflow_remote_execution.plane import triggers
+from airflow_remote_execution.plane import parsing, triggers
 from airflow_remote_execution.plane.api.agent_routes import ERRORS, Authorization, _bearer
 from airflow_remote_execution.wire.triggers import (
     TriggerAck,
@@ -56,7 +56,10 @@ async def register(body: TriggererRegisterRequest, authorization: Authorization 
 async def sync(triggerer_id: Id, body: TriggerSyncRequest, authorization: Authorization = None) -> TriggerSyncResponse:
     """Heartbeat, claim triggers up to ``capacity``; the answer lists all owned triggers and those to start."""
     return await _run(
-        authorization, lambda s, t: triggers.sync(s, triggers.for_agent(s, t, triggerer_id), body)
+        authorization,
+        lambda s, t: triggers.sync(
+            s, triggers.for_agent(s, t, triggerer_id), body, not_bundles=parsing.bundles_refused_to(s, t)
+        ),
     )
 
 
