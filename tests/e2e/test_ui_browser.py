@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from localplane import AIRFLOW, ROOT, Agent, Plane, Proc, free_port, shutdown, wait_for
 
@@ -338,3 +339,29 @@ def test_dark_theme(plane, browser):
         shot(page, "11-queues-dark")
     finally:
         page.context.close()
+
+
+def test_page_under_a_base_url_path(browser, tmp_path):
+    """Behind a path (`[api] base_url = https://host/airflow`): the nav entry, the bundle and the page API follow it."""
+    plane = Plane(tmp_path / "subpath")
+    plane.env["AIRFLOW__API__BASE_URL"] = f"{plane.url}/airflow"
+    plane.env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = f"{plane.url}/airflow/execution/"
+    try:
+        plane.airflow("db", "migrate")
+        plane.start_component("api-server")
+        wait_for(lambda: requests.get(f"{plane.url}/airflow/api/v2/monitor/health", timeout=2).status_code == 200,
+                 120, "api-server health under /airflow")
+        context = browser.new_context(viewport={"width": 1600, "height": 1000})
+        page = context.new_page()
+        page.goto(f"{plane.url}/airflow/")
+        page.wait_for_url(re.compile(r".*/login.*"))
+        page.fill("input[name=username]", "admin")
+        page.fill("input[name=password]", "admin")
+        page.keyboard.press("Enter")
+        page.wait_for_url(lambda url: "login" not in url)
+        page.locator('a[href$="plugin/remote-agents"]').first.click()
+        expect(page.get_by_test_id("remote-agents-page")).to_contain_text("No agent has registered yet")
+        assert page.url == f"{plane.url}/airflow/plugin/remote-agents"
+        context.close()
+    finally:
+        shutdown(plane)
