@@ -543,24 +543,27 @@ def _tricks(base: str, sibling_ref: str) -> dict[str, object]:
     return tricks
 
 
-TRICKS = [(kind, trick) for kind, sample in (("local", "file:///x/xcom"), ("s3", "s3://b/p"))
-          for trick in _tricks(sample, f"{sample}-other/r")]
-
-
-@pytest.mark.parametrize(("kind", "trick"), TRICKS)
-def test_every_trick_to_leave_xcom_path_is_refused(xcom_store_env, servers, monkeypatch, caplog, kind, trick):
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_every_trick_to_leave_xcom_path_is_refused(xcom_store_env, servers, monkeypatch, caplog, kind):
+    """Each trick in turn (one store round trip for all of them: the check reads nothing first)."""
     if kind == "s3":
         s3 = boto3.client("s3", endpoint_url=servers["s3"].url, **AWS_TEST_CREDENTIALS)
         if "victim" not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
             s3.create_bucket(Bucket="victim")
     victim = planted_victim(xcom_store_env, monkeypatch, xcom_store_env + "-other")
     tricks = _tricks(xcom_store_env, victim["ref"])
-    if trick == "other bucket":
-        planted_victim(xcom_store_env, monkeypatch, tricks[trick].rsplit("/big_dag/", 1)[0])
-    planted = {**victim, "ref": tricks[trick]}
-    if tricks[trick] is None:
-        del planted["ref"]
-    assert_refused(planted, xcom_store_env, caplog)
+    if kind == "s3":
+        planted_victim(xcom_store_env, monkeypatch, tricks["other bucket"].rsplit("/big_dag/", 1)[0])
+    missed = []
+    for trick, url in tricks.items():
+        planted = {**victim, "ref": url}
+        if url is None:
+            del planted["ref"]
+        try:
+            assert_refused(planted, xcom_store_env, caplog)
+        except (Exception, pytest.fail.Exception) as e:  # noqa: BLE001 - every trick reported, not the first
+            missed.append(f"{trick}: {url!r}: {str(e).splitlines()[0]}")
+    assert not missed, "not refused:\n" + "\n".join(missed)
     monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__XCOM_PATH", xcom_store_env + "-other")
     assert pull(victim) == "secret " * 1000  # still there, unchanged
 
