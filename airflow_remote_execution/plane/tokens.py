@@ -100,6 +100,15 @@ def create(
     if not queues:
         raise ValueError("A token needs at least one queue (e.g. --queues default)")
     now = timezone.utcnow()
+    # A token names one agent with one scope: another live token of the same agent with another scope
+    # could start and finish the first one's work (both act as that agent). Rotation keeps the scope.
+    for other in list_tokens(session, agent_name):
+        if token_status(other, now) == "active" and (sorted(other.queues), other.bundles or None) != (queues, bundles):
+            raise ValueError(
+                f"Agent {agent_name!r} already has token {other.id} with queues {','.join(other.queues)} and bundles "
+                f"{','.join(other.bundles or []) or 'none'}: a new token for it must have the same scope "
+                f"(`tokens rotate {other.id}`), or revoke that token first, or name another agent"
+            )
     token_id = secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
     row = AgentTokenModel(

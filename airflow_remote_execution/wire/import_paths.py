@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
+import os
 import re
+import site
 import sys
+import sysconfig
 from functools import cache
 
 from airflow_remote_execution import config
@@ -28,16 +31,57 @@ def allowed_by_list(path: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(path, p) for p in patterns)
 
 
+def _installation_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    dirs = {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    dirs.update(os.path.realpath(p) for p in site.getsitepackages() + [site.getusersitepackages()])
+    return tuple(dirs)
+
+
 @cache
 def installed_here(top: str) -> bool:
-    """Whether ``top`` names a module this process could import from its installation (stdlib, builtins,
-    site-packages), as opposed to a DAG bundle's own code."""
+    """Whether ``top`` names a module of this Python installation (builtins, the standard library,
+    site-packages, also through a ``.pth`` file's directory), as opposed to a DAG bundle's own code.
+    A module found only through a bundle or DAGs folder on ``sys.path`` is not installed."""
     if top in sys.builtin_module_names or top in sys.stdlib_module_names:
         return True
     try:
-        return importlib.util.find_spec(top) is not None
+        spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return False
+    if spec is None:
+        return False
+    if spec.origin in ("built-in", "frozen"):
+        return True
+    if spec.origin and spec.submodule_search_locations is None:
+        entries = [os.path.dirname(spec.origin)]  # a module file: found in this sys.path entry
+    else:  # a package (or namespace package): its directory sits in the sys.path entry
+        entries = [os.path.dirname(p) for p in spec.submodule_search_locations or ()]
+    dirs = set(_installation_dirs() + _pth_dirs())
+    return any(os.path.realpath(e) in dirs for e in entries)
+
+
+@cache
+def _pth_dirs() -> tuple[str, ...]:
+    """Directories ``.pth`` files in site-packages put on sys.path (editable installs): what is directly in
+    them is installed code too."""
+    found = []
+    for directory in _installation_dirs():
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if not name.endswith(".pth"):
+                continue
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    lines = f.read().splitlines()
+            except OSError:
+                continue
+            found += [os.path.realpath(line.strip()) for line in lines
+                      if line.strip() and not line.startswith(("#", "import ")) and os.path.isdir(line.strip())]
+    return tuple(found)
 
 
 def refusal(path: object, patterns: list[str]) -> str | None:
