@@ -207,3 +207,23 @@ def test_rotate_keeps_the_old_token_valid_for_the_overlap(db):
             tokens.rotate(s, old.id)
         with pytest.raises(LookupError, match="No agent token with id 'nope'"):
             tokens.rotate(s, "nope")
+
+
+def test_a_second_live_token_of_an_agent_must_have_its_scope(db):
+    """Issue 13, finding 7: a second token for the same agent name with other queues acted as that agent
+    and could start and finish the first token's work."""
+    with db.session() as s:
+        _, first = tokens.create(s, agent_name="cluster-a", queues=["default"], bundles=["team-a"])
+    with db.session() as s, pytest.raises(ValueError, match=f"already has token {first.id} with queues default"):
+        tokens.create(s, agent_name="cluster-a", queues=["gpu"])
+    with db.session() as s, pytest.raises(ValueError, match="tokens rotate"):
+        tokens.create(s, agent_name="cluster-a", queues=["default"])  # other bundles (none)
+    with db.session() as s:
+        tokens.create(s, agent_name="cluster-a", queues=["default"], bundles=["team-a"])  # same scope: fine
+        tokens.rotate(s, first.id)
+        tokens.revoke(s, first.id)
+    with db.session() as s:
+        for row in tokens.list_tokens(s, "cluster-a"):
+            tokens.revoke(s, row.id)
+    with db.session() as s:
+        tokens.create(s, agent_name="cluster-a", queues=["gpu"])  # all revoked: a new scope is allowed
