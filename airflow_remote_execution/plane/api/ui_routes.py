@@ -92,7 +92,8 @@ def _execution_audiences() -> set[str]:
 
 
 def _is_execution_token(token: str) -> bool:
-    """A Task SDK workload / execution-API token: its ``scope`` claim, or the execution API's audience."""
+    """A Task SDK workload / execution-API token: its ``scope`` claim, the execution API's audience, or the
+    claims binding it to an agent's lease (``plane/exec_guard.py``)."""
     import jwt
 
     try:
@@ -101,7 +102,11 @@ def _is_execution_token(token: str) -> bool:
         return False
     aud = claims.get("aud")
     auds = {aud} if isinstance(aud, str) else set(aud or [])
-    return claims.get("scope") in ("execution", "workload") or bool(auds & _execution_audiences())
+    return (
+        claims.get("scope") in ("execution", "workload")
+        or "rex_work" in claims
+        or bool(auds & _execution_audiences())
+    )
 
 
 async def ui_user(
@@ -109,12 +114,13 @@ async def ui_user(
 ) -> Any:
     """The signed-in Airflow user, or 401. Airflow's own ``get_user`` answers 403 to a token it cannot
     validate; for this page that is "not signed in" too."""
+    from airflow.api_fastapi.auth.managers.base_auth_manager import COOKIE_NAME_JWT_TOKEN
     from airflow.api_fastapi.core_api.security import get_user
 
     presented = credentials.credentials if credentials and credentials.scheme.lower() == "bearer" else None
     if presented and presented.startswith(f"{tokens.PREFIX}_"):
         raise _unauthorized("Agent tokens are not accepted by the Remote Agents page")
-    presented = presented or request.cookies.get("_token")
+    presented = presented or request.cookies.get(COOKIE_NAME_JWT_TOKEN)
     if presented and _is_execution_token(presented):
         raise _unauthorized("Execution-API tokens are not accepted by the Remote Agents page")
     try:

@@ -128,12 +128,12 @@ def test_agent_token_is_401(client, manager, method, path, body):
     _unchanged(1)
 
 
-def _execution_token(audience: str) -> str:
+def _execution_token(audience: str, **claims) -> str:
     """A task's execution-API token, minted like the scheduler does for a workload."""
     from airflow.api_fastapi.auth.tokens import JWTGenerator, get_signing_args
 
     generator = JWTGenerator(valid_for=600, audience=audience, **get_signing_args(make_secret_key_if_needed=False))
-    return generator.generate(extras={"sub": "0190f1c8-0000-7000-8000-000000000001", "scope": "workload"})
+    return generator.generate(extras={"sub": "0190f1c8-0000-7000-8000-000000000001", "scope": "workload", **claims})
 
 
 @pytest.mark.parametrize("method, path, body", EVERY)
@@ -143,7 +143,10 @@ def test_execution_api_token_is_401(client, manager, method, path, body):
     r = _request(client, method, path, body, bearer(_execution_token("urn:airflow.apache.org:task")))
     assert r.status_code == 401, r.text
     # Signed for the UI's audience too (a deployment with one audience for both): its scope gives it away.
-    for headers in (bearer(_execution_token("apache-airflow")), cookie(_execution_token("apache-airflow"))):
+    # ... and so do the claims binding it to an agent's lease (plane/exec_guard.py), with no scope at all.
+    bound = _execution_token("apache-airflow", scope=None, rex_work=1, rex_fence=1, rex_token="0" * 16)
+    for headers in (bearer(_execution_token("apache-airflow")), cookie(_execution_token("apache-airflow")),
+                    bearer(bound)):
         r = _request(client, method, path, body, headers)
         assert r.status_code == 401, r.text
         assert "Execution-API tokens are not accepted" in r.json()["detail"]
