@@ -15,7 +15,8 @@
 #                   --local-base hashicorp,git,zstd: Debian 12's Python 3.11.2 is too old for the others)
 #
 # Without --wheels the dependencies come from PyPI during the build. The provider's own wheel is always
-# built from this checkout. Prints the image name on its last line.
+# built from this checkout. An image of the same tag built from the same inputs (sources, constraints,
+# recipe, options) is kept as it is; REBUILD=1 builds anyway. Prints the image name on its last line.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -87,6 +88,15 @@ fi
 
 EXTRAS=${EXTRAS:-amazon,google,microsoft-azure,hashicorp,git,zstd}
 
+# An image of this tag built from the same inputs is kept (REBUILD=1 builds anyway).
+inputs=$( (find airflow_remote_execution images/agent -type f ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum;
+           sha256sum constraints.txt pyproject.toml; echo "$BASE $EXTRAS $WHEELS $PYVER $UV_VERSION") | sha256sum | cut -c1-16)
+if [ "${REBUILD:-0}" != 1 ] && [ "$($ENGINE image inspect "$TAG" --format '{{ index .Config.Labels "airflow-remote-execution.inputs" }}' 2>/dev/null)" = "$inputs" ]; then
+  log "$TAG is up to date (inputs $inputs)"
+  echo "$TAG"
+  exit 0
+fi
+
 # ------------------------------------------------------------------------------------------ the wheels
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
@@ -136,7 +146,7 @@ net=()
 log "building $TAG on $BASE with $ENGINE"
 $ENGINE build "${net[@]}" -f "$ctx/images/agent/Containerfile" -t "$TAG" \
   --build-arg BASE_IMAGE="$BASE" --build-arg EXTRAS="$EXTRAS" --build-arg OFFLINE="$OFFLINE" \
-  --build-arg UV_VERSION="$UV_VERSION" "$ctx" >&2
+  --build-arg UV_VERSION="$UV_VERSION" --label "airflow-remote-execution.inputs=$inputs" "$ctx" >&2
 t2=$(now)
 log "timings: base+wheels $(elapsed "$t0" "$t1") s, image build $(elapsed "$t1" "$t2") s"
 echo "$TAG"

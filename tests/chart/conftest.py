@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "chart"
+# REX_CHART_DIR: render another copy of the chart (e.g. a deliberately broken one, to see a test fail)
+CHART = Path(os.environ.get("REX_CHART_DIR") or ROOT / "chart")
 VALUES = Path(__file__).parent / "values"
 VALUES_FILES = sorted(VALUES.glob("*.yaml"))
 BIN = ROOT / ".venv" / "bin"

@@ -7,7 +7,10 @@ a Kubernetes cluster does that podman does not:
 - the kubelet's Secret volumes: podman 4.3 writes a Secret's values base64-encoded into the files, so each
   Secret volume becomes a host directory holding the decoded keys the volume selects (``items``);
 - the kubelet's emptyDir volumes: podman 4.3 makes each a named volume shared by every pod that uses the same
-  volume name (two agents' status files would be one file), so each becomes a directory of its own pod.
+  volume name (two agents' status files would be one file), so each becomes a directory of its own pod;
+- no restart of a container that exits while its pod is being deleted: the kubelet restarts none, podman
+  (restartPolicy Always) would start the agent again that the preStop hook just stopped. The pods get
+  restartPolicy Never, so an agent that exits on its own shows as exited instead.
 
 Everything else (ConfigMaps, env, fieldRef, volumes, security contexts, commands) is played as rendered.
 """
@@ -63,6 +66,7 @@ def pods_for_podman(objects: list[dict], secrets_dir: Path) -> list[dict]:
                     path.write_bytes(data[item["key"]])
                     os.chmod(path, source.get("defaultMode", 0o644))
                 volume["hostPath"] = {"path": str(target), "type": "Directory"}
+            template["spec"]["restartPolicy"] = "Never"
             out.append({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": template["spec"]})
     return out
 

@@ -1,14 +1,14 @@
 """The chart runs: the agent image is built (on a Debian base made here with debootstrap), the chart is rendered
-for a real plane (api-server, scheduler, dag-processor on PostgreSQL, started on the host), and its pods run
-as containers with `podman kube play`. Agents must register with their own tokens, run the example DAGs on
-the right worker groups, answer probes through their sentinels, and drain on `podman kube down` (SIGTERM)
-with nothing lost.
+for a real plane (api-server, scheduler, dag-processor on PostgreSQL, over HTTPS, started on the host), and
+its pods run as containers with `podman kube play`. Agents must register with their own tokens, run the
+example DAGs on the right worker groups, answer probes through their sentinels, and drain when their pods
+are deleted (preStop hook, SIGTERM) with nothing lost.
 
-podman (4.3) is not a cluster; tests/chart/podman_kube.py does the two things it lacks (the StatefulSet
-controller's pods, decoded Secret volumes). Its own limits, which the chart's values below work around:
-init containers must exit (so the sentinel runs as an ordinary container, `sentinel.nativeSidecar: false`),
-emptyDir volumes are shared between pods (so podman_kube gives each pod directories of its own),
-and a declared containerPort is published on the host (so `sentinel.declarePort: false`).
+podman (4.3) is not a cluster; tests/chart/podman_kube.py does what it lacks (the StatefulSet controller's
+pods, decoded Secret volumes, per-pod emptyDirs, no restart of a container of a pod being deleted), and the
+test runs the preStop hook itself. Its other limits, which the chart's values below work around: init
+containers must exit (so the sentinel runs as an ordinary container, `sentinel.nativeSidecar: false`), and a
+declared containerPort is published on the host (so `sentinel.declarePort: false`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import shutil
 import subprocess
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import yaml
@@ -72,15 +74,46 @@ def network():
         podman("network", "rm", "-f", name, check=False)
 
 
+def _certificate(directory: Path, *ips: str) -> tuple[Path, Path]:
+    """A self-signed certificate (its own CA) for the plane, valid for each of ``ips``."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chart-e2e-plane")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]),
+                       critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "plane.crt", directory / "plane.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 @pytest.fixture(scope="module")
-def plane(pg_url, tmp_path_factory):
+def plane(pg_url, network, tmp_path_factory):
     base = tmp_path_factory.mktemp("chart-plane")
     dags = base / "dags"
     shutil.copytree(EXAMPLE_DAGS, dags, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(TEST_DAGS / "remote_sleepy.py", dags)
     os.chmod(base, 0o755)
-    # Pods reach the plane through the podman network's gateway, so the api-server listens beyond loopback.
-    plane = Plane(base / "plane", db_url=fresh_pg_database(pg_url, "chart_e2e"), dags_folder=dags,
+    # Pods reach the plane through the podman network's gateway, so the api-server listens beyond loopback,
+    # over TLS (an agent is not ready while its token would cross the network in clear text).
+    tls = _certificate(base / "tls", "127.0.0.1", network[1])
+    plane = Plane(base / "plane", db_url=fresh_pg_database(pg_url, "chart_e2e"), dags_folder=dags, tls=tls,
                   extra_env={"AIRFLOW__API__HOST": "0.0.0.0"})
     try:
         plane.start()
@@ -103,7 +136,8 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
         for n in range(replicas):
             tokens[f"{group}-{n}"] = plane.create_agent_token(f"{release}-{group}-{n}", queues)
     values = {
-        "apiUrl": f"http://{gateway}:{plane.port}",
+        "apiUrl": f"https://{gateway}:{plane.port}",
+        "caBundle": {"pem": plane.tls[0].read_text()},
         "image": {"repository": image.rsplit(":", 1)[0], "tag": image.rsplit(":", 1)[1], "pullPolicy": "Never"},
         "token": {"values": tokens},
         "shutdownTimeout": 60,
@@ -185,13 +219,31 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
             except TimeoutError:
                 pytest.fail(f"{pod} not ready: {[c for c in last.get('checks', []) if not c.get('ok')] or last}")
 
-        # Scale-in: a task runs when the pods are stopped (SIGTERM); it finishes, nothing is lost or retried.
-        nap_run = plane.trigger("remote_sleepy", {"seconds": 8})
+        # Scale-in: a task runs when the pods are deleted; it finishes, nothing is lost or retried. podman runs
+        # no preStop hook and its `kube down` does not wait for the grace period (4.3: it took ~4 s with a
+        # SIGTERM handler that needed 8), so the test does what the kubelet does on deletion: run the agent
+        # container's preStop hook (as rendered), then SIGTERM with terminationGracePeriodSeconds to exit.
+        nap_run = plane.trigger("remote_sleepy", {"seconds": 10})
         wait_for(lambda: [w for w in plane.work_items(dag_id="remote_sleepy", run_id=nap_run) if w["state"] == "running"],
                  120, "the nap to run", 0.5)
+        (sts, *_) = [o for o in objects if o["kind"] == "StatefulSet"]
+        spec = sts["spec"]["template"]["spec"]
+        (agent_container,) = [c for c in spec["containers"] if c["name"] == "agent"]
+        pre_stop = agent_container["lifecycle"]["preStop"]["exec"]["command"]
+        grace = spec["terminationGracePeriodSeconds"]
         started = time.monotonic()
-        podman("kube", "down", str(manifest), timeout=200)
-        print(f"kube down (drain) took {time.monotonic() - started:.1f} s")
+
+        def delete(pod: str) -> str:
+            t0 = time.monotonic()
+            hook = podman("exec", f"{pod}-agent", *pre_stop, check=False, timeout=grace + 10)
+            t1 = time.monotonic()
+            podman("pod", "stop", "--time", str(grace), pod, check=False, timeout=grace + 30)
+            return (f"{pod}: preStop exit {hook.returncode} after {t1 - t0:.1f} s {hook.stderr.strip()[-300:]!r}, "
+                    f"stopped {time.monotonic() - t1:.1f} s later")
+
+        with ThreadPoolExecutor(len(pods)) as pool:
+            print("\n".join(pool.map(delete, pods)))
+        print(f"preStop + SIGTERM (drain) of {len(pods)} pods took {time.monotonic() - started:.1f} s")
         assert plane.wait_run("remote_sleepy", nap_run, timeout=120) == "success"
         (nap,) = plane.task_instances("remote_sleepy", nap_run)
         assert nap["try_number"] == 1 and nap["state"] == "success"
@@ -199,6 +251,11 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
         states = {a["name"]: a["state"] for a in plane.api("GET", "/remote_execution/v1/admin/agents").json()
                   if a["name"].startswith(release)}
         assert set(states.values()) == {"offline"}, states
+        for pod in pods:  # each agent drained and exited by itself, with 0
+            exited = json.loads(podman("inspect", f"{pod}-agent").stdout)[0]["State"]
+            assert (exited["Running"], exited["ExitCode"]) == (False, 0), (pod, exited)
+            log = podman("logs", f"{pod}-agent").stderr + podman("logs", f"{pod}-agent").stdout
+            assert "Stopping: no new work" in log and log.count(" registered: ") == 1, log[-2000:]
     finally:
         for pod in pods:
             for container in ("agent", "sentinel"):
