@@ -10,12 +10,14 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
 
+from airflow_remote_execution import __version__
 from localplane import AIRFLOW, ROOT, Agent, Plane, Proc, free_port, shutdown, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -167,6 +169,21 @@ def test_login_and_see_both_agents_with_queues_and_versions(plane, admin):
     admin.get_by_test_id("filter-state").select_option("")
     expect(row(admin, "agent-a")).to_be_visible()
     shot(admin, "01-agents")
+
+    # An agent on other versions (registered over the agent API as an older agent would): marked.
+    old_token = plane.create_agent_token("agent-old", "legacy")
+    python = f"{sys.version_info.major}.{sys.version_info.minor}.0"  # another patch release: not marked
+    versions = {"airflow": "3.2.1", "airflow-remote-execution": "0.0.9", "python": python}
+    r = requests.post(f"{plane.url}{V1}/agents/register", headers={"Authorization": f"Bearer {old_token}"},
+                      json={"concurrency": 1, "hostname": "old-host", "versions": versions}, timeout=30)
+    assert r.status_code == 200, r.text
+    marks = row(admin, "agent-old").get_by_test_id("version-mismatch")
+    expect(marks).to_have_text([f"airflow 3.2.1 ≠ plane {version}",
+                                f"airflow-remote-execution 0.0.9 ≠ plane {__version__}"])
+    expect(row(admin, "agent-old").get_by_test_id("agent-versions")).to_contain_text(f"python {python}")
+    shot(admin, "01b-version-mismatch")
+    plane.api("DELETE", f"{V1}/admin/agents/agent-old", params={"force": "true"}).raise_for_status()
+    expect(row(admin, "agent-old")).to_have_count(0)
 
 
 def test_drain_with_reason_stops_leasing_and_resume_runs_it(plane, admin):
