@@ -143,10 +143,16 @@ t1=$(now)
 # ------------------------------------------------------------------------------------------ the image
 net=()
 [ "$OFFLINE" = 1 ] && net=(--network none)
+previous=$($ENGINE image inspect "$TAG" --format '{{.Id}}' 2>/dev/null || true)
 log "building $TAG on $BASE with $ENGINE"
 $ENGINE build "${net[@]}" -f "$ctx/images/agent/Containerfile" -t "$TAG" \
   --build-arg BASE_IMAGE="$BASE" --build-arg EXTRAS="$EXTRAS" --build-arg OFFLINE="$OFFLINE" \
   --build-arg UV_VERSION="$UV_VERSION" --label "airflow-remote-execution.inputs=$inputs" "$ctx" >&2
 t2=$(now)
+# The image this tag named before is left without a name: remove it (unless a container still uses it),
+# so that repeated builds do not fill the disk with 700 MB images.
+if [ -n "$previous" ] && [ "$previous" != "$($ENGINE image inspect "$TAG" --format '{{.Id}}')" ]; then
+  $ENGINE rmi "$previous" >/dev/null 2>&1 || true
+fi
 log "timings: base+wheels $(elapsed "$t0" "$t1") s, image build $(elapsed "$t1" "$t2") s"
 echo "$TAG"
