@@ -318,7 +318,7 @@ airflow-remote-execution/group: {{ .c.id }}
     "components" $c.components
     "shutdown_timeout" (toString (int $v.shutdownTimeout))
     "status_file" "/var/run/airflow-agent/status.json" -}}
-{{- if $v.sentinel.enabled -}}
+{{- if and $v.sentinel.enabled (eq $c.kind "worker") -}}
 {{- $_ := set $re "sentinel_host" "0.0.0.0" -}}
 {{- $_ := set $re "sentinel_port" (toString (int $v.sentinel.port)) -}}
 {{- $_ := set $re "sentinel_report_interval" (toString $v.sentinel.reportInterval) -}}

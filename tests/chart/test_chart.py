@@ -303,6 +303,13 @@ def test_dag_processor_and_triggerer_components():
     worker = agent_cfg(objects, statefulsets["worker/default"])
     assert [b["name"] for b in json.loads(worker["dag_processor"]["dag_bundle_config_list"])] == [
         "team-a-dags", "shared-dags"]
+    for name in ("dag-processor/dag-processor", "triggerer/triggerer"):
+        # The sentinel reads the status file only the worker writes: these pods would never be healthy.
+        spec = statefulsets[name]["spec"]["template"]["spec"]
+        assert [c["name"] for c in containers(spec)] == ["wait-for-proxy", "agent", "log-forwarder"], name
+        agent = spec["containers"][0]
+        assert not {"startupProbe", "livenessProbe", "readinessProbe", "lifecycle"} & set(agent), name
+        assert "shareProcessNamespace" not in spec
     trig = statefulsets["triggerer/triggerer"]["spec"]["template"]["spec"]["containers"][0]
     assert trig["args"] == ["agent", "triggerer", "--capacity", "500"]
     assert agent_cfg(objects, statefulsets["triggerer/triggerer"])["remote_execution"]["queues"] == "default"
@@ -322,7 +329,9 @@ def test_pods_are_locked_down_with_writable_volumes():
             mounts = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
             assert {"/tmp", "/opt/airflow/logs", "/var/run/airflow-agent", "/var/lib/airflow/dag_bundles"} <= mounts
         (agent,) = [c for c in spec["containers"] if c["name"] == "agent"]
-        assert "preStop" in agent["lifecycle"] and spec["terminationGracePeriodSeconds"] >= 600
+        assert spec["terminationGracePeriodSeconds"] >= 600
+        if sts["metadata"]["labels"]["app.kubernetes.io/component"] == "worker":
+            assert "preStop" in agent["lifecycle"]
 
 
 def test_workload_identity():
