@@ -139,6 +139,9 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
     for group, (queues, replicas) in GROUPS.items():
         for n in range(replicas):
             tokens[f"{group}-{n}"] = plane.create_agent_token(f"{release}-{group}-{n}", queues)
+    workers = {f"{release}-{key}" for key in tokens}  # the agents' names
+    # The plane runs no triggerer: deferred tasks' triggers must run in the chart's triggerer pod.
+    tokens["triggerer-0"] = plane.create_agent_token(f"{release}-triggerer-0", "default")
     values = {
         "apiUrl": f"https://{gateway}:{plane.port}",
         "caBundle": {"pem": plane.tls[0].read_text()},
@@ -149,6 +152,7 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
         "sentinel": {"nativeSidecar": False, "declarePort": False, "reportInterval": 5},
         "workers": [{"name": "default", "queues": ["default"], "replicas": 2, "concurrency": 4},
                     {"name": "analytics", "queues": ["analytics", "drain"], "replicas": 1, "concurrency": 2}],
+        "triggerer": {"enabled": True, "capacity": 10},
         # The DAG files reach the agents as the dags-folder bundle, from a host directory.
         "extraVolumes": [{"name": "dags", "hostPath": {"path": str(plane.dags_folder), "type": "Directory"}}],
         "extraVolumeMounts": [{"name": "dags", "mountPath": "/opt/airflow/dags", "readOnly": True}],
@@ -157,6 +161,7 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
     manifest = dump(pods_for_podman(objects, tmp_path / "secrets"), tmp_path / "play.yaml")
     pods = [o["metadata"]["name"] for o in yaml.safe_load_all(manifest.read_text()) if o["kind"] == "Pod"]
     assert sorted(pods) == sorted(f"{release}-agent-{t}" for t in tokens)
+    worker_pods = [p for p in pods if "-triggerer-" not in p]
 
     # Work is queued before any agent exists: the first lease measures the agents' own start.
     plane.wait_dag("remote_fan_out_fan_in")
@@ -168,8 +173,8 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
 
         def all_registered():
             agents = plane.api("GET", "/remote_execution/v1/admin/agents").json()
-            mine = {a["name"]: a for a in agents if a["name"].startswith(release) and a["state"] == "active"}
-            return mine if len(mine) == len(tokens) else None
+            mine = {a["name"]: a for a in agents if a["name"] in workers and a["state"] == "active"}
+            return mine if len(mine) == len(workers) else None
 
         agents = wait_for(all_registered, 240, "the chart's agents to register", 1)
         assert {a["name"]: sorted(a["queues"]) for a in agents.values()} == {
@@ -204,7 +209,7 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
             result = podman("exec", f"{pod}-{container}", "python", "-c", code, check=False)
             return json.loads(result.stdout) if result.returncode == 0 else {"error": result.stderr}
 
-        for pod in pods:
+        for pod in worker_pods:
             last: dict = {}
 
             def healthy(pod=pod, last=last):
@@ -227,6 +232,13 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
             except TimeoutError:
                 pytest.fail(f"{pod} not ready: {[c for c in last.get('checks', []) if not c.get('ok')] or last}")
 
+        # A deferred task's trigger runs in the triggerer pod (the plane has no triggerer), then it resumes.
+        deferred_run = plane.trigger("remote_deferrable", {"wait_seconds": 5})
+        assert plane.wait_run("remote_deferrable", deferred_run, timeout=240) == "success"
+        deferred = plane.settled_work_items(dag_id="remote_deferrable", run_id=deferred_run)
+        assert {w["agent_name"] for w in deferred} <= workers - {f"{release}-analytics-0"}
+        assert {t["state"] for t in plane.task_instances("remote_deferrable", deferred_run)} == {"success"}
+
         # Scale-in: a task runs when the pods are deleted; it finishes, nothing is lost or retried. podman runs
         # no preStop hook and its `kube down` does not wait for the grace period (4.3: it took ~4 s with a
         # SIGTERM handler that needed 8), so the test does what the kubelet does on deletion: run the agent
@@ -243,6 +255,9 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
 
         def delete(pod: str) -> str:
             t0 = time.monotonic()
+            if pod not in worker_pods:  # the triggerer's pod has no preStop hook
+                podman("pod", "stop", "--time", str(grace), pod, check=False, timeout=grace + 30)
+                return f"{pod}: stopped in {time.monotonic() - t0:.1f} s"
             hook = podman("exec", f"{pod}-agent", *pre_stop, check=False, timeout=grace + 10)
             t1 = time.monotonic()
             podman("pod", "stop", "--time", str(grace), pod, check=False, timeout=grace + 30)
@@ -257,9 +272,9 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
         assert nap["try_number"] == 1 and nap["state"] == "success"
         assert [w["state"] for w in plane.work_items(dag_id="remote_sleepy", run_id=nap_run)] == ["success"]
         states = {a["name"]: a["state"] for a in plane.api("GET", "/remote_execution/v1/admin/agents").json()
-                  if a["name"].startswith(release)}
+                  if a["name"] in workers}
         assert set(states.values()) == {"offline"}, states
-        for pod in pods:  # each agent drained and exited by itself, with 0
+        for pod in worker_pods:  # each agent drained and exited by itself, with 0
             exited = json.loads(podman("inspect", f"{pod}-agent").stdout)[0]["State"]
             assert (exited["Running"], exited["ExitCode"]) == (False, 0), (pod, exited)
             log = podman("logs", f"{pod}-agent").stderr + podman("logs", f"{pod}-agent").stdout
