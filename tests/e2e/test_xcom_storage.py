@@ -55,7 +55,10 @@ def plane(tmp_path_factory):
     dags = base / "dags"
     dags.mkdir()
     shutil.copy(TEST_DAGS / f"{DAG}.py", dags)
-    plane = Plane(base / "plane", dags_folder=dags)
+    # The DAG reads a plane Variable (remote_big_xcom_empty) to return nothing when rerun: this plane serves
+    # its Variables to agents' tasks, which it does only where told (docs/security.md).
+    plane = Plane(base / "plane", dags_folder=dags,
+                  extra_env={"AIRFLOW__REMOTE_EXECUTION__SERVE_PLANE_SECRETS_TO_AGENTS": "True"})
     try:
         yield plane.start()
     finally:
