@@ -1,8 +1,10 @@
 """The chart runs: the agent image is built (on a Debian base made here with debootstrap), the chart is rendered
-for a real plane (api-server, scheduler, dag-processor on PostgreSQL, over HTTPS, started on the host), and
-its pods run as containers with `podman kube play`. Agents must register with their own tokens, run the
-example DAGs on the right worker groups, answer probes through their sentinels, and drain when their pods
-are deleted (preStop hook, SIGTERM) with nothing lost.
+for a real plane (api-server and scheduler on PostgreSQL, over HTTPS, started on the host, with no DAG files
+of its own), and its pods run as containers with `podman kube play`: two worker groups (one of two agents),
+a dag processor and a triggerer. The chart's dag processor must send the plane the DAGs, agents must
+register with their own tokens, run the example DAGs on the right worker groups (deferred tasks' triggers in
+the triggerer pod), answer probes through their sentinels, and drain when their pods are deleted (preStop
+hook, SIGTERM) with nothing lost.
 
 podman (4.3) is not a cluster; tests/chart/podman_kube.py does what it lacks (the StatefulSet controller's
 pods, decoded Secret volumes, per-pod emptyDirs, no restart of a container of a pod being deleted), and the
@@ -117,7 +119,8 @@ def plane(pg_url, network, tmp_path_factory):
     plane = Plane(base / "plane", db_url=fresh_pg_database(pg_url, "chart_e2e"), dags_folder=dags, tls=tls,
                   extra_env={"AIRFLOW__API__HOST": "0.0.0.0"})
     try:
-        plane.start()
+        # No dag-processor on the plane: the chart's dag-processor pod parses the DAGs (the dags-folder bundle).
+        plane.start(components=("api-server", "scheduler"))
         yield plane
     finally:
         plane.stop()
@@ -138,10 +141,14 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
     tokens = {}
     for group, (queues, replicas) in GROUPS.items():
         for n in range(replicas):
-            tokens[f"{group}-{n}"] = plane.create_agent_token(f"{release}-{group}-{n}", queues)
+            # --bundles: once an agent token may parse a bundle, the plane gives that bundle's work only to
+            # tokens allowed the bundle.
+            tokens[f"{group}-{n}"] = plane.create_agent_token(f"{release}-{group}-{n}", queues, "--bundles", "dags-folder")
     workers = {f"{release}-{key}" for key in tokens}  # the agents' names
     # The plane runs no triggerer: deferred tasks' triggers must run in the chart's triggerer pod.
-    tokens["triggerer-0"] = plane.create_agent_token(f"{release}-triggerer-0", "default")
+    tokens["triggerer-0"] = plane.create_agent_token(f"{release}-triggerer-0", "default", "--bundles", "dags-folder")
+    tokens["dag-processor-0"] = plane.create_agent_token(f"{release}-dag-processor-0", "default", "--bundles",
+                                                         "dags-folder")
     values = {
         "apiUrl": f"https://{gateway}:{plane.port}",
         "caBundle": {"pem": plane.tls[0].read_text()},
@@ -153,6 +160,7 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
         "workers": [{"name": "default", "queues": ["default"], "replicas": 2, "concurrency": 4},
                     {"name": "analytics", "queues": ["analytics", "drain"], "replicas": 1, "concurrency": 2}],
         "triggerer": {"enabled": True, "capacity": 10},
+        "dagProcessor": {"enabled": True},
         # The DAG files reach the agents as the dags-folder bundle, from a host directory.
         "extraVolumes": [{"name": "dags", "hostPath": {"path": str(plane.dags_folder), "type": "Directory"}}],
         "extraVolumeMounts": [{"name": "dags", "mountPath": "/opt/airflow/dags", "readOnly": True}],
@@ -161,15 +169,18 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
     manifest = dump(pods_for_podman(objects, tmp_path / "secrets"), tmp_path / "play.yaml")
     pods = [o["metadata"]["name"] for o in yaml.safe_load_all(manifest.read_text()) if o["kind"] == "Pod"]
     assert sorted(pods) == sorted(f"{release}-agent-{t}" for t in tokens)
-    worker_pods = [p for p in pods if "-triggerer-" not in p]
+    worker_pods = [p for p in pods if "-triggerer-" not in p and "-dag-processor-" not in p]
 
-    # Work is queued before any agent exists: the first lease measures the agents' own start.
-    plane.wait_dag("remote_fan_out_fan_in")
-    fan_run = plane.trigger("remote_fan_out_fan_in")
-    queues_run = plane.trigger("remote_two_queues")
     played = dt.datetime.now(dt.timezone.utc)
     try:
         podman("kube", "play", "--network", net, str(manifest))
+        # The plane knows the DAGs only once the chart's dag-processor pod has parsed and sent them.
+        plane.wait_dag("remote_fan_out_fan_in", timeout=300)
+        print(f"kube play -> DAGs parsed by the dag-processor pod: "
+              f"{(dt.datetime.now(dt.timezone.utc) - played).total_seconds():.1f} s")
+        triggered = dt.datetime.now(dt.timezone.utc)
+        fan_run = plane.trigger("remote_fan_out_fan_in")
+        queues_run = plane.trigger("remote_two_queues")
 
         def all_registered():
             agents = plane.api("GET", "/remote_execution/v1/admin/agents").json()
@@ -190,15 +201,15 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
         assert by_task["transform"] == f"{release}-analytics-0"
         assert by_task["extract"].startswith(f"{release}-default-") and by_task["load"].startswith(f"{release}-default-")
 
-        # Each agent's pod start -> registered -> first lease (its work was queued before it started).
+        # Each agent's container start -> registered, and trigger -> its first lease.
         leases = [*fan, *plane.work_items(dag_id="remote_two_queues", run_id=queues_run)]
         for name, agent in sorted(agents.items()):
             container = f"{release}-agent-{name[len(release) + 1:]}-agent"
             started_at = _iso(json.loads(podman("inspect", container).stdout)[0]["State"]["StartedAt"])
             mine = [_iso(w["leased_at"]) for w in leases if w["agent_name"] == name and w.get("leased_at")]
-            first = f"{(min(mine) - started_at).total_seconds():.1f} s" if mine else "none"
+            first = f"{(min(mine) - triggered).total_seconds():.1f} s" if mine else "none"
             print(f"{name}: container start -> registered {(_iso(agent['registered_at']) - started_at).total_seconds():.1f}"
-                  f" s -> first lease {first} (kube play -> container start {(started_at - played).total_seconds():.1f} s)")
+                  f" s (kube play -> container start {(started_at - played).total_seconds():.1f} s); trigger -> its first lease {first}")
 
         # The sentinel answers inside the pod, on the port the probes use: /healthz (liveness) and /readyz.
         def probe(pod: str, container: str, path: str) -> dict:
@@ -255,7 +266,7 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
 
         def delete(pod: str) -> str:
             t0 = time.monotonic()
-            if pod not in worker_pods:  # the triggerer's pod has no preStop hook
+            if pod not in worker_pods:  # the triggerer's and dag processor's pods have no preStop hook
                 podman("pod", "stop", "--time", str(grace), pod, check=False, timeout=grace + 30)
                 return f"{pod}: stopped in {time.monotonic() - t0:.1f} s"
             hook = podman("exec", f"{pod}-agent", *pre_stop, check=False, timeout=grace + 10)
