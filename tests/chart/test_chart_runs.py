@@ -60,7 +60,10 @@ def image():
         capture_output=True, text=True, env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}, timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    size = json.loads(podman("image", "inspect", IMAGE).stdout)[0]["Size"]
+    (info,) = json.loads(podman("image", "inspect", IMAGE).stdout)
+    size = info["Size"]
+    assert info["Config"]["User"] == "50000", info["Config"]  # non-root, the official image's airflow user
+    assert info["Config"]["Entrypoint"] == ["airflow", "remote-execution"], info["Config"]
     timings = [line for line in result.stderr.splitlines() if "timings" in line or "ready after" in line]
     print(f"agent image {IMAGE}: {size / 1e6:.0f} MB, built in {time.monotonic() - started:.1f} s; {timings}")
     return IMAGE
@@ -210,6 +213,12 @@ def test_chart_runs_against_a_real_plane(image, network, plane, tmp_path):
             first = f"{(min(mine) - triggered).total_seconds():.1f} s" if mine else "none"
             print(f"{name}: container start -> registered {(_iso(agent['registered_at']) - started_at).total_seconds():.1f}"
                   f" s (kube play -> container start {(started_at - played).total_seconds():.1f} s); trigger -> its first lease {first}")
+
+        # The containers run as rendered: non-root on a read-only root filesystem (the writable volumes suffice).
+        for pod in pods:
+            (container,) = json.loads(podman("inspect", f"{pod}-agent").stdout)
+            assert container["HostConfig"]["ReadonlyRootfs"] is True, pod
+            assert container["Config"]["User"].split(":")[0] == "50000", container["Config"]["User"]
 
         # The sentinel answers inside the pod, on the port the probes use: /healthz (liveness) and /readyz.
         def probe(pod: str, container: str, path: str) -> dict:
