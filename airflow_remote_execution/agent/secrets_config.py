@@ -94,8 +94,13 @@ class SecretsBackendConfig:
     def kwargs_json(self) -> str:
         return json.dumps(self.kwargs, separators=(", ", ": "))
 
+    @property
+    def kwargs_ini(self) -> str:
+        """The kwargs as an airflow.cfg value: Airflow interpolates ``%``, so a literal one is ``%%``."""
+        return self.kwargs_json.replace("%", "%%")
+
     def as_ini(self) -> str:
-        return f"[{SECTION}]\nsecrets_backend = {self.class_path}\nsecrets_backend_kwargs = {self.kwargs_json}\n"
+        return f"[{SECTION}]\nsecrets_backend = {self.class_path}\nsecrets_backend_kwargs = {self.kwargs_ini}\n"
 
     def as_env(self) -> str:
         lines = [
@@ -260,7 +265,7 @@ def _vault(opts: SecretsOptions, config: SecretsBackendConfig, conn: str, var: s
 def write(config: SecretsBackendConfig, cfg_path: Path) -> None:
     """Set ``[workers] secrets_backend`` and ``secrets_backend_kwargs`` in ``cfg_path``, keeping every
     other line (comments included); other ``[workers]`` options stay as they are."""
-    values = {"secrets_backend": config.class_path, "secrets_backend_kwargs": config.kwargs_json}
+    values = {"secrets_backend": config.class_path, "secrets_backend_kwargs": config.kwargs_ini}
     lines = cfg_path.read_text().splitlines() if cfg_path.exists() else []
     header = re.compile(r"^\s*\[([^\]]+)\]\s*$")
     start = next(
@@ -284,9 +289,10 @@ def write(config: SecretsBackendConfig, cfg_path: Path) -> None:
                 lines.insert(insert_at, f"{key} = {value}")
                 end += 1
     text = "\n".join(lines) + "\n"
-    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    parser = configparser.ConfigParser(strict=False)  # interpolating, as Airflow reads the file
     try:
         parser.read_string(text)
+        parser.get(SECTION, "secrets_backend_kwargs")
     except configparser.Error as e:
         raise SecretsConfigError(f"{cfg_path} would not parse after the edit ({e}); fix it by hand") from None
     if parser.get(SECTION, "secrets_backend_kwargs") != config.kwargs_json:

@@ -136,6 +136,21 @@ def test_other_backends_config():
     assert k8s.kwargs["kubernetes_jwt_path"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
+def test_a_percent_in_a_kwarg_is_written_as_airflow_reads_it(tmp_path):
+    """Airflow interpolates airflow.cfg: a literal '%' is '%%' there (unescaped, Airflow could not read the
+    option at all: "'%' must be followed by '%' or '('"), and as-is in an environment variable."""
+    import configparser
+
+    config = build(SecretsOptions("aws", region="eu-west-1", connections_prefix="team%a/conns"))
+    cfg = tmp_path / "airflow.cfg"
+    write(config, cfg)
+    for text in (cfg.read_text(), config.as_ini()):
+        parser = configparser.ConfigParser()  # as AirflowConfigParser: BasicInterpolation
+        parser.read_string(text)
+        assert json.loads(parser.get("workers", "secrets_backend_kwargs"))["connections_prefix"] == "team%a/conns"
+    assert "team%a/conns" in config.as_env()
+
+
 def test_write_keeps_the_rest_of_airflow_cfg(tmp_path):
     cfg = tmp_path / "airflow.cfg"
     cfg.write_text(
