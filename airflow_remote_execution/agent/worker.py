@@ -116,6 +116,8 @@ class AgentWorker:
             return
         self.name = reply.name
         self.queues = reply.queues
+        for warning in reply.warnings:
+            log.warning("The plane says: %s", warning)
         self.heartbeat_interval = reply.heartbeat_interval
         self.long_poll_wait = reply.long_poll_wait
         log.info(

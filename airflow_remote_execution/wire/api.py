@@ -99,6 +99,7 @@ class RegisterResponse(BaseModel):
     heartbeat_interval: float
     long_poll_wait: float
     core_executor: str = Field(default="", description="The plane's [core] executor setting.")
+    warnings: list[str] = Field(default_factory=list, description="What the agent should log at start.")
 
 
 class HeartbeatRequest(Strict):

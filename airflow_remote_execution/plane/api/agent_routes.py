@@ -98,9 +98,32 @@ async def register(body: RegisterRequest, authorization: Authorization = None) -
                 heartbeat_interval=config.getfloat("heartbeat_interval"),
                 long_poll_wait=config.getfloat("long_poll_wait"),
                 core_executor=conf.get("core", "executor", fallback=""),
+                warnings=_starved_by_bundles(session, token, agent),
             )
 
     return await run_in_threadpool(run)
+
+
+def _starved_by_bundles(session, token: AgentTokenModel, agent: AgentModel) -> list[str]:
+    """Queued work on the agent's queues that it will never lease, because its bundle is parsed by agents
+    and this token does not allow it: said at registration, or the agent would poll and wait silently."""
+    from sqlalchemy import func, select
+
+    refused = parsing.bundles_refused_to(session, token)
+    if not refused:
+        return []
+    rows = session.execute(
+        select(WorkItemModel.bundle, func.count())
+        .where(WorkItemModel.state == "queued", WorkItemModel.queue.in_(list(agent.queues)),
+               WorkItemModel.bundle.in_(refused))
+        .group_by(WorkItemModel.bundle)
+    ).all()
+    return [
+        f"{count} queued work item(s) on this agent's queues belong to DAG bundle {bundle!r}, which agents parse "
+        f"and token {token.id} does not allow: this agent will not run them (create its token with "
+        f"--bundles {bundle} if it should; docs/dag-processing.md)"
+        for bundle, count in sorted(rows)
+    ]
 
 
 @agent_router.post("/agents/heartbeat", response_model=HeartbeatResponse)
