@@ -245,24 +245,3 @@ def test_database_range_errors_are_422_not_500(client, agent, monkeypatch):
         assert s.get(WorkItemModel, agent["work_id"]).state == "leased"
 
 
-@pytest.fixture(scope="module")
-def airflow_tables(sqlite_engine):
-    """Airflow's own tables (parsing and trigger routes use them), emptied after this module."""
-    from sqlalchemy import delete
-
-    from airflow.models import import_all_models
-    from airflow.models.base import Base
-
-    from airflow_remote_execution.models.tables import AgentTriggererModel
-
-    def wipe() -> None:  # job ids restart: triggerer rows (not wiped by airflow_db) would clash
-        with sqlite_engine.begin() as conn:
-            conn.execute(delete(AgentTriggererModel))
-            for table in reversed(Base.metadata.sorted_tables):
-                conn.execute(delete(table))
-
-    import_all_models()
-    Base.metadata.create_all(sqlite_engine)
-    wipe()
-    yield
-    wipe()
