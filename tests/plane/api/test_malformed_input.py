@@ -243,5 +243,3 @@ def test_database_range_errors_are_422_not_500(client, agent, monkeypatch):
     assert "UPDATE" not in detail  # the statement is not echoed
     with create_session() as s:
         assert s.get(WorkItemModel, agent["work_id"]).state == "leased"
-
-
