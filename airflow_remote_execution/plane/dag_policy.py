@@ -65,14 +65,10 @@ def _watchers(node: Any) -> Iterator[dict]:
             yield from _watchers(value)
 
 
-def _remote_executor_names() -> tuple[frozenset[str], bool]:
-    from airflow_remote_execution.plane.triggers import _remote_executor_names
-
-    return _remote_executor_names()
-
-
 def _check_executor(dag_id: str, field: str, executor: Any) -> None:
-    names, remote_is_default = _remote_executor_names()
+    from airflow_remote_execution.plane.triggers import remote_executor_names  # Airflow's executor loader: lazily
+
+    names, remote_is_default = remote_executor_names()
     if executor is None and remote_is_default:
         return
     if executor in names:

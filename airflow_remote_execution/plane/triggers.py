@@ -71,7 +71,7 @@ def _alive_job_ids(now: datetime):
 
 
 @cache
-def _remote_executor_names() -> tuple[frozenset[str], bool]:
+def remote_executor_names() -> tuple[frozenset[str], bool]:
     """How task instances name RemoteExecutor (``ti.executor``), and whether it is the default (None)."""
     from airflow.executors.executor_loader import ExecutorLoader
 
@@ -85,7 +85,7 @@ def _remote_executor_names() -> tuple[frozenset[str], bool]:
 
 
 def _runs_remotely():
-    names, default = _remote_executor_names()
+    names, default = remote_executor_names()
     clause = TaskInstance.executor.in_(names)
     return or_(clause, TaskInstance.executor.is_(None)) if default else clause
 
