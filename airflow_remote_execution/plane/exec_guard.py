@@ -166,17 +166,22 @@ def load_grant(work_id: int, fence: int, token_id: str) -> Grant:
         )
 
 
+def _remember(store: dict, key, seconds: float, load):
+    """``load()``'s value, reused for ``seconds`` (per process; the store is emptied past 10,000 keys)."""
+    now = time.monotonic()
+    hit = store.get(key)
+    if hit is not None and now - hit[0] < seconds:
+        return hit[1]
+    value = load()
+    if len(store) > 10_000:
+        store.clear()
+    store[key] = (now, value)
+    return value
+
+
 def grant_for(claims: dict) -> Grant:
     key = (int(claims["rex_work"]), int(claims["rex_fence"]), str(claims["rex_token"]))
-    now = time.monotonic()
-    hit = _cache.get(key)
-    if hit is not None and now - hit[0] < CACHE_SECONDS:
-        return hit[1]
-    grant = load_grant(*key)
-    if len(_cache) > 10_000:
-        _cache.clear()
-    _cache[key] = (now, grant)
-    return grant
+    return _remember(_cache, key, CACHE_SECONDS, lambda: load_grant(*key))
 
 
 _bundles_of_dags: dict[str, tuple[float, str | None]] = {}
@@ -189,16 +194,11 @@ def _dag_bundle(dag_id: str) -> str | None:
     from airflow.models.dag import DagModel
     from airflow.utils.session import create_session
 
-    now = time.monotonic()
-    hit = _bundles_of_dags.get(dag_id)
-    if hit is not None and now - hit[0] < 60:
-        return hit[1]
-    with create_session() as session:
-        bundle = session.scalar(select(DagModel.bundle_name).where(DagModel.dag_id == dag_id))
-    if len(_bundles_of_dags) > 10_000:
-        _bundles_of_dags.clear()
-    _bundles_of_dags[dag_id] = (now, bundle)
-    return bundle
+    def load() -> str | None:
+        with create_session() as session:
+            return session.scalar(select(DagModel.bundle_name).where(DagModel.dag_id == dag_id))
+
+    return _remember(_bundles_of_dags, dag_id, 60, load)
 
 
 def dag_allowed(grant: Grant, dag_id: str) -> bool:
