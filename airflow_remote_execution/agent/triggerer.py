@@ -6,10 +6,13 @@ job-less hooks going to the Remote Execution API instead of the metadata DB.
   the answer lists every trigger this triggerer owns and the RunTrigger workloads of new ones.
 * ``on_trigger_event`` / ``on_trigger_failure`` post to the plane, which calls Airflow's
   ``Trigger.submit_event`` / ``submit_failure``. A 409 means the trigger was reassigned: dropped.
+* A trigger's other requests to its supervisor (task-instance and DAG-run counts and states, previous
+  task instances, XCom reads, HITL details, asset state store) go to the plane's
+  ``/v1/triggerers/{id}/execution/...``, which scopes them to this triggerer's triggers and its token's
+  bundles and serves them with Airflow's execution API, as the stock triggerer does in-process.
 * Connections and variables for triggers come from the agent's own secrets backends and
   ``AIRFLOW_CONN_*`` / ``AIRFLOW_VAR_*`` (the trigger process looks there first); the supervisor's
-  fallback answers "not found" because the agent has no metadata DB and a trigger has no
-  execution-API token.
+  fallback answers "not found" without asking the plane.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 
 import attrs
 import httpx
+import requests
 
 from airflow.executors import workloads
 from airflow.jobs.triggerer_job_runner import TriggerLoggingFactory, TriggerRunnerSupervisor
@@ -43,20 +47,39 @@ def encode_event(event) -> dict:
     return {"payload": serialize(event.payload)}
 
 
-def _not_found_transport() -> httpx.MockTransport:
-    def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(
-            404,
-            json={
-                "detail": {
-                    "reason": "not_found",
-                    "message": "Agent triggerers read connections and variables from the agent's secrets "
-                    "backends and AIRFLOW_CONN_*/AIRFLOW_VAR_* only",
-                }
-            },
-        )
+_FORWARDED = ("content-type", "accept", "airflow-api-version")
 
-    return httpx.MockTransport(answer)
+
+class PlaneTransport(httpx.BaseTransport):
+    """The trigger supervisor's execution-API client, through the plane's triggerer route: connections and
+    variables answered "not found" here (the agent's own backends were asked first), the rest forwarded
+    with the agent's token over the PlaneClient's session (TLS, proxy, retries)."""
+
+    def __init__(self, plane: PlaneClient, triggerer_id) -> None:
+        self.plane = plane
+        self.triggerer_id = triggerer_id  # a callable: the id changes when the triggerer registers again
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path.lstrip("/")
+        if path == "variables/keys":
+            return httpx.Response(200, json={"keys": [], "total_entries": 0})
+        if path.startswith(("connections/", "variables/")):
+            return httpx.Response(404, json={"detail": {"reason": "not_found", "message": (
+                "Agent triggerers read connections and variables from the agent's secrets backends and "
+                "AIRFLOW_CONN_*/AIRFLOW_VAR_* only")}})
+        url = f"{self.plane.base}/triggerers/{self.triggerer_id()}/execution/{path}"
+        if request.url.query:
+            url += "?" + request.url.query.decode("ascii")
+        headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}
+        try:
+            answer = self.plane.http.request(
+                request.method, url, data=request.read() or None, headers=headers,
+                timeout=self.plane.timeout, verify=self.plane.verify,
+            )
+        except requests.RequestException as e:
+            raise httpx.ConnectError(f"Plane not reachable at {self.plane.base}: {type(e).__name__}") from None
+        kept = {k: v for k, v in answer.headers.items() if k.lower() == "content-type"}
+        return httpx.Response(answer.status_code, headers=kept, content=answer.content)
 
 
 @attrs.define(kw_only=True)
@@ -78,8 +101,9 @@ class AgentTriggerRunnerSupervisor(TriggerRunnerSupervisor):
     def make_client(self):
         from airflow.sdk.api.client import Client
 
-        client = Client(base_url=None, token="", dry_run=True, transport=_not_found_transport())
-        client.base_url = "http://agent-has-no-execution-api.invalid./"
+        client = Client(base_url=None, token="", dry_run=True,
+                        transport=PlaneTransport(self.plane, lambda: self.triggerer_id))
+        client.base_url = "http://plane-via-triggerer-route.invalid./"
         return client
 
     def heartbeat(self) -> None:

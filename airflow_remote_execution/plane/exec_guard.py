@@ -25,6 +25,10 @@ request that carries a bound token, before Airflow sees it:
   task instance.
 
 Requests with unbound tokens (other executors' workers, Airflow's own triggerer) pass unchanged.
+Triggers such a request creates (an agent's task deferring) are **parked**: their ``queue`` becomes
+:data:`AGENTS_ONLY_QUEUE`, whatever the agent asked, so a stock ``airflow triggerer`` on the plane never
+runs them (it takes only triggers without a queue or of its ``--queues``); agent triggerers claim them by
+the task's queue (``plane/triggers.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache
 from urllib.parse import parse_qs
@@ -46,8 +51,10 @@ from airflow_remote_execution import config
 EXECUTION_PREFIX = "/execution/"
 CACHE_SECONDS = 1.0
 CLAIMS = ("rex_work", "rex_fence", "rex_token")
+AGENTS_ONLY_QUEUE = "remote-execution:agents-only"  # Trigger.queue of triggers agents' tasks created
+_SERVING_BOUND: ContextVar[bool] = ContextVar("rex_serving_bound_token", default=False)
 _WRITE = {"POST", "PUT", "PATCH", "DELETE"}
-_TI_ROUTES = re.compile(r"^(?:task-instances|hitlDetails|task-reschedules|store/ti)/([0-9a-fA-F-]{32,36})(?:/|$)")
+TI_ROUTES = re.compile(r"^(?:task-instances|hitlDetails|task-reschedules|store/ti)/([0-9a-fA-F-]{32,36})(?:/|$)")
 _DAG_ROUTES = re.compile(r"^(?:dag-runs|dags|task-instances/previous)/([^/]+)")
 _DAG_QUERY_ROUTES = {"dag-runs/count", "dag-runs/previous", "task-instances/count", "task-instances/states",
                      "task-instances/breadcrumbs"}
@@ -222,7 +229,7 @@ def refusal(grant: Grant, method: str, path: str, query: str) -> tuple[int, str]
             "or as AIRFLOW_CONN_*/AIRFLOW_VAR_* on the agent, or allow this queue or bundle in the plane's "
             "[remote_execution] serve_plane_secrets_to_agents"
         )
-    if m := _TI_ROUTES.match(path):
+    if m := TI_ROUTES.match(path):
         if m.group(1).replace("-", "") != (grant.ti_id or "").replace("-", ""):
             return 403, "This token may act only on its own task instance"
         return None
@@ -262,6 +269,26 @@ def _other_dag(dag_id: str) -> str:
 # ------------------------------------------------------------------------------------------- middleware
 
 
+def _park_agents_triggers(session, _flush_context, _instances) -> None:
+    """``before_flush``: a Trigger inserted while a bound request is served gets :data:`AGENTS_ONLY_QUEUE`."""
+    if not _SERVING_BOUND.get():
+        return
+    from airflow.models.trigger import Trigger
+
+    for obj in session.new:
+        if isinstance(obj, Trigger):
+            obj.queue = AGENTS_ONLY_QUEUE
+
+
+def park_agents_triggers() -> None:
+    """Install :func:`_park_agents_triggers` on every Session of this process (idempotent)."""
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    if not event.contains(Session, "before_flush", _park_agents_triggers):
+        event.listen(Session, "before_flush", _park_agents_triggers)
+
+
 def _bearer(scope: Scope) -> str | None:
     for name, value in scope.get("headers") or ():
         if name == b"authorization":
@@ -275,6 +302,7 @@ class ExecutionApiGuard:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        park_agents_triggers()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
@@ -307,4 +335,8 @@ class ExecutionApiGuard:
                     headers["refreshed-api-token"] = rebind(fresh, claims)
             await send(message)
 
-        await self.app(scope, receive, send_rebound)
+        marker = _SERVING_BOUND.set(True)
+        try:
+            await self.app(scope, receive, send_rebound)
+        finally:
+            _SERVING_BOUND.reset(marker)

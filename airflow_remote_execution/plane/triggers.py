@@ -12,6 +12,18 @@ its capacity. Claims are conditional updates (``triggerer_id`` still free or dea
 ``FOR UPDATE SKIP LOCKED`` on PostgreSQL so api-servers racing for the same rows do not block.
 Events and failures go through Airflow's ``Trigger.submit_event``/``submit_failure``, so a task
 resumes exactly as with the stock triggerer.
+
+Triggers that agents' tasks create (through an execution-API token bound to a lease) are **parked** by
+``exec_guard``: their ``queue`` is set to :data:`AGENTS_ONLY_QUEUE` as they are inserted, so a stock ``airflow triggerer`` on the
+plane (which takes only triggers without a queue, or of the queues given with ``--queues``) never imports
+their class paths; agent triggerers claim parked triggers by the task's queue, never by a queue the agent
+wrote.
+
+A running trigger's requests to its supervisor (task-instance and DAG-run counts and states, previous task
+instances, XCom reads, HITL details, asset state store reads) reach the plane through
+``/v1/triggerers/{id}/execution/...``: :func:`execution_refusal` scopes them as ``exec_guard`` scopes a
+task's (DAGs of the triggerer's own triggers, their bundles, the token's bundles), read-only except a HITL
+answer to its own trigger's task, then Airflow's in-process execution API (the stock triggerer's) serves them.
 """
 
 from __future__ import annotations
@@ -32,7 +44,9 @@ from airflow.models.trigger import Trigger
 from airflow.sdk import timezone
 from airflow.utils.state import TaskInstanceState
 
+from airflow_remote_execution.plane import exec_guard
 from airflow_remote_execution.plane.agents import AgentForbidden
+from airflow_remote_execution.plane.exec_guard import AGENTS_ONLY_QUEUE
 from airflow_remote_execution.plane.leases import LeaseConflict
 from airflow_remote_execution.models import AgentModel, AgentTokenModel
 from airflow_remote_execution.models.tables import AgentTriggererModel
@@ -91,7 +105,9 @@ def _runs_remotely():
 
 
 def _in_queues(queues: list[str]):
-    return or_(Trigger.queue.in_(queues), and_(Trigger.queue.is_(None), TaskInstance.queue.in_(queues)))
+    """Parked triggers and those without a queue go by the task's queue (the plane's); others by their own."""
+    by_task = or_(Trigger.queue.is_(None), Trigger.queue == AGENTS_ONLY_QUEUE)
+    return or_(and_(~by_task, Trigger.queue.in_(queues)), and_(by_task, TaskInstance.queue.in_(queues)))
 
 
 # ------------------------------------------------------------------ triggerer lifecycle
@@ -327,3 +343,60 @@ def submit_event(session: Session, row: AgentTriggererModel, trigger_id: int, da
 def submit_failure(session: Session, row: AgentTriggererModel, trigger_id: int, traceback: list[str] | None) -> None:
     _owned_by(session, row, trigger_id)
     Trigger.submit_failure(trigger_id=trigger_id, exc=traceback, session=session)
+
+
+# ------------------------------------------------------------------ requests of running triggers
+
+_READ_ONLY = (
+    "Agent triggerers have read-only access to the plane (task-instance and DAG-run counts and states, "
+    "previous task instances, XComs, asset state store); only a HITL answer to its own trigger's task is "
+    "written. Connections and Variables come from the agent's secrets backends"
+)
+
+
+def _owned_tis(session: Session, job_id: int) -> list[tuple[str, str]]:
+    """(task instance id without dashes, DAG id) of every trigger this triggerer owns."""
+    rows = session.execute(
+        select(TaskInstance.id, TaskInstance.dag_id)
+        .join(Trigger, TaskInstance.trigger_id == Trigger.id)
+        .where(Trigger.triggerer_id == job_id)
+    )
+    return [(str(ti_id).replace("-", ""), dag_id) for ti_id, dag_id in rows]
+
+
+def execution_refusal(
+    session: Session, token: AgentTokenModel, row: AgentTriggererModel, method: str, path: str, query: str
+) -> tuple[int, str] | None:
+    """(status, message) refusing a running trigger's execution-API request, or None to serve it. ``path``
+    is relative to the execution API. The DAGs it may read are exec_guard's rule for a task: those of its
+    own triggers' tasks, of their bundles, and of the bundles its agent token allows."""
+    from airflow.models.dag import DagModel
+
+    owned = _owned_tis(session, row.job_id)
+    if m := exec_guard.TI_ROUTES.match(path):
+        if not path.startswith("hitlDetails/") or m.group(1).replace("-", "") not in {ti for ti, _ in owned}:
+            return 403, "An agent triggerer may act on a task instance only through the HITL details of its own triggers' tasks"
+        return None if method in ("GET", "PATCH") else (403, _READ_ONLY)
+    if method != "GET":
+        return 403, _READ_ONLY
+    dag_ids = {dag_id for _, dag_id in owned}
+    own_bundles = session.scalars(select(DagModel.bundle_name).where(DagModel.dag_id.in_(dag_ids))) if dag_ids else []
+    bundles = frozenset({*(token.bundles or ()), *own_bundles} - {None})
+    return exec_guard.refusal(exec_guard.Grant(dead=None, bundles=bundles), method, path, query)
+
+
+@cache
+def _execution_api():
+    """Airflow's in-process execution API, as the stock triggerer's supervisor uses it (its own auth off:
+    :func:`execution_refusal` has decided)."""
+    import httpx
+
+    from airflow.api_fastapi.execution_api.app import in_process_api_server
+
+    return httpx.Client(transport=in_process_api_server().transport, base_url="http://in-process.invalid./")
+
+
+def serve_execution(method: str, path: str, query: str, body: bytes, headers: dict[str, str]):
+    """Serve a trigger's (already scoped) request with Airflow's execution API; returns the httpx response."""
+    url = "/" + path + (f"?{query}" if query else "")
+    return _execution_api().request(method, url, content=body or None, headers=headers)

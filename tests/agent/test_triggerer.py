@@ -1,9 +1,11 @@
 """Agent triggerer pieces that need no plane: the event wire form (round trip through the plane's
-decoder, Airflow serde on both sides) and the supervisor's DB-less client for connections/variables."""
+decoder, Airflow serde on both sides) and the supervisor's client answering connections/variables itself
+(the plane is not asked: there is none here)."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import pytest
 
@@ -44,8 +46,9 @@ def test_unserializable_payload_is_refused_on_the_agent():
 
 def test_supervisor_fallback_for_connections_and_variables_is_not_found():
     """The trigger process reads the agent's secrets backends first; the supervisor has no DB to fall back to."""
-    client = AgentTriggerRunnerSupervisor.make_client(None)
+    client = AgentTriggerRunnerSupervisor.make_client(SimpleNamespace(plane=None, triggerer_id=1))
     conn = client.connections.get("my_conn")
     var = client.variables.get("my_var")
     assert isinstance(conn, ErrorResponse) and conn.error == ErrorType.CONNECTION_NOT_FOUND
     assert isinstance(var, ErrorResponse) and var.error == ErrorType.VARIABLE_NOT_FOUND
+    assert client.variables.keys(prefix="x").keys == []

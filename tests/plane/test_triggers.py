@@ -383,3 +383,100 @@ def test_routes_fuzzed_from_their_openapi_never_answer_5xx(sqlite_adb):
             assert response.status_code < 500, f"{case.method} {case.formatted_path} -> {response.text}"
 
         call()
+
+
+# ------------------------------------------------------------------ agents' triggers are parked
+
+
+def _defer_as_agents_task(db, task_id: str, asked_queue: str | None) -> int:
+    """A deferral served for a bound execution-API token (an agent's task), the agent asking for ``asked_queue``."""
+    from airflow_remote_execution.plane import exec_guard
+
+    exec_guard.park_agents_triggers()
+    marker = exec_guard._SERVING_BOUND.set(True)
+    try:
+        return deferred(db, task_id, trigger_queue=asked_queue)
+    finally:
+        exec_guard._SERVING_BOUND.reset(marker)
+
+
+def test_triggers_agents_tasks_create_are_parked_away_from_the_stock_triggerer(adb):
+    parked = _defer_as_agents_task(adb, "from_agent", asked_queue=None)
+    steered = _defer_as_agents_task(adb, "steered", asked_queue="gpu")  # an agent cannot pick the queue
+    planes = deferred(adb, "from_plane")  # created without a bound token: not parked
+    with adb.session() as s:
+        queues = dict(s.execute(select(Trigger.id, Trigger.queue)).all())
+        stock = Job(job_type="TriggererJob", state="running")
+        s.add(stock)
+        s.flush()
+        stock_id = stock.id
+    assert queues == {parked: triggers.AGENTS_ONLY_QUEUE, steered: triggers.AGENTS_ONLY_QUEUE, planes: None}
+
+    # The stock triggerer (no --queues, or --queues naming real queues) never takes a parked trigger.
+    with adb.session() as s:
+        Trigger.assign_unassigned(stock_id, 100, 30, session=s)
+        Trigger.assign_unassigned(stock_id, 100, 30, queues={"default", "gpu"}, session=s)
+    assert (owner(adb, parked), owner(adb, steered), owner(adb, planes)) == (None, None, stock_id)
+
+    # Agent triggerers claim parked triggers by the task's queue (the plane's), not the one the agent asked.
+    assert sync(adb, triggerer(adb, "agent-g", ["gpu"])).assigned == []
+    assert sync(adb, triggerer(adb, "agent-d", ["default"])).assigned == sorted([parked, steered])
+
+
+# ------------------------------------------------------------------ what running triggers may ask the plane
+
+
+def _other_dag(s, dag_id: str, bundle: str) -> None:
+    if s.get(DagBundleModel, bundle) is None:
+        s.add(DagBundleModel(name=bundle))
+        s.flush()
+    s.add(DagModel(dag_id=dag_id, bundle_name=bundle, relative_fileloc=f"{dag_id}.py", max_active_tasks=16,
+                   max_consecutive_failed_dag_runs=0, has_task_concurrency_limits=False))
+
+
+def test_a_triggers_reads_are_scoped_to_its_own_dags_bundles_and_its_tokens(adb):
+    trigger = deferred(adb, "t")
+    with adb.session() as s:
+        _other_dag(s, "same_bundle_dag", "bundle")
+    job = triggerer(adb, "agent-a", ["default"])
+    with adb.session() as s:
+        _other_dag(s, "team_b_dag", "team_b")
+        _other_dag(s, "team_c_dag", "team_c")
+    assert sync(adb, job).assigned == [trigger]
+    own_ti = str(ti_row(adb, "t").id)
+
+    def decide(method: str, path: str, query: str = ""):
+        with adb.session() as s:
+            token = s.get(AgentTokenModel, _token_of_job[job])
+            return triggers.execution_refusal(s, token, triggers.for_agent(s, token, job), method, path, query)
+
+    # Its own DAG and its bundle's: every read a trigger makes.
+    for path, query in [
+        ("task-instances/count", f"dag_id={DAG}&states=success"),
+        ("task-instances/states", "dag_id=same_bundle_dag"),
+        ("dag-runs/count", f"dag_id={DAG}"),
+        (f"dag-runs/{DAG}/r1/state", ""),
+        (f"task-instances/previous/{DAG}/t", ""),
+        (f"xcoms/{DAG}/r1/t/return_value", "map_index=-1"),
+        (f"hitlDetails/{own_ti}", ""),
+        ("store/asset/by-name/value", "name=a&key=k"),
+    ]:
+        assert decide("GET", path, query) is None, path
+    # Another team's DAG: refused, unless the token allows its bundle.
+    for path, query in [("task-instances/count", "dag_id=team_b_dag"), ("dag-runs/team_b_dag/r/state", ""),
+                        ("xcoms/team_b_dag/r/t/k", ""), ("task-instances/previous/team_b_dag/t", "")]:
+        assert decide("GET", path, query)[0] == 403, path
+    assert decide("GET", "task-instances/count", "dag_id=team_c_dag")[0] == 403
+    with adb.session() as s:
+        s.execute(update(AgentTokenModel).where(AgentTokenModel.id == _token_of_job[job]).values(bundles=["team_c"]))
+    assert decide("GET", "task-instances/count", "dag_id=team_c_dag") is None
+    assert decide("GET", "task-instances/count", "dag_id=team_b_dag")[0] == 403
+    # Read-only, except the HITL answer to its own trigger's task; no other task instance; no plane secrets.
+    assert decide("PATCH", f"hitlDetails/{own_ti}") is None
+    assert decide("GET", f"hitlDetails/{uuid.uuid4()}")[0] == 403
+    assert decide("PATCH", f"task-instances/{own_ti}/state")[0] == 403
+    for method, path in [("POST", f"xcoms/{DAG}/r1/t/k"), ("DELETE", f"xcoms/{DAG}/r1/t/k"), ("PUT", "variables/v"),
+                         ("POST", f"dag-runs/{DAG}/new"), ("PUT", "store/asset/by-name/value")]:
+        assert decide(method, path)[0] == 403, path
+    assert decide("GET", "connections/c")[0] == 404
+    assert decide("GET", "variables/v")[0] == 404

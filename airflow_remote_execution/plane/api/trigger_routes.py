@@ -1,4 +1,5 @@
-"""Routes agent triggerers call: register, sync (heartbeat + claim), events, failures, stop.
+"""Routes agent triggerers call: register, sync (heartbeat + claim), events, failures, stop, and the
+execution-API requests of their running triggers.
 
 The agent is the bearer token's; a triggerer id is accepted only from the agent that registered it.
 """
@@ -7,8 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, Response
 
 from airflow_remote_execution.plane import parsing, triggers
 from airflow_remote_execution.plane.api.agent_routes import ERRORS, Authorization, _bearer
@@ -96,3 +98,31 @@ async def failure(trigger_id: Id, body: TriggerFailureRequest, authorization: Au
         return TriggerAck(trigger_id=trigger_id, accepted=True)
 
     return await _run(authorization, run)
+
+
+# Headers of a trigger's request that reach Airflow's execution API (its API version picks the schema).
+_FORWARDED = ("content-type", "accept", "airflow-api-version")
+
+
+@trigger_router.api_route(
+    "/triggerers/{triggerer_id}/execution/{path:path}", methods=["GET", "PATCH", "PUT", "POST", "DELETE"]
+)
+async def execution(triggerer_id: Id, path: str, request: Request, authorization: Authorization = None) -> Response:
+    """A running trigger's request to its supervisor (task-instance and DAG-run counts and states, previous
+    task instances, XCom reads, HITL details...), served by Airflow's execution API as for the stock
+    triggerer, scoped to this triggerer's triggers and its token's bundles; read-only."""
+    body = await request.body()
+    query = request.url.query
+
+    def check(session, token):
+        row = triggers.for_agent(session, token, triggerer_id)
+        return triggers.execution_refusal(session, token, row, request.method, path, query)
+
+    refused = await _run(authorization, check)
+    if refused is not None:
+        status, message = refused
+        return JSONResponse({"detail": {"reason": "remote_execution", "message": message}}, status)
+    headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}
+    answer = await run_in_threadpool(triggers.serve_execution, request.method, path, query, body, headers)
+    kept = {k: v for k, v in answer.headers.items() if k.lower() in ("content-type",)}
+    return Response(answer.content, answer.status_code, headers=kept)
