@@ -226,6 +226,27 @@ def get_provider_info() -> dict:
                         "float",
                         "10",
                     ),
+                    "plane_task_logs": _opt(
+                        "Without ``[logging] remote_logging``: agents send their tasks' logs to the plane "
+                        "through the Remote Execution API (while tasks run, every ``log_upload_interval`` s, "
+                        "and when they end) and the plane keeps them in its database, where the UI reads "
+                        "them. Log text then leaves the agent's infrastructure. ``False`` on an agent: it sends "
+                        "none (the UI shows no log of its tasks); ``False`` on the plane: it refuses them.",
+                        "boolean",
+                        "True",
+                    ),
+                    "task_log_max_size": _opt(
+                        "Plane: the most bytes of one task try's log it keeps from agents "
+                        "(``plane_task_logs``); the rest is dropped and the log says so.",
+                        "integer",
+                        "10485760",
+                    ),
+                    "task_log_retention": _opt(
+                        "Plane: seconds it keeps task logs agents sent (``plane_task_logs``); older ones are "
+                        "deleted.",
+                        "integer",
+                        "2592000",
+                    ),
                     # --- sentinel (beside the agent) ---
                     "status_file": _opt(
                         "Where the agent writes its status for the sentinel (JSON, rewritten every "

@@ -1,6 +1,13 @@
 """
-Partial uploads of running tasks' logs to the customer's object storage, so the plane's UI can show
-a task's log while it runs without ever connecting to the agent (outbound-only).
+Task logs to where the plane's UI reads them, while tasks run and when they end, without the plane ever
+connecting to the agent (outbound-only). Two ways, by configuration:
+
+* ``[logging] remote_logging`` on: partial uploads to the customer's object storage (:class:`LogShipper`);
+* otherwise (and ``[remote_execution] plane_task_logs``, the default): each task's log is sent to the
+  plane log store through the Remote Execution API (:class:`PlaneLogSender`); the log text then leaves
+  the agent's infrastructure.
+
+Object storage:
 
 Airflow's Task SDK uploads a task's log once, when its supervisor finishes, through the provider's
 remote-log IO (``S3RemoteLogIO``, ``GCSRemoteLogIO``, ``WasbRemoteLogIO``). That upload *appends* the
@@ -17,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +50,8 @@ class TaskLog:
 
     relative_path: str
     active: bool  # False once the task process is gone: Airflow's final upload takes over
+    work_id: int = 0  # the lease it runs under (for the plane log store)
+    fence: int = 0
 
 
 class LogShipper:
@@ -126,6 +136,121 @@ class LogShipper:
                 f.write(carry)
 
 
+class PlaneLogSender:
+    """Sends each task's log to the plane log store (``POST /v1/work/{id}/log``): every ``interval`` seconds
+    the complete lines written since the last piece (``interval`` 0: none while the task runs), and once
+    the task is gone from the running work, the rest. The local file is left as it is (the sent offset is
+    kept per lease); the plane keeps each byte once, so a piece whose answer was lost is simply sent again.
+    """
+
+    POLL = 0.5  # seconds between looks for tasks that ended (their last lines go at once)
+
+    def __init__(
+        self,
+        client,
+        tasks: Callable[[], Iterable[TaskLog]],
+        base_log_folder: Path,
+        interval: float,
+        stop: threading.Event,
+    ) -> None:
+        self.client = client
+        self.tasks = tasks
+        self.base_log_folder = Path(base_log_folder)
+        self.interval = interval
+        self.stop = stop
+        self.sent: dict[tuple[int, int], tuple[str, int]] = {}  # (work_id, fence) -> (relative path, offset)
+        self.refused = False  # the plane keeps no logs (plane_task_logs = False there)
+        self._thread = threading.Thread(target=self._loop, name="log-sender", daemon=True)
+
+    def start(self) -> PlaneLogSender:
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        next_round = time.monotonic() + self.interval
+        while not self.stop.wait(self.POLL) and not self.refused:
+            partial = self.interval > 0 and time.monotonic() >= next_round
+            if partial:
+                next_round = time.monotonic() + self.interval
+            try:
+                self.send_once(partial=partial)
+            except Exception:  # noqa: BLE001 - a hiccup must not end log sending for good
+                log.exception("Sending task logs to the plane failed; retrying")
+        if not self.refused:
+            try:
+                self.send_once(partial=False, final=True)  # the agent stops: what is left of every log
+            except Exception:  # noqa: BLE001
+                log.exception("Could not send the rest of the task logs to the plane")
+
+    def send_once(self, partial: bool = True, final: bool = False) -> int:
+        """Send complete new lines of running tasks (if ``partial``) and the rest of the logs of tasks that
+        are gone (all, if ``final``); returns how many bytes of log files the plane now holds more."""
+        running = {(t.work_id, t.fence): t for t in self.tasks() if t.work_id}
+        for key, task in running.items():
+            self.sent.setdefault(key, (task.relative_path, 0))
+        total = 0
+        for key, (path, offset) in list(self.sent.items()):
+            if self.refused:
+                break
+            if key in running and not final:
+                if partial:
+                    total += self._send(key, path, offset, whole=False)
+            else:  # the task ended (its supervisor too): all of it, then forget it
+                total += self._send(key, path, offset, whole=True)
+                self.sent.pop(key, None)
+        return total
+
+    def _send(self, key: tuple[int, int], path: str, offset: int, whole: bool) -> int:
+        from airflow_remote_execution.agent.client import LeaseLost, PlaneError
+        from airflow_remote_execution.wire.task_logs import MAX_PIECE, LogPiece, LogPieceResponse
+
+        work_id, fence = key
+        try:
+            with open(self.base_log_folder / path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return 0  # the supervisor has not created it yet
+        if not whole:
+            data = data[: data.rfind(b"\n") + 1]  # whole lines only while the task writes
+        sent = 0
+        while data:
+            piece = data[:MAX_PIECE]
+            if len(data) > MAX_PIECE and (cut := piece.rfind(b"\n")) >= 0:
+                piece = piece[: cut + 1]
+            body = LogPiece(fence=fence, start=offset, end=offset + len(piece), text=piece.decode("utf-8", "replace"))
+            try:
+                answer = self.client._post(f"/work/{work_id}/log", body, LogPieceResponse)
+            except LeaseLost as e:  # not this lease's any more, or a gap the plane cannot fill
+                log.warning("The plane keeps no more of work %s's log: %s", work_id, e.detail)
+                self.sent.pop(key, None)
+                return sent
+            except PlaneError as e:
+                if e.status == 403:
+                    log.warning("Task logs are not sent to the plane any more: %s", e.detail)
+                    self.refused = True
+                elif e.status in (404, 422):
+                    log.warning("The plane refused a piece of work %s's log: %s", work_id, e.detail)
+                    self.sent.pop(key, None)
+                else:
+                    log.warning("Could not send work %s's log to the plane (%s); retrying", work_id, e.detail)
+                    if whole:  # keep it to send again next time (and at the agent's stop)
+                        self.sent[key] = (path, offset)
+                        raise
+                return sent
+            advanced = max(answer.stored_until, offset + len(piece)) - offset
+            sent += advanced
+            offset += advanced
+            data = data[advanced:]
+            self.sent[key] = (path, offset)
+            if answer.truncated:
+                data = b""
+        return sent
+
+
 def remote_log_io() -> RemoteLogWriter | None:
     """A fresh instance of the remote-log IO the Task SDK resolves from ``[logging]`` (None: no remote logging).
 
@@ -163,11 +288,24 @@ def _warm_up(io: RemoteLogWriter) -> None:
         log.warning("Cannot list the remote log folder %s yet: %s", io.remote_base, e)
 
 
-def start_log_shipper(running: Callable[[], list[TaskLog]], stopped: threading.Event) -> LogShipper | None:
-    """Upload the logs ``running`` names until ``stopped``, if remote logging is on and ``log_upload_interval`` > 0."""
+def start_log_shipper(
+    running: Callable[[], list[TaskLog]], stopped: threading.Event, client=None
+) -> LogShipper | PlaneLogSender | None:
+    """Upload the logs ``running`` names until ``stopped``: to object storage if remote logging is on and
+    ``log_upload_interval`` > 0; without remote logging, to the plane through ``client`` if ``plane_task_logs``."""
+    from airflow.sdk.configuration import conf
+
     from airflow_remote_execution import config
 
     interval = config.getfloat("log_upload_interval")
+    if not conf.getboolean("logging", "remote_logging", fallback=False):
+        if client is None or not config.getboolean("plane_task_logs"):
+            log.info("Task logs stay on this agent: no [logging] remote_logging, and plane_task_logs is off")
+            return None
+        log.info("Sending task logs to the plane's log store (no [logging] remote_logging; every %ss while "
+                 "tasks run); [remote_execution] plane_task_logs = False keeps them here", interval)
+        folder = Path(conf.get("logging", "base_log_folder"))
+        return PlaneLogSender(client, running, folder, max(interval, 0.0), stopped).start()
     if interval <= 0:
         log.info("Partial log uploads are off ([remote_execution] log_upload_interval = %s)", interval)
         return None

@@ -147,7 +147,8 @@ class AgentWorker:
         self.pool = RunnerPool(self.concurrency)
         try:
             self.pool.fill()
-            start_log_shipper(self.task_logs, self.exited)  # partial task-log uploads if remote logging is on; before any fork
+            # Task logs to object storage (remote logging) or the plane's log store; before any fork.
+            start_log_shipper(self.task_logs, self.exited, self.client)
             self.status.publish(self.figures())
             self.register()
             self.status.publish(self.figures())
@@ -234,7 +235,7 @@ class AgentWorker:
             runs = list(self.running.values())
         return [
             # The worker sets slot_released when the task process is gone (the supervisor is finishing up).
-            TaskLog(relative_path=path, active=not run.slot_released and not run.killed)
+            TaskLog(path, not run.slot_released and not run.killed, run.lease.work_id, run.lease.fence)
             for run in runs
             if (path := (run.lease.workload or {}).get("log_path"))
         ]

@@ -132,3 +132,34 @@ class AgentTriggererModel(Base):
     registered_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
 
     __table_args__ = (Index("idx_remote_agent_triggerer_agent", "agent_name"),)
+
+
+class TaskLogChunkModel(Base):
+    """A piece of a task log an agent shipped to the plane (no remote logging configured): the bytes
+    ``start`` to ``start + size`` of the log of one lease (``work_id``, ``fence``) of one task try.
+
+    Unique per lease and offset, so a retried upload (its answer lost) or two api-servers can never store
+    a piece twice. Kept ``task_log_retention`` seconds; what the UI reads for agents' tasks."""
+
+    __tablename__ = "remote_task_log_chunk"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    dag_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    run_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    task_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    map_index: Mapped[int] = mapped_column(Integer, nullable=False)
+    try_number: Mapped[int] = mapped_column(Integer, nullable=False)
+    work_id: Mapped[int] = mapped_column(Integer, nullable=False)  # no foreign key: logs outlive work items
+    fence: Mapped[int] = mapped_column(Integer, nullable=False)
+    start: Mapped[int] = mapped_column(Integer, nullable=False)
+    size: Mapped[int] = mapped_column(Integer, nullable=False)  # bytes of the agent's file this piece covers
+    text: Mapped[str] = mapped_column(Text, nullable=False)
+    agent_name: Mapped[str] = mapped_column(String(250), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+    __table_args__ = (
+        Index("idx_remote_task_log_chunk_piece", "work_id", "fence", "start", unique=True),
+        Index("idx_remote_task_log_chunk_ti", "dag_id", "run_id", "task_id", "map_index", "try_number"),
+        Index("idx_remote_task_log_chunk_created", "created_at"),
+    )
+

@@ -84,3 +84,215 @@ def test_logging_config_swaps_only_the_task_handler():
     assert DEFAULT_LOGGING_CONFIG["handlers"]["task"]["class"] == "airflow.utils.log.file_task_handler.FileTaskHandler"
     rest = {k: v for k, v in LOGGING_CONFIG["handlers"].items() if k != "task"}
     assert rest == {k: v for k, v in DEFAULT_LOGGING_CONFIG["handlers"].items() if k != "task"}
+
+
+# ---------------------------------------------------------------- the plane log store (no remote logging)
+
+
+@pytest.fixture
+def api(airflow_db):
+    """The Remote Execution API in-process on the test's SQLite DB, with an empty log store."""
+    from sqlalchemy import delete
+    from starlette.testclient import TestClient
+
+    from airflow_remote_execution.models.tables import TaskLogChunkModel
+    from airflow_remote_execution.plane.api.app import create_app
+
+    def wipe():
+        with airflow_db.begin() as conn:
+            conn.execute(delete(TaskLogChunkModel))
+
+    wipe()
+    with TestClient(create_app()) as client:
+        yield client
+    wipe()
+
+
+def _token(name: str) -> str:
+    from airflow.utils.session import create_session
+
+    from airflow_remote_execution.plane import tokens
+
+    with create_session() as s:
+        return tokens.create(s, agent_name=name, queues=["default"])[0]
+
+
+def _post(api, path: str, token: str, body: dict):
+    return api.post(f"/v1{path}", json=body, headers={"Authorization": f"Bearer {token}"})
+
+
+def _running_task(api, name: str = "agent-a", task: str = "t", start: bool = True) -> tuple[str, int, int]:
+    """An agent (its token) holding a task's lease, confirmed started unless ``start`` is False."""
+    from airflow.models.taskinstancekey import TaskInstanceKey
+    from airflow.utils.session import create_session
+
+    from airflow_remote_execution.plane import leases
+
+    token = _token(name)
+    assert _post(api, "/agents/register", token, {"concurrency": 1}).status_code == 200
+    key = TaskInstanceKey(dag_id="d", task_id=task, run_id="r", try_number=1, map_index=-1)
+    with create_session() as s:
+        leases.enqueue(s, key=key, kind="task", queue="default", priority_weight=1, workload='{"type": "ExecuteTask"}')
+    (lease,) = _post(api, "/leases", token, {"slots": 1, "wait": 0}).json()["leases"]
+    if start:
+        assert _post(api, f"/work/{lease['work_id']}/start", token, {"fence": lease["fence"]}).status_code == 200
+    return token, lease["work_id"], lease["fence"]
+
+
+def _line(i: int) -> str:
+    return f'{{"event": "line {i}", "level": "info"}}\n'
+
+
+def _piece(fence: int, start: int, text: str) -> dict:
+    return {"fence": fence, "start": start, "end": start + len(text.encode()), "text": text}
+
+
+def _stored(task: str = "t") -> str:
+    """What the UI's handler reads for the task (no remote logging is configured in the unit tests)."""
+    sources, logs = RemoteExecutionTaskHandler(base_log_folder="/nonexistent")._read_remote_logs(
+        SimpleNamespace(executor=None, dag_id="d", run_id="r", task_id=task, map_index=-1), 1
+    )
+    assert len(logs) <= 1
+    return logs[0] if logs else ""
+
+
+def test_pieces_are_kept_once_in_order_and_read_by_the_handler(api):
+    token, work_id, fence = _running_task(api)
+    first, second = _line(1) + _line(2), _line(3)
+    r = _post(api, f"/work/{work_id}/log", token, _piece(fence, 0, first))
+    assert r.status_code == 200 and r.json() == {"stored_until": len(first), "truncated": False}
+    # A retry whose answer was lost, then one that overlaps the next piece: each byte is kept once.
+    assert _post(api, f"/work/{work_id}/log", token, _piece(fence, 0, first)).json()["stored_until"] == len(first)
+    r = _post(api, f"/work/{work_id}/log", token, _piece(fence, len(_line(1)), _line(2) + second))
+    assert r.json()["stored_until"] == len(first + second)
+    assert _stored() == first + second
+
+    # The source details name the store and the agent.
+    sources, _ = RemoteExecutionTaskHandler(base_log_folder="/x")._read_remote_logs(
+        SimpleNamespace(executor=None, dag_id="d", run_id="r", task_id="t", map_index=-1), 1
+    )
+    assert "log store" in sources[0] and "agent-a" in sources[0]
+
+
+def test_a_gap_is_refused_naming_where_to_resume(api):
+    token, work_id, fence = _running_task(api)
+    r = _post(api, f"/work/{work_id}/log", token, _piece(fence, 100, _line(1)))
+    assert r.status_code == 409 and "up to byte 0" in r.json()["detail"]
+    assert _stored() == ""
+
+
+def test_only_the_agent_holding_the_started_lease_may_write(api):
+    token, work_id, fence = _running_task(api, "agent-a", "t")
+    other, _, _ = _running_task(api, "agent-b", "u")
+    r = _post(api, f"/work/{work_id}/log", other, _piece(fence, 0, _line(1)))
+    assert r.status_code == 409 and "not leased to agent 'agent-b'" in r.json()["detail"]
+    r = _post(api, f"/work/{work_id}/log", token, _piece(fence + 1, 0, _line(1)))
+    assert r.status_code == 409 and "Stale fencing token" in r.json()["detail"]
+    unstarted_token, unstarted, unstarted_fence = _running_task(api, "agent-c", "v", start=False)
+    r = _post(api, f"/work/{unstarted}/log", unstarted_token, _piece(unstarted_fence, 0, _line(1)))
+    assert r.status_code == 409 and "has not started" in r.json()["detail"]
+    assert _post(api, "/work/999999/log", token, _piece(1, 0, _line(1))).status_code == 404
+    r = api.post(f"/v1/work/{work_id}/log", json=_piece(fence, 0, _line(1)), headers={"Authorization": "Bearer rex_x_y"})
+    assert r.status_code == 401
+    assert _stored("t") == "" and _stored("u") == "" and _stored("v") == ""
+
+
+def test_malformed_pieces_are_422(api):
+    token, work_id, fence = _running_task(api)
+    for body in (
+        {"fence": fence, "start": 5, "end": 5, "text": ""},  # empty span
+        {"fence": fence, "start": 0, "end": 10, "text": "x", "extra": 1},
+        {"fence": fence, "start": -1, "end": 10, "text": "x"},
+        {"fence": fence, "start": 0, "end": 600_000, "text": "x"},  # over MAX_PIECE
+    ):
+        r = _post(api, f"/work/{work_id}/log", token, body)
+        assert r.status_code == 422, (body, r.text)
+
+
+def test_a_log_is_capped_and_says_so(api, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__TASK_LOG_MAX_SIZE", str(3 * len(_line(1)) + 5))
+    token, work_id, fence = _running_task(api)
+    text = "".join(_line(i) for i in range(1, 6))
+    r = _post(api, f"/work/{work_id}/log", token, _piece(fence, 0, text))
+    assert r.json() == {"stored_until": len(text), "truncated": True}
+    stored = _stored()
+    assert stored.startswith(_line(1) + _line(2) + _line(3)) and "line 4" not in stored
+    assert "task_log_max_size" in stored.splitlines()[-1]
+    # The agent moves on; nothing more is kept.
+    r = _post(api, f"/work/{work_id}/log", token, _piece(fence, len(text), _line(6)))
+    assert r.json() == {"stored_until": len(text + _line(6)), "truncated": True}
+    assert _stored() == stored
+
+
+def test_the_plane_may_refuse_logs(api, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__PLANE_TASK_LOGS", "False")
+    token, work_id, fence = _running_task(api)
+    r = _post(api, f"/work/{work_id}/log", token, _piece(fence, 0, _line(1)))
+    assert r.status_code == 403 and "plane_task_logs = False" in r.json()["detail"]
+
+
+def test_logs_end_some_time_after_the_task_and_old_ones_are_purged(api):
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from airflow.sdk import timezone
+    from airflow.utils.session import create_session
+
+    from airflow_remote_execution.models import WorkItemModel
+    from airflow_remote_execution.models.tables import TaskLogChunkModel
+    from airflow_remote_execution.plane import task_logs
+
+    token, work_id, fence = _running_task(api)
+    assert _post(api, f"/work/{work_id}/finish", token, {"fence": fence, "outcome": "success"}).status_code == 200
+    # Finished: its last lines still arrive (the agent sends them once the supervisor is done).
+    assert _post(api, f"/work/{work_id}/log", token, _piece(fence, 0, _line(1))).status_code == 200
+    with create_session() as s:
+        s.execute(update(WorkItemModel).where(WorkItemModel.id == work_id)
+                  .values(finished_at=timezone.utcnow() - task_logs.LATE - timedelta(seconds=1)))
+    r = _post(api, f"/work/{work_id}/log", token, _piece(fence, len(_line(1)), _line(2)))
+    assert r.status_code == 409 and "log is closed" in r.json()["detail"]
+    assert _stored() == _line(1)
+
+    with create_session() as s:
+        s.execute(update(TaskLogChunkModel).values(created_at=timezone.utcnow() - timedelta(days=31)))
+    with create_session() as s:
+        assert task_logs.purge_pieces(s, timedelta(days=30)) == 1
+    assert _stored() == ""
+
+
+def test_a_callback_has_no_task_log(api):
+    from airflow.utils.session import create_session
+
+    from airflow_remote_execution.models import WorkItemModel
+
+    token, work_id, fence = _running_task(api)
+    with create_session() as s:
+        s.get(WorkItemModel, work_id).kind = "callback"
+    r = _post(api, f"/work/{work_id}/log", token, _piece(fence, 0, _line(1)))
+    assert r.status_code == 422 and "not a task" in r.json()["detail"]
+
+
+def test_install_makes_the_task_log_reader_ours(monkeypatch):
+    import logging
+
+    from airflow.utils.log.file_task_handler import FileTaskHandler
+
+    from airflow_remote_execution.plane.task_logs import install
+
+    task_logger = logging.getLogger("airflow.task")
+    monkeypatch.setattr(task_logger, "handlers", [])
+    assert install()  # no reader: one of ours is added (Airflow would otherwise make a plain FileTaskHandler)
+    assert [type(h) for h in task_logger.handlers] == [RemoteExecutionTaskHandler]
+    stock = FileTaskHandler("/tmp")
+    stock.name = "task"
+    monkeypatch.setattr(task_logger, "handlers", [stock])
+    assert install() and type(stock) is RemoteExecutionTaskHandler
+
+    class Elsewhere(FileTaskHandler):
+        pass
+
+    other = Elsewhere("/tmp")
+    other.name = "task"
+    monkeypatch.setattr(task_logger, "handlers", [other])
+    assert not install() and type(other) is Elsewhere

@@ -24,6 +24,7 @@ def create_app() -> FastAPI:
     from airflow_remote_execution.plane.api.admin import admin_router
     from airflow_remote_execution.plane.api.admission import Admission
     from airflow_remote_execution.plane.api.agent_routes import agent_router
+    from airflow_remote_execution.plane.api.log_routes import log_router
     from airflow_remote_execution.plane.api.xcom_routes import xcom_router
     from airflow_remote_execution.plane.api.trigger_routes import trigger_router
     from airflow_remote_execution.plane.api.parsing_routes import parsing_router
@@ -42,9 +43,13 @@ def create_app() -> FastAPI:
     app.include_router(admin_router, prefix="/v1/admin")
     app.include_router(xcom_router, prefix="/v1")
     app.include_router(parsing_router, prefix="/v1")
+    app.include_router(log_router, prefix="/v1")
     app.include_router(ui_router, prefix="/ui")  # the Remote Agents page: its bundle and page API
     app.add_middleware(Admission)  # agents' requests: authenticated on headers, bounded bodies, throttled
     _document_own_bodies(app)
+    from airflow_remote_execution.plane.task_logs import install
+
+    install()  # the api-server reads agents' task logs without asking their log servers, by default
 
     for exc_class, status in _STATUS.items():
         app.add_exception_handler(exc_class, _handler(status))
