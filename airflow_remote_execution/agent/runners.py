@@ -31,7 +31,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
-from airflow_remote_execution.agent import prefork
+from airflow_remote_execution.agent import metrics, prefork
 
 log = logging.getLogger("airflow_remote_execution.agent")
 
@@ -410,7 +410,9 @@ class RunnerPool:
         with self._lock:
             while self._idle:
                 runner = self._idle.pop()
-                if runner.alive():
+                if not runner.alive():
+                    metrics.runner_restart("died")
+                else:
                     if not self._idle:  # keep one warm for the next lease; returned runners refill the rest
                         self._refill_wanted.set()
                     return runner

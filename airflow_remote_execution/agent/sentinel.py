@@ -31,6 +31,7 @@ from pathlib import Path
 
 import psutil
 
+from airflow_remote_execution.agent import metrics
 from airflow_remote_execution.agent.client import PlaneClient, PlaneError
 from airflow_remote_execution.agent.status import AgentStatus, read_status, status_path
 from airflow_remote_execution.agent.checks import CHECKS, CheckResult, check, load_checks, run_checks
@@ -328,6 +329,7 @@ class Sentinel:
                 (log.info if result.ok else log.warning)("Report: %s", result.detail)
             self._report = result
         evaluation = self.evaluate()  # with this report's outcome
+        metrics.sentinel(evaluation.status, evaluation.checks, getattr(read_status(status_path()), "name", None))
         if evaluation.status != self._last_status:
             failing = [c.name for c in evaluation.checks if not c.ok and not c.skipped]
             log.info("Agent status %s%s", evaluation.status, f" (failing: {', '.join(failing)})" if failing else "")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from airflow_remote_execution.agent import metrics
+
 log = logging.getLogger(__name__)
 DEFAULT_FILE_NAME = "remote-execution-agent.json"
 
@@ -130,6 +132,7 @@ class StatusPublisher:
         self.last_heartbeat_at = _now()
 
     def error(self, what: str, detail: str) -> None:
+        metrics.plane_error(what)
         self.last_error, self.last_error_at = f"{what}: {detail}"[:1000], _now()
 
     def snapshot(self, worker: WorkerFigures) -> AgentStatus:
@@ -159,6 +162,7 @@ class StatusPublisher:
         )
 
     def publish(self, worker: WorkerFigures) -> None:
+        metrics.figures(worker)
         try:
             write_status(self.path, self.snapshot(worker))
         except Exception as e:  # noqa: BLE001 - see class docstring

@@ -21,7 +21,7 @@ from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
 from airflow.utils.session import create_session
 
-from airflow_remote_execution.plane import agents, leases
+from airflow_remote_execution.plane import agents, leases, metrics
 
 from airflow_remote_execution import config
 
@@ -45,6 +45,7 @@ class RemoteExecutor(BaseExecutor):
         super().__init__(*args, **kwargs)
         self._last_purge = 0.0
         self._lost_agents = agents.LostAgentDetector()
+        self._gauges = metrics.GaugeEmitter()  # fleet gauges per queue, every few seconds (docs/metrics.md)
 
     def start(self) -> None:
         self.log.info("RemoteExecutor started (parallelism=%s)", self.parallelism)
@@ -86,11 +87,13 @@ class RemoteExecutor(BaseExecutor):
                 from airflow_remote_execution.plane import triggers  # rare path: keep the executor's import light
 
                 freed = triggers.release_agent(session, agent.name)
+                metrics.agent_lost(agent.name, failed)
                 self.log.warning(
                     "Agent %s is lost: %d unstarted workloads requeued, %d running ones failed, %d triggers freed",
                     agent.name, requeued, failed, freed,
                 )
             leases.requeue_expired_leases(session)
+            self._gauges.maybe_emit(session)
             for item in leases.pending_reports(session):
                 key = leases.key_from_json(item.key)
                 if key not in self.running:

@@ -1,0 +1,304 @@
+"""
+The plane's metrics: fleet figures per queue computed from the database (gauges, the autoscaling
+signal and the Prometheus text), and the events the plane emits where they happen (requeues, lost
+agents, fencing conflicts, authentication failures, lease timers, long-polls, heartbeat handling).
+
+Gauges are read, not counted: :func:`snapshot` runs one grouped query over unfinished work and one
+over agents, so every scheduler (and every scrape) sees the same figures whatever process changed
+them. The RemoteExecutor emits them every :data:`EMIT_EVERY` seconds from its sync loop.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from airflow.sdk import timezone
+
+from airflow_remote_execution import stats
+from airflow_remote_execution.models import AgentModel, WorkItemModel
+from airflow_remote_execution.wire.api import AgentState, WorkState
+
+EMIT_EVERY = 5.0
+MAX_SLOTS_PER_AGENT = 10_000
+
+
+@dataclass
+class QueueFigures:
+    """One queue's figures; ``free_slots`` and ``agents`` count live agents serving it (active, not drained)."""
+
+    queued: int = 0
+    oldest_queued_age: float = 0.0  # seconds the oldest queued work item has waited
+    leased: int = 0
+    running: int = 0
+    free_slots: int = 0
+    agents: int = 0
+
+    @property
+    def demand(self) -> int:
+        """Work that needs a slot now: queued, leased (starting) and running."""
+        return self.queued + self.leased + self.running
+
+    def suggested_agents(self, slots_per_agent: int) -> int:
+        """Agents of ``slots_per_agent`` slots that fit the demand; 0 when there is none (scale to zero)."""
+        return math.ceil(self.demand / max(1, slots_per_agent))
+
+
+@dataclass
+class Snapshot:
+    queues: dict[str, QueueFigures] = field(default_factory=dict)
+    agents_by_state: dict[str, int] = field(default_factory=dict)
+    taken_at: datetime = field(default_factory=timezone.utcnow)
+
+
+def snapshot(session: Session, queues: Iterable[str] = ()) -> Snapshot:
+    """Figures of every queue that has unfinished work or a live agent, plus ``queues`` (shown even when
+    empty: a scaler must read 0, not a missing key)."""
+    now = timezone.utcnow()
+    result = Snapshot(taken_at=now)
+    figures = result.queues
+    for queue in queues:
+        figures.setdefault(queue, QueueFigures())
+    rows = session.execute(
+        select(WorkItemModel.queue, WorkItemModel.state, func.count(), func.min(WorkItemModel.queued_at))
+        .where(WorkItemModel.state.in_([WorkState.QUEUED.value, WorkState.LEASED.value, WorkState.RUNNING.value]))
+        .group_by(WorkItemModel.queue, WorkItemModel.state)
+    ).all()
+    for queue, state, count, oldest in rows:
+        q = figures.setdefault(queue, QueueFigures())
+        setattr(q, state, count)
+        if state == WorkState.QUEUED.value and oldest is not None:
+            q.oldest_queued_age = round(max(0.0, (now - oldest).total_seconds()), 3)
+    for state, drained, agent_queues, free in session.execute(
+        select(AgentModel.state, AgentModel.drained, AgentModel.queues, AgentModel.free_slots)
+    ).all():
+        result.agents_by_state[state] = result.agents_by_state.get(state, 0) + 1
+        if state != AgentState.ACTIVE.value or drained:
+            continue
+        for queue in agent_queues or []:
+            q = figures.setdefault(queue, QueueFigures())
+            q.agents += 1
+            q.free_slots += max(0, free or 0)
+    return result
+
+
+# ---------------------------------------------------------------- gauges (scheduler loop)
+
+QUEUE_GAUGES = ("queued", "oldest_queued_age", "leased", "running", "free_slots", "agents")
+
+
+class GaugeEmitter:
+    """Emits the fleet gauges at most every :data:`EMIT_EVERY` seconds; a queue that disappears is sent
+    once more as zeros, so a dashboard does not keep its last value forever."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+        self._queues: set[str] = set()
+        self._states: set[str] = set()
+
+    def maybe_emit(self, session: Session) -> None:
+        now = time.monotonic()
+        if now - self._last < EMIT_EVERY:
+            return
+        self._last = now
+        try:
+            snap = snapshot(session, self._queues)
+            emit_gauges(snap, self._states)
+        except Exception:  # noqa: BLE001 - metrics never stop the scheduler
+            import logging
+
+            logging.getLogger(__name__).debug("Fleet gauges failed", exc_info=True)
+            return
+        # A queue with nothing left was just sent as zeros (it was remembered); then it is dropped.
+        self._queues = {q for q, f in snap.queues.items() if f.demand or f.agents}
+        self._states |= set(snap.agents_by_state)
+
+
+def emit_gauges(snap: Snapshot, known_states: set[str] | None = None) -> None:
+    for queue, figures in snap.queues.items():
+        for name in QUEUE_GAUGES:
+            stats.gauge(f"queue.{name}", getattr(figures, name), queue=queue)
+    states = set(snap.agents_by_state) | (known_states or set()) | {s.value for s in AgentState}
+    for state in states:
+        stats.gauge("agents", snap.agents_by_state.get(state, 0), state=state)
+
+
+# ---------------------------------------------------------------- events, where they happen
+
+
+def leased(items: Sequence[WorkItemModel], now: datetime) -> None:
+    """Timer queued -> leased per leased item (``leases.lease``)."""
+    for item in items:
+        if item.queued_at is not None:
+            stats.timing("work.queued_to_leased", (now - item.queued_at).total_seconds(), queue=item.queue)
+    _count("leases", len(items))
+
+
+def confirmed(item: WorkItemModel) -> None:
+    """Timer leased -> confirmed (the agent's start confirmation committed)."""
+    if item.leased_at is not None and item.started_at is not None:
+        stats.timing("work.leased_to_confirmed", (item.started_at - item.leased_at).total_seconds(), queue=item.queue)
+
+
+def requeued(queues: Iterable[str], reason: str) -> None:
+    """Leased work back in the queue: ``expired_lease`` (not confirmed in time), ``lost_agent``,
+    ``agent_restarted``."""
+    for queue, count in Counter(queues).items():
+        stats.incr("work.requeued", count, queue=queue, reason=reason)
+        _count(f"requeued|{queue}|{reason}", count)
+
+
+def agent_lost(name: str, failed: int) -> None:
+    """An agent declared lost (no heartbeat); ``failed``: its running work failed with it."""
+    stats.incr("agent.lost", agent=name)
+    stats.incr("work.failed_on_lost_agent", failed, agent=name)
+    _count("lost_agents")
+
+
+_CONFLICTS = (("Stale fencing token", "stale_fence"), ("is not leased to agent", "other_agent"))
+
+
+def lease_conflict(message: str) -> None:
+    """A report refused with 409 (wrong agent, stale fence, wrong state): a fencing conflict."""
+    reason = next((r for text, r in _CONFLICTS if text in message), "wrong_state")
+    stats.incr("lease.conflict", reason=reason)
+    _count(f"conflict|{reason}")
+
+
+_AUTH_REASONS = (
+    ("Missing", "missing"), ("Malformed", "malformed"), ("Invalid", "unknown"), ("was revoked", "revoked"),
+    ("expired", "expired"), ("not a metrics", "wrong_kind"),
+)
+
+
+def auth_failed(message: str, throttled: bool = False) -> str:
+    """A refused token, by reason (missing, malformed, unknown, revoked, expired, wrong_kind, throttled)."""
+    reason = "throttled" if throttled else next((r for text, r in _AUTH_REASONS if text in message), "other")
+    stats.incr("auth.failed", reason=reason)
+    _count(f"auth|{reason}")
+    return reason
+
+
+def long_polls(open_now: int) -> None:
+    """Lease requests waiting in this api-server process."""
+    stats.gauge("lease.long_polls", open_now)
+    with _counter_lock:
+        _process["long_polls"] = open_now
+
+
+class timed:
+    """``with metrics.timed("heartbeat"):`` -- a timer ``remote_execution.<what>.duration``."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> timed:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stats.timing(f"{self.what}.duration", time.perf_counter() - self.start)
+
+
+# ---------------------------------------------------------------- this process's counters (Prometheus)
+
+_counter_lock = threading.Lock()
+_process: Counter[str] = Counter()
+
+
+def _count(key: str, n: int = 1) -> None:
+    if n:
+        with _counter_lock:
+            _process[key] += n
+
+
+def process_counters() -> dict[str, int]:
+    with _counter_lock:
+        return dict(_process)
+
+
+# ---------------------------------------------------------------- autoscaling and Prometheus views
+
+
+def scaling_view(snap: Snapshot, slots_per_agent: int, queues: Sequence[str] = ()) -> dict:
+    """The JSON KEDA's ``metrics-api`` scaler reads (``valueLocation: total.suggested_agents`` or
+    ``queues.<queue>.suggested_agents``). ``queues``: the worker group's queues (``total`` sums them);
+    none: every queue."""
+    chosen = list(queues) or sorted(snap.queues)
+    per_queue = {}
+    total = QueueFigures()
+    for queue in chosen:
+        f = snap.queues.get(queue, QueueFigures())
+        per_queue[queue] = {**asdict(f), "suggested_agents": f.suggested_agents(slots_per_agent)}
+        for name in ("queued", "leased", "running", "free_slots"):
+            setattr(total, name, getattr(total, name) + getattr(f, name))
+        total.oldest_queued_age = max(total.oldest_queued_age, f.oldest_queued_age)
+        total.agents = max(total.agents, f.agents)  # an agent serving two queues is one agent
+    return {
+        "slots_per_agent": slots_per_agent,
+        "queues": per_queue,
+        "total": {**asdict(total), "suggested_agents": total.suggested_agents(slots_per_agent)},
+        "agents": dict(sorted(snap.agents_by_state.items())),
+        "taken_at": snap.taken_at.isoformat(),
+    }
+
+
+_HELP = {
+    "queued": ("gauge", "Work items queued for the queue"),
+    "oldest_queued_age": ("gauge", "Seconds the oldest queued work item of the queue has waited"),
+    "leased": ("gauge", "Work items leased to an agent, start not yet confirmed"),
+    "running": ("gauge", "Work items running on agents"),
+    "free_slots": ("gauge", "Free slots across the live agents serving the queue"),
+    "agents": ("gauge", "Live agents (active, not drained) serving the queue"),
+    "suggested_agents": ("gauge", "Agents of slots_per_agent slots the queue's demand needs"),
+}
+_LABEL_ESCAPE = re.compile(r'[\\"\n]')
+
+
+def _label(value: str) -> str:
+    return _LABEL_ESCAPE.sub(lambda m: {"\\": "\\\\", '"': '\\"', "\n": "\\n"}[m.group()], value)
+
+
+def prometheus_text(snap: Snapshot, slots_per_agent: int) -> str:
+    """The fleet gauges (and this api-server process's event counters) in Prometheus' text format 0.0.4."""
+    lines: list[str] = []
+    for name, (kind, help_text) in _HELP.items():
+        metric = f"remote_execution_queue_{name}"
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
+        for queue, f in sorted(snap.queues.items()):
+            value = f.suggested_agents(slots_per_agent) if name == "suggested_agents" else getattr(f, name)
+            lines.append(f'{metric}{{queue="{_label(queue)}"}} {value}')
+    lines += ["# HELP remote_execution_agents Registered agents by state", "# TYPE remote_execution_agents gauge"]
+    for state in sorted(set(snap.agents_by_state) | {s.value for s in AgentState}):
+        lines.append(f'remote_execution_agents{{state="{state}"}} {snap.agents_by_state.get(state, 0)}')
+    counters = process_counters()
+    families: dict[str, list[str]] = {}
+    for key, value in sorted(counters.items()):
+        kind, *labels = key.split("|")
+        if kind == "requeued":
+            families.setdefault("work_requeued", []).append(
+                f'remote_execution_work_requeued_total{{queue="{_label(labels[0])}",reason="{labels[1]}"}} {value}')
+        elif kind == "conflict":
+            families.setdefault("lease_conflict", []).append(
+                f'remote_execution_lease_conflict_total{{reason="{labels[0]}"}} {value}')
+        elif kind == "auth":
+            families.setdefault("auth_failed", []).append(
+                f'remote_execution_auth_failed_total{{reason="{labels[0]}"}} {value}')
+        elif kind in ("leases", "lost_agents"):
+            families.setdefault(kind, []).append(f"remote_execution_{kind}_total {value}")
+    for family, samples in families.items():
+        lines += [f"# HELP remote_execution_{family}_total Events seen by this api-server process",
+                  f"# TYPE remote_execution_{family}_total counter", *samples]
+    lines += ["# HELP remote_execution_lease_long_polls Lease requests waiting in this api-server process",
+              "# TYPE remote_execution_lease_long_polls gauge",
+              f"remote_execution_lease_long_polls {counters.get('long_polls', 0)}"]
+    return "\n".join(lines) + "\n"
