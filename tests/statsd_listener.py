@@ -23,7 +23,7 @@ class StatsdListener:
         while not self._stop.is_set():
             try:
                 data = self.sock.recv(65535)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return

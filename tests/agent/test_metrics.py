@@ -1,0 +1,89 @@
+"""The agent's metrics at a real StatsD listener, sent from the agent's own parts (status publisher, runner
+pool, worker hooks, sentinel) with Airflow's [metrics] settings of the agent."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from airflow_remote_execution import stats
+from airflow_remote_execution.agent import metrics
+from airflow_remote_execution.agent.runners import RunnerPool
+from airflow_remote_execution.agent.sentinel import CheckResult, aggregate
+from airflow_remote_execution.agent.status import StatusPublisher, WorkerFigures
+from airflow_remote_execution.agent.worker import backoff
+from airflow_remote_execution.wire.api import Lease
+from statsd_listener import StatsdListener
+
+
+@pytest.fixture
+def statsd(monkeypatch):
+    listener = StatsdListener()
+    for key, value in listener.env(prefix="agent").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(stats, "_ready_pid", None)
+    monkeypatch.setattr(metrics, "_agent", "unregistered")
+    yield listener
+    listener.close()
+    stats._ready_pid = None
+
+
+def figures(name: str | None, free: int, running: int) -> WorkerFigures:
+    return WorkerFigures(name=name, running=running, concurrency=4, free_slots=free, paused=False, stopping=False,
+                         heartbeat_interval=5, long_poll_wait=20, request_timeout=30)
+
+
+def test_status_publisher_sends_slots_under_the_agent_name(statsd, tmp_path):
+    publisher = StatusPublisher(tmp_path / "status.json")
+    publisher.publish(figures(None, 4, 0))
+    assert statsd.wait_for("agent.remote_execution.agent.slots_free.unregistered") == 4
+    publisher.publish(figures("eu-1", 1, 3))
+    assert statsd.wait_for("agent.remote_execution.agent.slots_used.eu-1") == 3
+    assert statsd.wait_for("agent.remote_execution.agent.slots_free.eu-1") == 1
+    assert statsd.wait_for("agent.remote_execution.agent.running.eu-1") == 3
+    publisher.error("heartbeat", "plane not reachable")
+    assert statsd.wait_for("agent.remote_execution.agent.plane_errors.heartbeat.eu-1") == 1
+
+
+def test_backoff_lease_to_start_and_outcomes(statsd):
+    metrics._named("eu-2")
+    delay = backoff(3)
+    assert statsd.wait_for("agent.remote_execution.agent.backoff.eu-2") == pytest.approx(delay * 1000, abs=1)
+    lease = Lease(work_id=7, fence=1, kind="task", queue="gpu", workload={})
+    metrics.leases_received([lease])
+    metrics.started(lease)
+    assert statsd.wait_for("agent.remote_execution.agent.lease_to_start.gpu.eu-2") >= 0
+    metrics.started(lease)  # once per lease
+    assert len(statsd.values("agent.remote_execution.agent.lease_to_start.gpu.eu-2")) == 1
+    metrics.finished(lease, "success", killed=False)
+    metrics.finished(lease, "failed", killed=True)
+    assert statsd.wait_for("agent.remote_execution.agent.workloads.success.task.gpu.eu-2") == 1
+    assert statsd.wait_for("agent.remote_execution.agent.workloads.killed.task.gpu.eu-2") == 1
+    assert statsd.wait_for("agent.remote_execution.agent.runner_restarts.killed.eu-2") == 1
+
+
+def test_a_dead_idle_runner_is_counted_as_restarted(statsd):
+    pool = RunnerPool(1)
+    try:
+        pool.fill()
+        dead = pool._idle[0]
+        os.kill(dead.pid, signal.SIGKILL)
+        dead.process.join(10)
+        runner = pool.take()
+        assert runner is not dead
+        runner.stop()
+    finally:
+        pool.close()
+    assert statsd.wait_for("agent.remote_execution.agent.runner_restarts.died.unregistered") == 1
+
+
+def test_sentinel_check_states(statsd):
+    evaluation = aggregate([CheckResult("agent_alive", True, "up"), CheckResult("disk", False, "full"),
+                            CheckResult("secrets", True, "not configured", skipped=True)])
+    metrics.sentinel(evaluation.status, evaluation.checks, "eu-3")
+    assert statsd.wait_for("agent.remote_execution.sentinel.check.agent_alive.eu-3") == 1
+    assert statsd.wait_for("agent.remote_execution.sentinel.check.disk.eu-3") == 0
+    assert statsd.wait_for("agent.remote_execution.sentinel.status.eu-3") == metrics.STATUS_VALUES[evaluation.status]
+    assert "agent.remote_execution.sentinel.check.secrets.eu-3" not in statsd.names()
