@@ -361,3 +361,59 @@ def test_existing_secrets_reach_the_containers():
     cfg = agent_cfg(objects, sts)["remote_execution"]
     assert cfg["ca_bundle"] == "/etc/airflow-agent/ca/ca.crt"
     assert cfg["client_cert"] == "/etc/airflow-agent/client-cert/tls.crt"
+
+
+def test_every_value_of_everything_reaches_the_pods():
+    """The values no other test looks at: proxy, env and envFrom, pull secrets, priority class, annotations,
+    topology spread, and the xcomBackend/logging/stateStoreBackend/openLineage options."""
+    values = load_values("everything")
+    objects = render(values)
+    statefulsets = {s["metadata"]["labels"]["airflow-remote-execution/group"]: s for s in by_kind(objects, "StatefulSet")}
+    for group, sts in statefulsets.items():
+        spec = sts["spec"]["template"]["spec"]
+        assert spec["imagePullSecrets"] == [{"name": "regcred"}] and spec["priorityClassName"] == "airflow-agents"
+        assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"} and spec["tolerations"] == values["tolerations"]
+        annotations = sts["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "false"
+        assert sts["spec"]["template"]["metadata"]["labels"]["cost-center"] == "data"
+        agent = next(c for c in spec["containers"] if c["name"] == "agent")
+        assert agent["image"] == "registry.example.com/airflow-agent:1.2.3" and agent["imagePullPolicy"] == "Always"
+        env = {e["name"]: e.get("value") for e in agent["env"]}
+        assert env["HTTPS_PROXY"] == env["https_proxy"] == "http://proxy.internal:3128"
+        assert env["NO_PROXY"] == "10.0.0.0/8,.svc" and env["TZ"] == "UTC"
+        assert ("TEAM" in env) == (group == "default") and (annotations.get("team") == "platform") == (group == "default")
+        assert agent["envFrom"] == [{"configMapRef": {"name": "agent-extra-env"}}]
+        cfg = agent_cfg(objects, sts)
+        assert cfg["core"]["xcom_backend"] == "airflow_remote_execution.xcom.ObjectStorageXComBackend"
+        assert {k: cfg["remote_execution"][k] for k in ("xcom_path", "xcom_conn_id", "xcom_threshold",
+                                                       "xcom_compression", "log_upload_interval")} == {
+            "xcom_path": "s3://acme/xcom", "xcom_conn_id": "xcom_s3", "xcom_threshold": "1024",
+            "xcom_compression": "zstd", "log_upload_interval": "5"}
+        assert dict(cfg["logging"]) == {"logging_level": "DEBUG", "remote_logging": "True",
+                                        "remote_base_log_folder": "s3://acme/logs", "remote_log_conn_id": "logs_s3"}
+        assert cfg["workers"]["state_store_backend"] == "acme.state.S3StateBackend"
+        assert cfg["openlineage"]["disabled"] == "False" and cfg["openlineage"]["namespace"] == "team-a"
+        assert json.loads(cfg["openlineage"]["transport"]) == values["openLineage"]["transport"]
+        assert cfg["remote_execution"]["request_timeout"] == "45"
+    spread = by_kind(render(load_values("three-groups")), "StatefulSet")
+    (analytics,) = [s for s in spread if s["metadata"]["name"].endswith("-analytics")]
+    assert analytics["spec"]["template"]["spec"]["topologySpreadConstraints"][0]["topologyKey"] == (
+        "topology.kubernetes.io/zone")
+
+
+@pytest.mark.parametrize("values", VALUES_FILES, ids=lambda p: p.stem)
+def test_rendered_options_are_known_to_airflow_or_the_provider(values):
+    """A misspelled or renamed option would be silently ignored by the agent's Airflow."""
+    from airflow.configuration import conf
+
+    from airflow_remote_execution.get_provider_info import get_provider_info
+
+    known = {s: set(d.get("options", {})) for s, d in conf.configuration_description.items()}
+    for section, d in get_provider_info()["config"].items():
+        known.setdefault(section, set()).update(d["options"])
+    objects = render(values)
+    for sts in by_kind(objects, "StatefulSet"):
+        cfg = agent_cfg(objects, sts)
+        for section in cfg.sections():
+            unknown = set(cfg[section]) - known.get(section, set())
+            assert not unknown, f"{sts['metadata']['name']}: [{section}] {sorted(unknown)}"
