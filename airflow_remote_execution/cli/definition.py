@@ -257,6 +257,26 @@ XCOM_COMMANDS = (
     ),
 )
 
+_METRICS = "airflow_remote_execution.cli.metrics_commands."
+METRICS_TOKEN_COMMANDS = (
+    ActionCommand(
+        name="create",
+        help="Create a read-only token for the fleet metrics and autoscaling routes (KEDA, Prometheus)",
+        func=lazy_load_command(_METRICS + "metrics_tokens_create"),
+        args=(Arg(("--name",), help="Who reads with it (e.g. keda, prometheus)", required=True), ARG_EXPIRES_IN,
+              ARG_DESCRIPTION, ARG_OUTPUT),
+    ),
+    ActionCommand(
+        name="list", help="List metrics tokens (never their secrets)",
+        func=lazy_load_command(_METRICS + "metrics_tokens_list"), args=(ARG_OUTPUT,),
+    ),
+    ActionCommand(
+        name="revoke", help="Revoke a metrics token",
+        func=lazy_load_command(_METRICS + "metrics_tokens_revoke"),
+        args=(Arg(("token_id",), help="Token id (the part after 'rexm_', shown by `metrics-tokens list`)"),),
+    ),
+)
+
 
 def get_cli_commands() -> list[GroupCommand]:
     return [
@@ -267,6 +287,8 @@ def get_cli_commands() -> list[GroupCommand]:
                 GroupCommand(name="tokens", help="Manage agent tokens (plane)", subcommands=TOKEN_COMMANDS),
                 GroupCommand(name="agents", help="Inspect agents (plane)", subcommands=AGENTS_COMMANDS),
                 GroupCommand(name="work", help="Inspect work items (plane)", subcommands=WORK_COMMANDS),
+                GroupCommand(name="metrics-tokens", help="Read-only tokens for fleet metrics and autoscaling (plane)",
+                             subcommands=METRICS_TOKEN_COMMANDS),
                 GroupCommand(name="agent", help="Run an agent (customer side)", subcommands=AGENT_COMMANDS),
                 GroupCommand(name="bundles", help="Build and check dag bundle entries", subcommands=BUNDLES_COMMANDS),
                 GroupCommand(name="secrets", help="Agent secrets backend (customer side)", subcommands=SECRETS_COMMANDS),

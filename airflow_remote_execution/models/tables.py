@@ -163,3 +163,18 @@ class TaskLogChunkModel(Base):
         Index("idx_remote_task_log_chunk_created", "created_at"),
     )
 
+
+class MetricsTokenModel(Base):
+    """A read-only token for the fleet metrics and autoscaling routes (``rexm_<id>_<secret>``): it can read
+    figures and nothing else, and no agent token can read them. Only a SHA-256 of the secret is stored."""
+
+    __tablename__ = "remote_metrics_token"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # public part of the token
+    name: Mapped[str] = mapped_column(String(250), nullable=False)  # who reads (e.g. keda, prometheus)
+    secret_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    description: Mapped[str | None] = mapped_column(String(1000))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

@@ -45,6 +45,9 @@ def create_app() -> FastAPI:
     app.include_router(parsing_router, prefix="/v1")
     app.include_router(log_router, prefix="/v1")
     app.include_router(ui_router, prefix="/ui")  # the Remote Agents page: its bundle and page API
+    from airflow_remote_execution.plane.api.scaling_routes import scaling_router
+
+    app.include_router(scaling_router, prefix="/metrics")  # fleet figures for KEDA and Prometheus (metrics tokens)
     app.add_middleware(Admission)  # agents' requests: authenticated on headers, bounded bodies, throttled
     _document_own_bodies(app)
     from airflow_remote_execution.plane.task_logs import install
@@ -53,6 +56,7 @@ def create_app() -> FastAPI:
 
     for exc_class, status in _STATUS.items():
         app.add_exception_handler(exc_class, _handler(status))
+    app.add_exception_handler(LeaseConflict, _lease_conflict)
     app.add_exception_handler(LookupError, _not_found)
     app.add_exception_handler(OverflowError, _out_of_range)
     from sqlalchemy.exc import DataError
@@ -93,6 +97,14 @@ def _handler(status: int):
         return _problem(status, exc, headers)
 
     return handle
+
+
+async def _lease_conflict(_: Request, exc: Exception) -> JSONResponse:
+    """409, counted as a fencing conflict (``remote_execution.lease.conflict``)."""
+    from airflow_remote_execution.plane import metrics
+
+    metrics.lease_conflict(str(exc))
+    return _problem(409, exc)
 
 
 async def _not_found(request: Request, exc: Exception) -> JSONResponse:

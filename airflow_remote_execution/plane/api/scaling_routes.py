@@ -1,0 +1,75 @@
+"""
+Fleet figures for autoscalers and Prometheus, read with a metrics token (``metrics-tokens create``):
+
+* ``GET /metrics/scaling?slots_per_agent=4&queues=a,b``: per queue and in total, queued work and the age
+  of the oldest, leased, running, free slots, agents, and the suggested agent count, in the JSON shape
+  KEDA's ``metrics-api`` scaler reads (``valueLocation: total.suggested_agents``);
+* ``GET /metrics/prometheus``: the same gauges in Prometheus' text format, plus the event counters of the
+  api-server process that answers.
+
+Not under ``/v1/``: agents' admission (agent tokens) does not apply, and an agent token is refused here.
+GET routes have no body; the token is checked from the header alone.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from airflow.utils.session import create_session
+
+from airflow_remote_execution.plane import metrics, metrics_tokens
+from airflow_remote_execution.plane.metrics import MAX_SLOTS_PER_AGENT
+from airflow_remote_execution.plane.tokens import TokenError
+from airflow_remote_execution.wire.api import Problem
+
+scaling_router = APIRouter(
+    tags=["Metrics"],
+    responses={401: {"model": Problem, "description": "Metrics token missing, malformed, unknown, expired or revoked"}},
+)
+Authorization = Annotated[str | None, Header(description="Bearer <metrics token> (`metrics-tokens create`)")]
+SlotsPerAgent = Annotated[
+    int, Query(ge=1, le=MAX_SLOTS_PER_AGENT, description="Slots of one agent of the group (its concurrency)")
+]
+Queues = Annotated[
+    str | None, Query(max_length=4000, description="Comma-separated queues of the worker group (default: all)")
+]
+MAX_QUEUES = 100
+
+
+def _queues(text: str | None) -> list[str]:
+    names = sorted({q.strip() for q in (text or "").split(",") if q.strip()})
+    if len(names) > MAX_QUEUES or any(len(q) > 256 for q in names):
+        raise ValueError(f"queues: at most {MAX_QUEUES} names of at most 256 characters each")
+    return names
+
+
+def _read(authorization: str | None, queues: list[str]) -> metrics.Snapshot:
+    with create_session() as session:
+        try:
+            metrics_tokens.verify(session, authorization)
+        except TokenError as e:
+            metrics.auth_failed(str(e))
+            raise
+        return metrics.snapshot(session, queues)
+
+
+@scaling_router.get("/scaling")
+async def scaling(slots_per_agent: SlotsPerAgent = 1, queues: Queues = None, authorization: Authorization = None) -> dict:
+    """Per queue and in total: the figures and ``suggested_agents`` = ceil((queued + leased + running) /
+    ``slots_per_agent``), 0 when there is no work (scale to zero)."""
+    names = _queues(queues)
+    snap = await run_in_threadpool(_read, authorization, names)
+    return metrics.scaling_view(snap, slots_per_agent, names)
+
+
+@scaling_router.get("/prometheus", response_class=PlainTextResponse)
+async def prometheus(slots_per_agent: SlotsPerAgent = 1, authorization: Authorization = None) -> PlainTextResponse:
+    """The fleet gauges in Prometheus' text exposition format (0.0.4)."""
+    snap = await run_in_threadpool(_read, authorization, [])
+    return PlainTextResponse(
+        metrics.prometheus_text(snap, slots_per_agent), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )

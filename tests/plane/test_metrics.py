@@ -1,0 +1,283 @@
+"""The plane's metrics: fleet figures from a real database, events sent to a real StatsD listener through
+Airflow's facade, and the autoscaling and Prometheus routes with their read-only metrics token."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import delete, update
+from starlette.testclient import TestClient
+
+from airflow.models.taskinstancekey import TaskInstanceKey
+from airflow.sdk import timezone
+from airflow.utils.session import create_session
+
+from airflow_remote_execution import stats
+from airflow_remote_execution.models import AgentModel, WorkItemModel
+from airflow_remote_execution.models.tables import MetricsTokenModel
+from airflow_remote_execution.plane import agents, leases, metrics, metrics_tokens, tokens
+from airflow_remote_execution.plane.api.app import create_app
+from airflow_remote_execution.wire.api import RegisterRequest
+from statsd_listener import StatsdListener
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+
+@pytest.fixture(autouse=True)
+def no_metrics_tokens(airflow_db):
+    with airflow_db.begin() as conn:
+        conn.execute(delete(MetricsTokenModel))
+    yield
+
+
+@pytest.fixture
+def statsd(monkeypatch):
+    """Airflow's [metrics] StatsD settings pointing at a real UDP listener; the facade re-reads them."""
+    listener = StatsdListener()
+    for key, value in listener.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(stats, "_ready_pid", None)
+    yield listener
+    listener.close()
+    stats._ready_pid = None  # the next test starts from its own [metrics]
+
+
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(create_app(), raise_server_exceptions=True) as c:
+        yield c
+
+
+def key(task: str) -> TaskInstanceKey:
+    return TaskInstanceKey(dag_id="d", task_id=task, run_id="r", try_number=1, map_index=-1)
+
+
+def enqueue(task: str, queue: str) -> None:
+    with create_session() as s:
+        leases.enqueue(s, key=key(task), kind="task", queue=queue, priority_weight=1, workload=json.dumps({}))
+
+
+def agent(name: str, queues: list[str], concurrency: int = 4) -> tuple[str, int]:
+    with create_session() as s:
+        clear, token = tokens.create(s, agent_name=name, queues=queues)
+        return clear, agents.register(s, token, RegisterRequest(concurrency=concurrency)).id
+
+
+def lease(agent_id: int, queues: list[str], slots: int) -> list[WorkItemModel]:
+    with create_session() as s:
+        return leases.lease(s, s.get(AgentModel, agent_id), queues, slots, 30)
+
+
+def metrics_token(name: str = "keda") -> str:
+    with create_session() as s:
+        return metrics_tokens.create(s, name=name)[0]
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# ------------------------------------------------------------------ figures
+
+
+def test_snapshot_per_queue_and_suggested_agents():
+    for i in range(5):
+        enqueue(f"a{i}", "alpha")
+    enqueue("b0", "beta")
+    _, busy = agent("busy", ["alpha"], concurrency=2)
+    agent("idle", ["alpha", "gamma"], concurrency=3)
+    _, drained = agent("drained", ["alpha"], concurrency=8)
+    with create_session() as s:
+        agents.set_drained(s, "drained", True)
+        s.execute(update(WorkItemModel).where(WorkItemModel.queue == "beta").values(
+            queued_at=timezone.utcnow() - timedelta(seconds=90)))
+    taken = lease(busy, ["alpha"], 2)
+    with create_session() as s:
+        leases.confirm_start(s, s.get(AgentModel, busy), taken[0].id, taken[0].fence)
+        s.execute(update(AgentModel).where(AgentModel.id == busy).values(free_slots=0))
+
+    with create_session() as s:
+        snap = metrics.snapshot(s, ["empty"])
+    alpha, beta, gamma, empty = (snap.queues[q] for q in ("alpha", "beta", "gamma", "empty"))
+    assert (alpha.queued, alpha.leased, alpha.running) == (3, 1, 1)
+    assert (alpha.agents, alpha.free_slots) == (2, 3)  # the drained agent's 8 slots do not count
+    assert (beta.queued, beta.agents, beta.free_slots) == (1, 0, 0)
+    assert 89 < beta.oldest_queued_age < 120
+    assert (gamma.agents, gamma.free_slots, gamma.queued) == (1, 3, 0)
+    assert empty.demand == 0 and empty.suggested_agents(4) == 0  # scale to zero
+    assert alpha.suggested_agents(2) == 3 and alpha.suggested_agents(4) == 2 and beta.suggested_agents(4) == 1
+    assert snap.agents_by_state == {"active": 3}
+
+    view = metrics.scaling_view(snap, 2, ["alpha", "beta"])
+    assert view["queues"]["alpha"]["suggested_agents"] == 3
+    assert view["total"]["queued"] == 4 and view["total"]["suggested_agents"] == 3  # ceil(6 / 2)
+
+
+# ------------------------------------------------------------------ events at a real StatsD listener
+
+
+def test_plane_events_and_gauges_reach_statsd(statsd, client):
+    clear, agent_id = agent("a1", ["default"], concurrency=2)
+    enqueue("t1", "default")
+    enqueue("t2", "default")
+    enqueue("waiting", "nobody-serves")
+    with create_session() as s:
+        s.execute(update(WorkItemModel).values(queued_at=timezone.utcnow() - timedelta(seconds=3)))
+    first, second = lease(agent_id, ["default"], 2)
+    statsd.wait_for("airflow.remote_execution.work.queued_to_leased")
+    assert statsd.last("airflow.remote_execution.work.queued_to_leased.default") >= 3000  # ms, legacy name
+
+    # Confirmed through the API (leased -> confirmed timer); a stale fence is a fencing conflict.
+    r = client.post(f"/v1/work/{first.id}/start", json={"fence": first.fence}, headers=bearer(clear))
+    assert r.status_code == 200, r.text
+    statsd.wait_for("airflow.remote_execution.work.leased_to_confirmed")
+    r = client.post(f"/v1/work/{first.id}/finish", json={"fence": first.fence + 7, "outcome": "success"},
+                    headers=bearer(clear))
+    assert r.status_code == 409
+    assert statsd.wait_for("airflow.remote_execution.lease.conflict.stale_fence") == 1
+
+    # Authentication failures by reason.
+    assert client.post("/v1/leases", json={"slots": 1, "wait": 0}).status_code == 401
+    assert client.post("/v1/leases", json={"slots": 1, "wait": 0}, headers=bearer("rex_nope")).status_code == 401
+    statsd.wait_for("airflow.remote_execution.auth.failed.missing")
+    statsd.wait_for("airflow.remote_execution.auth.failed.malformed")
+
+    # Heartbeat handling time; waiting long-polls back to 0 after a lease request.
+    r = client.post("/v1/agents/heartbeat", json={"running": [first.id], "free_slots": 1}, headers=bearer(clear))
+    assert r.status_code == 200, r.text
+    statsd.wait_for("airflow.remote_execution.heartbeat.duration")
+    client.post("/v1/leases", json={"slots": 1, "wait": 0}, headers=bearer(clear))
+    statsd.wait_for("airflow.remote_execution.lease.long_polls", value=0)
+    assert statsd.values("airflow.remote_execution.lease.long_polls") == [1, 0]  # waiting, then done
+
+    # An expired lease and a lost agent put work back in the queue, by reason.
+    with create_session() as s:
+        s.execute(update(WorkItemModel).where(WorkItemModel.id == second.id).values(
+            lease_expires_at=timezone.utcnow() - timedelta(seconds=1)))
+        assert leases.requeue_expired_leases(s) == 1
+    assert statsd.wait_for("airflow.remote_execution.work.requeued.default.expired_lease") == 1
+    again = lease(agent_id, ["default"], 1)
+    assert again
+    with create_session() as s:
+        requeued, failed = leases.reclaim_from_lost(s, s.get(AgentModel, agent_id))
+        metrics.agent_lost("a1", failed)
+    assert (requeued, failed) == (1, 1)
+    assert statsd.wait_for("airflow.remote_execution.work.requeued.default.lost_agent") == 1
+    assert statsd.wait_for("airflow.remote_execution.agent.lost.a1") == 1
+    assert statsd.wait_for("airflow.remote_execution.work.failed_on_lost_agent.a1") == 1
+
+    # The fleet gauges, as the executor's sync loop sends them.
+    with create_session() as s:
+        metrics.GaugeEmitter().maybe_emit(s)
+    assert statsd.wait_for("airflow.remote_execution.queue.queued.nobody-serves") == 1
+    assert statsd.wait_for("airflow.remote_execution.queue.queued.default") == 1
+    assert statsd.wait_for("airflow.remote_execution.queue.agents.default") == 1
+    assert statsd.wait_for("airflow.remote_execution.queue.free_slots.default") == 1
+    assert statsd.last("airflow.remote_execution.queue.oldest_queued_age.nobody-serves") >= 3
+    assert statsd.wait_for("airflow.remote_execution.agents.active") == 1
+    # Tagged names are sent too (with tags for backends that take them: OpenTelemetry, InfluxDB, Datadog).
+    assert {"airflow.remote_execution.queue.queued", "airflow.remote_execution.work.requeued",
+            "airflow.remote_execution.auth.failed"} <= statsd.names()
+
+
+def test_executor_sync_sends_the_gauges(statsd):
+    from airflow_remote_execution.executors import RemoteExecutor
+
+    enqueue("x", "sync-queue")
+    executor = RemoteExecutor()
+    executor.sync()
+    assert statsd.wait_for("airflow.remote_execution.queue.queued.sync-queue") == 1
+
+
+def test_a_queue_that_empties_is_sent_once_as_zero(statsd):
+    enqueue("x", "short-lived")
+    emitter = metrics.GaugeEmitter()
+    with create_session() as s:
+        emitter.maybe_emit(s)
+        s.execute(delete(WorkItemModel))
+    statsd.wait_for("airflow.remote_execution.queue.queued.short-lived")
+    statsd.clear()
+    emitter._last = 0
+    with create_session() as s:
+        emitter.maybe_emit(s)
+    statsd.wait_for("airflow.remote_execution.queue.queued.short-lived", value=0)
+    statsd.clear()
+    emitter._last = 0
+    with create_session() as s:
+        emitter.maybe_emit(s)
+    statsd.wait_for("airflow.remote_execution.agents.active")
+    assert "airflow.remote_execution.queue.queued.short-lived" not in statsd.names()
+
+
+# ------------------------------------------------------------------ autoscaling and Prometheus routes
+
+
+def test_scaling_route_reads_with_a_metrics_token_only(client, statsd):
+    for i in range(5):
+        enqueue(f"w{i}", "gpu")
+    agent_token, _ = agent("gpu-1", ["gpu"], concurrency=2)
+    token = metrics_token()
+
+    r = client.get("/metrics/scaling", params={"slots_per_agent": 2, "queues": "gpu,cpu"}, headers=bearer(token))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["queues"]["gpu"]["queued"] == 5 and body["queues"]["gpu"]["suggested_agents"] == 3
+    assert body["queues"]["cpu"] == {"queued": 0, "oldest_queued_age": 0.0, "leased": 0, "running": 0,
+                                     "free_slots": 0, "agents": 0, "suggested_agents": 0}
+    assert body["total"]["suggested_agents"] == 3 and body["agents"] == {"active": 1}
+
+    # An agent token cannot read the figures; a metrics token cannot act as an agent.
+    r = client.get("/metrics/scaling", headers=bearer(agent_token))
+    assert r.status_code == 401 and "not a metrics token" in r.json()["detail"]
+    statsd.wait_for("airflow.remote_execution.auth.failed.wrong_kind")
+    for path, body in (("/v1/leases", {"slots": 1, "wait": 0}), ("/v1/agents/register", {"concurrency": 1})):
+        assert client.post(path, json=body, headers=bearer(token)).status_code == 401
+    assert client.get("/v1/agents/me", headers=bearer(token)).status_code == 401
+    assert client.get("/metrics/scaling").status_code == 401
+    assert client.get("/metrics/scaling", headers={"Authorization": "Basic x"}).status_code == 401
+
+    # Malformed parameters are a 422 that names them.
+    r = client.get("/metrics/scaling", params={"slots_per_agent": 0}, headers=bearer(token))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "slots_per_agent"]
+    r = client.get("/metrics/scaling", params={"queues": ",".join(f"q{i}" for i in range(101))}, headers=bearer(token))
+    assert r.status_code == 422 and "at most 100" in r.json()["detail"]
+
+    # Revoked: refused.
+    with create_session() as s:
+        metrics_tokens.revoke(s, token.split("_")[1])
+    r = client.get("/metrics/scaling", headers=bearer(token))
+    assert r.status_code == 401 and "revoked" in r.json()["detail"]
+
+
+def test_prometheus_text_parses(client):
+    enqueue("p1", 'odd"queue')
+    enqueue("p2", "default")
+    agent("prom-agent", ["default"], concurrency=3)
+    r = client.get("/metrics/prometheus", params={"slots_per_agent": 2}, headers=bearer(metrics_token("prometheus")))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text) for s in family.samples
+    }
+    assert samples[("remote_execution_queue_queued", (("queue", 'odd"queue'),))] == 1
+    assert samples[("remote_execution_queue_suggested_agents", (("queue", "default"),))] == 1
+    assert samples[("remote_execution_queue_free_slots", (("queue", "default"),))] == 3
+    assert samples[("remote_execution_agents", (("state", "active"),))] == 1
+    assert samples[("remote_execution_agents", (("state", "lost"),))] == 0
+
+
+def test_metrics_token_lifecycle_and_bad_input():
+    with create_session() as s:
+        clear, row = metrics_tokens.create(s, name="keda", expires_in="1h")
+        assert clear.startswith(f"rexm_{row.id}_")
+        assert metrics_tokens.verify(s, f"Bearer {clear}").id == row.id
+        with pytest.raises(ValueError, match="Invalid name"):
+            metrics_tokens.create(s, name="no spaces")
+        with pytest.raises(tokens.TokenError, match="no such token"):
+            metrics_tokens.verify(s, f"Bearer {clear[:-1]}A" if not clear.endswith("A") else f"Bearer {clear[:-1]}B")
+        s.execute(update(MetricsTokenModel).values(expires_at=timezone.utcnow() - timedelta(seconds=1)))
+        with pytest.raises(tokens.TokenError, match="expired"):
+            metrics_tokens.verify(s, f"Bearer {clear}")
