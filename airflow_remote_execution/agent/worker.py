@@ -127,17 +127,37 @@ class AgentWorker:
         self._check_executor_config(reply.core_executor)
 
     @staticmethod
-    def _check_executor_config(plane_executors: str) -> None:
-        """DAGs naming ``executor=`` only parse where ``[core] executor`` lists that executor."""
-        from airflow.configuration import conf
+    def _check_executor_config(plane_executors: str) -> list[str]:
+        """A task's DAG loads only where every ``executor=`` its tasks name (an alias, class name or module
+        path of the plane's ``[core] executor``) resolves from ``[core] executor``. Warn, naming them, only
+        about names the plane accepts that do not resolve here: DAGs that name no executor run anywhere,
+        and another order, spacing or more executors here are no mismatch. Returns the unresolved names."""
+        from airflow.executors.executor_loader import ExecutorLoader
 
-        mine = conf.get("core", "executor", fallback="")
-        if plane_executors and mine.replace(" ", "") != plane_executors.replace(" ", ""):
+        names: list[str] = []
+        for team_part in plane_executors.split(";"):  # "LocalExecutor;team1=CeleryExecutor,..."
+            team, eq, executors = team_part.partition("=")
+            for entry in (executors if eq and ":" not in team else team_part).split(","):
+                alias, _, path = entry.strip().rpartition(":")
+                path = path.strip()
+                names += [n for n in dict.fromkeys((alias.strip(), path, path.rsplit(".", 1)[-1])) if n and n not in names]
+        missing = []
+        for name in names:
+            try:
+                ExecutorLoader.lookup_executor_name_by_str(name, validate_teams=False)
+            except Exception:  # noqa: BLE001 - UnknownExecutorException, or an unparsable setting here
+                missing.append(name)
+        if missing:
+            from airflow.configuration import conf
+
             log.warning(
-                "[core] executor here is %r but on the plane it is %r: tasks of DAGs that set "
-                "executor=... will fail to load on this agent. Set AIRFLOW__CORE__EXECUTOR=%r for the agent.",
-                mine, plane_executors, plane_executors,
+                "Tasks of DAGs that set executor=%s fail to load on this agent: [core] executor here is %r, on "
+                "the plane %r. DAGs that name no executor are not affected. To run them here, set [core] "
+                "executor = %s on the agent.",
+                " or ".join(repr(n) for n in missing), conf.get("core", "executor", fallback=""), plane_executors,
+                plane_executors,
             )
+        return missing
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code."""

@@ -229,3 +229,142 @@ def test_no_remote_logging_means_no_shipper(store, monkeypatch):
     assert remote_log_io() is None
     with pytest.raises(ValueError, match="must be > 0"):
         LogShipper(object(), list, 0, threading.Event())
+
+
+# ---------------------------------------------------------------- no remote logging: the plane log store
+
+
+@pytest.fixture(scope="module")
+def plane_url():
+    """The real Remote Execution API served by uvicorn on loopback (in-process SQLite DB)."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from airflow_remote_execution.plane.api.app import create_app
+    from localplane import free_port, wait_for
+
+    port = free_port()
+    app = Starlette(routes=[Mount("/remote_execution", app=create_app())])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 30, "uvicorn")
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def leased(plane_url, airflow_db, tmp_path):
+    """A PlaneClient whose agent holds a started task lease; yields (client, TaskLog, local log file, read the
+    plane's copy as the UI's handler does)."""
+    from sqlalchemy import delete
+
+    from airflow.models.taskinstancekey import TaskInstanceKey
+    from airflow.utils.session import create_session
+
+    from airflow_remote_execution.agent.client import PlaneClient
+    from airflow_remote_execution.models.tables import TaskLogChunkModel
+    from airflow_remote_execution.plane import leases, tokens
+    from airflow_remote_execution.plane.task_logs import read_pieces
+    from airflow_remote_execution.wire.api import RegisterRequest
+
+    with create_session() as s:
+        s.execute(delete(TaskLogChunkModel))
+        token = tokens.create(s, agent_name="shipper", queues=["default"])[0]
+    client = PlaneClient(plane_url, token)
+    client.register(RegisterRequest(concurrency=1))
+    key = TaskInstanceKey(dag_id="d", task_id="t", run_id="r", try_number=1, map_index=-1)
+    with create_session() as s:
+        leases.enqueue(s, key=key, kind="task", queue="default", priority_weight=1, workload='{"type": "ExecuteTask"}')
+    (lease,) = client.lease(1, 0)
+    client.start(lease.work_id, lease.fence)
+    local = tmp_path / REL
+    local.parent.mkdir(parents=True)
+
+    def stored() -> str:
+        with create_session() as s:
+            _, logs = read_pieces(s, "d", "r", "t", -1, 1)
+        return logs[0] if logs else ""
+
+    yield client, TaskLog(REL, True, lease.work_id, lease.fence), local, stored
+    with create_session() as s:
+        s.execute(delete(TaskLogChunkModel))
+
+
+def sender(client, tasks: list[TaskLog], folder: Path):
+    from airflow_remote_execution.agent.log_shipper import PlaneLogSender
+
+    return PlaneLogSender(client, lambda: list(tasks), folder, 3600, threading.Event())
+
+
+def test_plane_sender_sends_whole_lines_while_running_and_the_rest_at_the_end(leased, tmp_path):
+    client, task, local, stored = leased
+    tasks = [task]
+    s = sender(client, tasks, tmp_path)
+    append(local, line(1) + line(2) + '{"event": "line 3 is still bei')
+    assert s.send_once() == len(line(1) + line(2))
+    assert stored() == line(1) + line(2)
+    assert s.send_once() == 0  # nothing new complete
+    append(local, 'ng written"}\n' + line(4))
+    s.send_once()
+    tasks.clear()  # the task and its supervisor are done: the worker forgets it
+    append(local, '{"event": "last words, no newline"}')
+    s.send_once()
+    whole = local.read_text()
+    assert stored().rstrip("\n") == whole  # the plane holds the whole log, once, in order
+    assert whole.startswith(line(1)), "the agent's own file is left as it is"
+    assert s.sent == {}
+
+
+def test_plane_sender_resends_after_a_lost_answer_and_the_plane_keeps_each_line_once(leased, tmp_path):
+    client, task, local, stored = leased
+    append(local, line(1) + line(2))
+    sender(client, [task], tmp_path).send_once()
+    append(local, line(3))
+    sender(client, [task], tmp_path).send_once()  # a fresh sender starts again at byte 0
+    assert stored() == line(1) + line(2) + line(3)
+
+
+def test_plane_sender_splits_a_long_log_into_pieces(leased, tmp_path):
+    from airflow_remote_execution.wire.task_logs import MAX_PIECE
+
+    client, task, local, stored = leased
+    text = "".join(line(i) for i in range(2 * MAX_PIECE // len(line(99999)) + 10))
+    append(local, text)
+    assert sender(client, [task], tmp_path).send_once() == len(text)
+    assert stored() == text
+
+
+def test_plane_sender_stops_when_the_plane_refuses_logs(leased, tmp_path, monkeypatch):
+    client, task, local, stored = leased
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__PLANE_TASK_LOGS", "False")  # the plane (same process here)
+    s = sender(client, [task], tmp_path)
+    append(local, line(1))
+    s.send_once()
+    assert s.refused and stored() == ""
+
+
+def test_start_log_shipper_picks_the_plane_only_without_remote_logging(leased, tmp_path, monkeypatch):
+    from airflow_remote_execution.agent.log_shipper import PlaneLogSender, start_log_shipper
+
+    client, task, local, stored = leased
+    monkeypatch.setenv("AIRFLOW__LOGGING__REMOTE_LOGGING", "False")
+    monkeypatch.setenv("AIRFLOW__LOGGING__BASE_LOG_FOLDER", str(tmp_path))
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__LOG_UPLOAD_INTERVAL", "0.2")
+    stop = threading.Event()
+    tasks = [task]
+    shipper = start_log_shipper(lambda: list(tasks), stop, client)
+    try:
+        assert isinstance(shipper, PlaneLogSender)
+        append(local, line(1))
+        deadline = time.monotonic() + 30
+        while stored() != line(1) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stored() == line(1)  # a partial round of the thread
+    finally:
+        stop.set()
+        shipper.join(10)
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__PLANE_TASK_LOGS", "False")
+    assert start_log_shipper(list, threading.Event(), client) is None
