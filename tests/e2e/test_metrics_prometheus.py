@@ -1,0 +1,155 @@
+"""
+Fleet metrics end to end, with real receivers: a real Prometheus (Debian's ``prometheus``) scrapes the
+plane's ``/remote_execution/metrics/prometheus`` with a read-only metrics token, and a StatsD listener on
+loopback UDP receives what the plane (scheduler, api-server) and the agents send through Airflow's own
+``[metrics]`` settings.
+
+Six tasks are queued on a queue no agent serves: the queue-depth gauge rises in Prometheus and the
+suggested agent count follows (ceil(6 / 2 slots) = 3). The test then makes the scale decision an
+autoscaler would, from ``/metrics/scaling`` (the JSON KEDA reads): it starts that many agents, and the
+gauges fall back to zero as they run the work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+
+from localplane import Agent, Plane, free_port, fresh_pg_database, wait_for
+from statsd_listener import StatsdListener
+
+pytestmark = pytest.mark.e2e
+DAGS = Path(__file__).parent / "dags"
+DAG, QUEUE, WIDTH, SLOTS = "remote_fleet_fanout", "fleet", 6, 2
+PROMETHEUS = shutil.which("prometheus")
+
+
+class Prometheus:
+    """A real Prometheus server scraping the plane every second."""
+
+    def __init__(self, base: Path, plane_port: int, token: str) -> None:
+        base.mkdir(parents=True, exist_ok=True)
+        (base / "token").write_text(token)
+        (base / "prometheus.yml").write_text(json.dumps({  # JSON is YAML
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [{
+                "job_name": "remote_execution",
+                "metrics_path": "/remote_execution/metrics/prometheus",
+                "params": {"slots_per_agent": [str(SLOTS)]},
+                "authorization": {"type": "Bearer", "credentials_file": str(base / "token")},
+                "static_configs": [{"targets": [f"127.0.0.1:{plane_port}"]}],
+            }],
+        }))
+        self.port = free_port()
+        self.log = open(base / "prometheus.log", "ab")
+        self.proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={base / 'prometheus.yml'}", f"--storage.tsdb.path={base / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_for(lambda: requests.get(f"{self.url}/-/ready", timeout=2).ok, 60, "prometheus ready")
+
+    def value(self, query: str) -> float | None:
+        r = requests.get(f"{self.url}/api/v1/query", params={"query": query}, timeout=5)
+        r.raise_for_status()
+        result = r.json()["data"]["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    def wait_value(self, query: str, expected: float, timeout: float = 120) -> None:
+        wait_for(lambda: self.value(query) == expected, timeout, f"{query} == {expected} in Prometheus", 0.5)
+
+    def target_health(self) -> str:
+        targets = requests.get(f"{self.url}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+        return ", ".join(f"{t['health']} {t.get('lastError', '')}" for t in targets)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, pg_url):
+    if PROMETHEUS is None:
+        pytest.fail("prometheus is not installed: scripts/system-deps.sh installs it")
+    base = tmp_path_factory.mktemp("fleet-metrics")
+    dags = base / "dags"
+    dags.mkdir()
+    shutil.copy(DAGS / f"{DAG}.py", dags)
+    statsd = StatsdListener()
+    plane = Plane(base / "plane", db_url=fresh_pg_database(pg_url, "fleet_metrics"), dags_folder=dags,
+                  extra_env=statsd.env(prefix="plane"))
+    agents: list[Agent] = []
+    prometheus = None
+    try:
+        plane.start()
+        out = plane.airflow("remote-execution", "metrics-tokens", "create", "--name", "prometheus", "--output", "json")
+        token = json.loads(out.stdout.strip().splitlines()[-1])["token"]
+        prometheus = Prometheus(base / "prometheus", plane.port, token)
+        yield plane, prometheus, statsd, token, agents, dags, base
+    finally:
+        for agent in agents:
+            agent.stop()
+        if prometheus:
+            print(f"--- prometheus targets: {prometheus.target_health()}")
+            prometheus.stop()
+        plane.stop()
+        statsd.close()
+        for proc in [*plane.history, *(a.proc for a in agents if a.proc)]:
+            print(f"--- {proc.name}\n{proc.tail(30)}")
+
+
+def test_queue_depth_and_suggested_agents_drive_a_scale_up(fleet):
+    plane, prometheus, statsd, token, agents, dags, base = fleet
+    queued = f'remote_execution_queue_queued{{queue="{QUEUE}"}}'
+    suggested = f'remote_execution_queue_suggested_agents{{queue="{QUEUE}"}}'
+
+    run_id = plane.trigger(DAG, conf={"seconds": 4})
+    # No agent serves the queue: the work waits, Prometheus sees the depth and the suggested agent count.
+    prometheus.wait_value(queued, WIDTH)
+    prometheus.wait_value(suggested, math.ceil(WIDTH / SLOTS))
+    assert prometheus.value(f'remote_execution_queue_agents{{queue="{QUEUE}"}}') == 0
+    assert prometheus.value(f'remote_execution_queue_oldest_queued_age{{queue="{QUEUE}"}}') > 0
+
+    # The scale decision, from the JSON KEDA's metrics-api scaler reads (valueLocation: total.suggested_agents).
+    r = requests.get(f"{plane.url}/remote_execution/metrics/scaling", params={"slots_per_agent": SLOTS, "queues": QUEUE},
+                     headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    r.raise_for_status()
+    want = r.json()["total"]["suggested_agents"]
+    assert want == 3, r.json()
+    for i in range(want):
+        name = f"fleet-{i}"
+        agents.append(Agent(name, base / name, plane.url, plane.create_agent_token(name, QUEUE), concurrency=SLOTS,
+                            dags_folder=dags, extra_env=statsd.env(prefix="agent")).start())
+    for agent in agents:
+        agent.wait_registered()
+
+    # The agents take the work: the depth falls to 0 in Prometheus, then so does the suggestion.
+    prometheus.wait_value(queued, 0)
+    assert plane.wait_run(DAG, run_id) == "success"
+    prometheus.wait_value(suggested, 0)
+    prometheus.wait_value(f'remote_execution_queue_agents{{queue="{QUEUE}"}}', want)
+    assert prometheus.value("sum(remote_execution_leases_total)") >= 1
+
+    # The same figures and the events reached StatsD from the scheduler, the api-server and the agents.
+    assert statsd.wait_for(f"plane.remote_execution.queue.queued.{QUEUE}", value=0, timeout=30) == 0
+    assert max(statsd.values(f"plane.remote_execution.queue.queued.{QUEUE}")) == WIDTH
+    statsd.wait_for(f"plane.remote_execution.work.queued_to_leased.{QUEUE}")
+    statsd.wait_for(f"plane.remote_execution.work.leased_to_confirmed.{QUEUE}")
+    statsd.wait_for("plane.remote_execution.heartbeat.duration")
+    statsd.wait_for("plane.remote_execution.agents.active")
+    for i in range(want):
+        statsd.wait_for(f"agent.remote_execution.agent.slots_free.fleet-{i}")
+    assert sum(sum(statsd.values(f"agent.remote_execution.agent.workloads.success.task.{QUEUE}.fleet-{i}"))
+               for i in range(want)) == WIDTH
+    assert statsd.values(f"agent.remote_execution.agent.lease_to_start.{QUEUE}.fleet-0")
