@@ -78,12 +78,22 @@ airflow-remote-execution/group: {{ .c.id }}
 {{- toJson $out -}}
 {{- end -}}
 
+{{/* How many agents a component may have: its replicas, or up to autoscaling.maxReplicas when KEDA
+     scales it (every ordinal needs its token). */}}
+{{- define "rex.maxAgents" -}}
+{{- if and .autoscaling .autoscaling.enabled -}}
+{{- max (int .replicas) (int .autoscaling.maxReplicas) -}}
+{{- else -}}
+{{- int .replicas -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Token keys every component needs: JSON list. */}}
 {{- define "rex.tokenKeys" -}}
 {{- $keys := list -}}
 {{- range (include "rex.components" . | fromJsonArray) -}}
 {{- $c := . -}}
-{{- range $i := until (int $c.replicas) -}}
+{{- range $i := until (int (include "rex.maxAgents" $c)) -}}
 {{- $keys = append $keys (printf "%s-%d" $c.id $i) -}}
 {{- end -}}
 {{- end -}}
@@ -109,6 +119,9 @@ airflow-remote-execution/group: {{ .c.id }}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- if not (include "rex.components" . | fromJsonArray) -}}
+{{- fail "workers is empty and neither dagProcessor.enabled nor triggerer.enabled is set: no agent to deploy" -}}
+{{- end -}}
 {{- $seen := dict -}}
 {{- range $i, $w := $v.workers -}}
 {{- if hasKey $seen $w.name -}}
@@ -117,6 +130,14 @@ airflow-remote-execution/group: {{ .c.id }}
 {{- $_ := set $seen $w.name true -}}
 {{- if not $w.queues -}}
 {{- fail (printf "workers[%d].queues (group %q) must list at least one queue" $i $w.name) -}}
+{{- end -}}
+{{- if and $w.autoscaling $w.autoscaling.enabled -}}
+{{- if not $v.keda.metricsToken.existingSecret -}}
+{{- fail (printf "workers[%d].autoscaling.enabled needs keda.metricsToken.existingSecret: a Secret holding a metrics token (`airflow remote-execution metrics-tokens create`)" $i) -}}
+{{- end -}}
+{{- if gt (int $w.autoscaling.minReplicas) (int $w.autoscaling.maxReplicas) -}}
+{{- fail (printf "workers[%d].autoscaling.minReplicas (%v) is above maxReplicas (%v)" $i $w.autoscaling.minReplicas $w.autoscaling.maxReplicas) -}}
+{{- end -}}
 {{- end -}}
 {{- $grace := $w.terminationGracePeriodSeconds | default $v.terminationGracePeriodSeconds -}}
 {{- if lt (int $grace) (int $v.shutdownTimeout) -}}

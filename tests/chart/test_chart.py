@@ -152,6 +152,7 @@ BAD_VALUES = {
                                 "dagBundles[0].repoUrl"),
     "bundle of an unknown type": ({"dagBundles": [{"name": "d", "type": "s3", "path": "/x"}]}, "dagBundles/0"),
     "xcom backend without path": ({"xcomBackend": {"enabled": True}}, "xcomBackend.path"),
+    "no agent at all": ({"workers": []}, "workers is empty"),
 }
 
 
@@ -417,3 +418,19 @@ def test_rendered_options_are_known_to_airflow_or_the_provider(values):
         for section in cfg.sections():
             unknown = set(cfg[section]) - known.get(section, set())
             assert not unknown, f"{sts['metadata']['name']}: [{section}] {sorted(unknown)}"
+
+
+NO_WORKERS = {**MINIMAL, "workers": [], "dagProcessor": {"enabled": True}}
+
+
+@pytest.mark.parametrize("values", [*VALUES_FILES, NO_WORKERS], ids=[*(p.stem for p in VALUES_FILES), "no-workers"])
+def test_notes_render(values, tmp_path):
+    """NOTES.txt renders at install (helm template does not print it) and names a pod that exists; a release
+    with a dag processor and no worker group has no sentinel, so its notes name no probe."""
+    result = run_helm("helm4", "install", "rel", str(CHART), "--dry-run=client", *values_args(values, tmp_path))
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    pods = {o["metadata"]["name"] + "-0" for o in by_kind(render(values), "StatefulSet")}
+    (logs_pod,) = re.findall(r"logs (\S+) -c agent", notes)
+    assert logs_pod in pods
+    assert ("/readyz" in notes) == (values is not NO_WORKERS)
