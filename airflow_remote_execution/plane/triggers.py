@@ -391,9 +391,9 @@ def _execution_api():
     :func:`execution_refusal` has decided)."""
     import httpx
 
-    from airflow.api_fastapi.execution_api.app import in_process_api_server
+    from airflow.api_fastapi.execution_api.app import InProcessExecutionAPI
 
-    return httpx.Client(transport=in_process_api_server().transport, base_url="http://in-process.invalid./")
+    return httpx.Client(transport=InProcessExecutionAPI().transport, base_url="http://in-process.invalid./")
 
 
 def serve_execution(method: str, path: str, query: str, body: bytes, headers: dict[str, str]):

@@ -1,0 +1,9 @@
+"""Target of the deferrable sensors in bundle team_a (tests/e2e/test_deferrable_sensors.py)."""
+
+from __future__ import annotations
+
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import DAG
+
+with DAG("target_a", schedule=None, catchup=False, tags=["remote-execution-test"]):
+    EmptyOperator(task_id="done")

@@ -1,0 +1,169 @@
+"""
+Stock deferrable sensors on agent triggerers (issue 16) and agents' triggers kept off the plane's
+triggerer (issue 13), end to end on PostgreSQL.
+
+The plane (api-server, scheduler, dag-processor; no triggerer at first) parses two bundles: ``team_a``
+(``deferrable_sensors``, ``ext_denied``, ``target_a``) and ``team_b`` (``target_b``). Agent ``alpha``'s token
+serves queue ``default`` and bundle ``team_a``; it runs a worker and, in its own process, a triggerer
+(``agent triggerer``), with no metadata DB.
+
+1. Every stock deferrable sensor completes: ExternalTaskSensor (task and DAG level), TriggerDagRunOperator
+   waiting for its run, DateTimeSensorAsync, TimeDeltaSensorAsync, TimeDeltaSensor(deferrable), and
+   FileSensor(deferrable) on the agent's filesystem. Their triggers' requests (task-instance and DAG-run
+   counts, DAG-run state) reach the plane through the triggerer's route.
+2. An ExternalTaskSensor on team_b's DAG fails: the plane refuses its trigger's request (403) and says why.
+3. With a stock ``airflow triggerer`` running on the plane and the agent's triggerer stopped, a trigger an
+   agent's task created is never taken by the plane's triggerer; the agent's triggerer, back, runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from localplane import AIRFLOW, Agent, Plane, Proc, fresh_pg_database, shutdown, wait_for
+
+pytestmark = pytest.mark.e2e
+DAGS = Path(__file__).parent / "dags"
+SENSORS = ("external_task", "external_dag", "trigger_and_wait", "datetime_async", "timedelta_async",
+           "timedelta_deferrable", "file")
+
+
+def _bundles(base: Path) -> str:
+    return json.dumps([
+        {"name": name, "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+         "kwargs": {"path": str(base / name)}}
+        for name in ("team_a", "team_b")
+    ])
+
+
+class Cluster:
+    def __init__(self, base: Path, plane: Plane, agent: Agent):
+        self.base, self.plane, self.agent = base, plane, agent
+        self.triggerer: Proc | None = None
+        self.triggerers = 0
+
+    def start_triggerer(self) -> None:
+        self.triggerers += 1
+        self.triggerer = Proc(f"agent-triggerer-{self.triggerers}", [AIRFLOW, "remote-execution", "agent", "triggerer"],
+                              self.agent.env, self.agent.home)
+        wait_for(lambda: "Triggerer registered as" in self.triggerer_log(), 90, "the agent's triggerer")
+
+    def stop_triggerer(self) -> None:
+        self.triggerer.stop()
+
+    def triggerer_log(self) -> str:
+        return self.triggerer.log_path.read_text(errors="replace") if self.triggerer else ""
+
+    def trigger(self, dag_id: str, logical_date: str, conf: dict | None = None) -> str:
+        plane = self.plane
+        plane.wait_dag(dag_id)
+        plane.api("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
+        r = plane.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": logical_date, "conf": conf or {}})
+        r.raise_for_status()
+        return r.json()["dag_run_id"]
+
+    def states(self, dag_id: str, run_id: str) -> dict[str, str]:
+        return {ti["task_id"]: ti["state"] for ti in self.plane.task_instances(dag_id, run_id)}
+
+    def trigger_logs(self, home: Path, dag_id: str, run_id: str) -> list[Path]:
+        return sorted(home.glob(f"logs/dag_id={dag_id}/run_id={run_id}/task_id=*/*.trigger.*.log"))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, pg_url):
+    base = tmp_path_factory.mktemp("sensors")
+    for bundle, files in (("team_a", ("remote_deferrable_sensors.py", "remote_sensor_target_a.py")),
+                          ("team_b", ("remote_sensor_target_b.py",))):
+        (base / bundle).mkdir()
+        for name in files:
+            shutil.copy(DAGS / name, base / bundle)
+    bundles = {"AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": _bundles(base)}
+    plane = Plane(base / "plane", db_url=fresh_pg_database(pg_url, "deferrable_sensors"), dags_folder=base / "team_a",
+                  extra_env=bundles)
+    agent = cluster = None
+    try:
+        plane.start(components=("api-server", "scheduler", "dag-processor"))
+        token = plane.create_agent_token("alpha", "default", "--bundles", "team_a")
+        agent = Agent("alpha", base / "alpha", plane.url, token, dags_folder=base / "team_a", extra_env={
+            **bundles,
+            "AIRFLOW__REMOTE_EXECUTION__COMPONENTS": "worker",
+            "AIRFLOW__TRIGGERER__CAPACITY": "20",
+            "AIRFLOW_CONN_FS_DEFAULT": json.dumps({"conn_type": "fs"}),  # the agent's own connection
+        }).start()
+        agent.wait_registered()
+        cluster = Cluster(base, plane, agent)
+        cluster.start_triggerer()
+        yield cluster
+    finally:
+        if cluster is not None and cluster.triggerer is not None:
+            cluster.triggerer.stop()
+        shutdown(plane, [agent] if agent else [])
+
+
+def test_stock_deferrable_sensors_complete_on_the_agents_triggerer(cluster):
+    plane = cluster.plane
+    assert "triggerer" not in plane.procs
+    flag = cluster.base / "flag-file"
+    logical_date = datetime.now(timezone.utc).isoformat()
+    target = cluster.trigger("target_a", logical_date)
+    run_id = cluster.trigger("deferrable_sensors", logical_date, conf={"flag": str(flag)})
+    assert plane.wait_run("target_a", target, timeout=180) == "success"
+    wait_for(lambda: cluster.states("deferrable_sensors", run_id).get("file") == "deferred", 180, "the file sensor to defer")
+    flag.write_text("here")
+    state = plane.wait_run("deferrable_sensors", run_id, timeout=300)
+    states = cluster.states("deferrable_sensors", run_id)
+    assert state == "success", states
+    assert states == dict.fromkeys(SENSORS, "success")
+
+    # Each sensor deferred (the time sensors wait 40 s past the logical date), and its trigger ran on the agent's triggerer (its log is on the agent).
+    logs = cluster.trigger_logs(cluster.agent.home, "deferrable_sensors", run_id)
+    assert {p.parent.name.removeprefix("task_id=") for p in logs} == set(SENSORS), logs
+    log = cluster.triggerer_log()
+    for classpath in ("external_task.WorkflowTrigger", "external_task.DagStateTrigger", "temporal.DateTimeTrigger",
+                      "file.FileTrigger"):
+        assert re.search(rf"Starting trigger \d+ \(airflow\.providers\.standard\.triggers\.{classpath}\)", log), classpath
+    assert not list((plane.home / "logs").glob("**/*.trigger.*.log"))
+
+
+def test_a_sensor_on_a_dag_of_a_bundle_the_token_does_not_allow_fails_with_the_reason(cluster):
+    logical_date = datetime.now(timezone.utc).isoformat()
+    run_id = cluster.trigger("ext_denied", logical_date)
+    assert cluster.plane.wait_run("ext_denied", run_id, timeout=240) == "failed"
+    assert cluster.states("ext_denied", run_id) == {"external_other_team": "failed"}
+    [log] = cluster.trigger_logs(cluster.agent.home, "ext_denied", run_id)
+    text = log.read_text(errors="replace")
+    assert "403" in text and "DAG 'target_b' is neither" in text, text[-3000:]
+
+
+def test_a_plane_triggerer_never_runs_a_trigger_an_agents_task_created(cluster):
+    plane = cluster.plane
+    cluster.stop_triggerer()
+    plane.start_component("triggerer")
+    try:
+        run_id = cluster.trigger("parked_deferral", datetime.now(timezone.utc).isoformat())
+        wait_for(lambda: cluster.states("parked_deferral", run_id).get("wait") == "deferred", 180, "the task to defer")
+        [ti] = plane.task_instances("parked_deferral", run_id)
+        trigger_id = ti["trigger"]["id"]
+        # The plane's triggerer polls for free triggers every second; give it many chances to take this one.
+        time.sleep(15)
+        [ti] = plane.task_instances("parked_deferral", run_id)
+        assert ti["state"] == "deferred"
+        assert ti["trigger"]["triggerer_id"] is None, ti["trigger"]
+        assert ti["trigger"]["queue"] == "remote-execution:agents-only"
+        assert not list((plane.home / "logs").glob("**/*.trigger.*.log"))
+
+        cluster.start_triggerer()  # the agent's triggerer, back, claims and runs it
+        assert plane.wait_run("parked_deferral", run_id, timeout=180) == "success", cluster.states("parked_deferral", run_id)
+        assert f"Starting trigger {trigger_id} " in cluster.triggerer_log()
+        assert cluster.trigger_logs(cluster.agent.home, "parked_deferral", run_id)
+        assert not list((plane.home / "logs").glob("**/*.trigger.*.log"))
+        assert f"(ID {trigger_id})" not in plane.procs["triggerer"].log_path.read_text(errors="replace")
+    finally:
+        plane.stop_component("triggerer")
