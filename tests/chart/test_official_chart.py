@@ -8,6 +8,8 @@ from __future__ import annotations
 import configparser
 import os
 import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -144,6 +146,24 @@ def test_the_plane_cannot_create_pods(plane):
     for role in [*by_kind(plane, "Role"), *by_kind(plane, "ClusterRole")]:
         for rule in role.get("rules", []):
             assert not ("pods" in rule["resources"] and "create" in rule["verbs"]), role["metadata"]["name"]
+
+
+def test_rendered_config_loads_in_airflow(plane, tmp_path):
+    """Airflow, given the chart's airflow.cfg, loads RemoteExecutor and the provider's task log handler."""
+    (cm,) = [c for c in by_kind(plane, "ConfigMap") if "airflow.cfg" in c.get("data", {})]
+    (tmp_path / "airflow.cfg").write_text(cm["data"]["airflow.cfg"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(AIRFLOW_HOME=str(tmp_path), AIRFLOW_CONFIG=str(tmp_path / "airflow.cfg"),
+               AIRFLOW__LOGGING__BASE_LOG_FOLDER=str(tmp_path / "logs"), AIRFLOW__METRICS__STATSD_ON="False")
+    code = ("import logging; from airflow.executors.executor_loader import ExecutorLoader; "
+            "cls, _ = ExecutorLoader.import_default_executor_cls(); "
+            "print(cls.__module__ + '.' + cls.__name__); "
+            "print([type(h).__name__ for h in logging.getLogger('airflow.task').handlers])")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    executor, handlers = result.stdout.strip().splitlines()[-2:]
+    assert executor == "airflow_remote_execution.executors.remote_executor.RemoteExecutor"
+    assert handlers == "['RemoteExecutionTaskHandler']", handlers
 
 
 def test_snippet_options_are_known(snippet):
