@@ -159,6 +159,10 @@ class PlaneLogSender:
         self.interval = interval
         self.stop = stop
         self.sent: dict[tuple[int, int], tuple[str, int]] = {}  # (work_id, fence) -> (relative path, offset)
+        # Where the logs of ended leases ended: a task resumed after deferral appends to the same file, and
+        # its new lease sends only what follows (the earlier lease sent the rest). Bounded: oldest go first.
+        self.ended: dict[str, int] = {}
+        self.dropped: set[tuple[int, int]] = set()  # leases whose log the plane takes no more of
         self.refused = False  # the plane keeps no logs (plane_task_logs = False there)
         self._thread = threading.Thread(target=self._loop, name="log-sender", daemon=True)
 
@@ -189,8 +193,10 @@ class PlaneLogSender:
         """Send complete new lines of running tasks (if ``partial``) and the rest of the logs of tasks that
         are gone (all, if ``final``); returns how many bytes of log files the plane now holds more."""
         running = {(t.work_id, t.fence): t for t in self.tasks() if t.work_id}
+        self.dropped &= running.keys()
         for key, task in running.items():
-            self.sent.setdefault(key, (task.relative_path, 0))
+            if key not in self.sent and key not in self.dropped:
+                self.sent[key] = (task.relative_path, self.ended.pop(task.relative_path, 0))
         total = 0
         for key, (path, offset) in list(self.sent.items()):
             if self.refused:
@@ -200,8 +206,14 @@ class PlaneLogSender:
                     total += self._send(key, path, offset, whole=False)
             else:  # the task ended (its supervisor too): all of it, then forget it
                 total += self._send(key, path, offset, whole=True)
-                self.sent.pop(key, None)
+                if (done := self.sent.pop(key, None)) is not None:
+                    self._ended(*done)
         return total
+
+    def _ended(self, path: str, offset: int) -> None:
+        self.ended[path] = offset
+        while len(self.ended) > 10_000:
+            del self.ended[next(iter(self.ended))]
 
     def _send(self, key: tuple[int, int], path: str, offset: int, whole: bool) -> int:
         from airflow_remote_execution.agent.client import LeaseLost, PlaneError
@@ -227,6 +239,7 @@ class PlaneLogSender:
             except LeaseLost as e:  # not this lease's any more, or a gap the plane cannot fill
                 log.warning("The plane keeps no more of work %s's log: %s", work_id, e.detail)
                 self.sent.pop(key, None)
+                self.dropped.add(key)
                 return sent
             except PlaneError as e:
                 if e.status == 403:
@@ -235,6 +248,7 @@ class PlaneLogSender:
                 elif e.status in (404, 422):
                     log.warning("The plane refused a piece of work %s's log: %s", work_id, e.detail)
                     self.sent.pop(key, None)
+                    self.dropped.add(key)
                 else:
                     log.warning("Could not send work %s's log to the plane (%s); retrying", work_id, e.detail)
                     if whole:  # keep it to send again next time (and at the agent's stop)

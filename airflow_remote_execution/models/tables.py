@@ -138,8 +138,8 @@ class TaskLogChunkModel(Base):
     """A piece of a task log an agent shipped to the plane (no remote logging configured): the bytes
     ``start`` to ``start + size`` of the log of one lease (``work_id``, ``fence``) of one task try.
 
-    Unique per lease and offset, so a retried upload (its answer lost) or two api-servers can never store
-    a piece twice. Kept ``task_log_retention`` seconds; what the UI reads for agents' tasks."""
+    Unique per task try, lease and offset, so a retried upload (its answer lost) or two api-servers can
+    never store a piece twice. Kept ``task_log_retention`` seconds; what the UI reads for agents' tasks."""
 
     __tablename__ = "remote_task_log_chunk"
 
@@ -158,8 +158,12 @@ class TaskLogChunkModel(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
 
     __table_args__ = (
-        Index("idx_remote_task_log_chunk_piece", "work_id", "fence", "start", unique=True),
-        Index("idx_remote_task_log_chunk_ti", "dag_id", "run_id", "task_id", "map_index", "try_number"),
+        # The try first (the UI reads by it), the lease and offset last: work ids can repeat on SQLite
+        # (a purged highest id is given again), so a lease alone does not name a log.
+        Index(
+            "idx_remote_task_log_chunk_piece", "dag_id", "run_id", "task_id", "map_index", "try_number", "work_id",
+            "fence", "start", unique=True,
+        ),
         Index("idx_remote_task_log_chunk_created", "created_at"),
     )
 

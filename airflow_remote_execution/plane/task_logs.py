@@ -155,7 +155,8 @@ def store_piece(session: Session, agent: AgentModel, work_id: int, piece: LogPie
 
     Read-only on the work item (its transitions are :mod:`.leases`'s): the agent must hold that lease,
     the task must have started and not have ended more than :data:`LATE` ago. A piece the plane already
-    holds (a retry) is answered with where the log ends; a gap is a 409 naming where to resume.
+    holds (a retry) is answered with where the log ends; a gap after the lease's first piece is a 409
+    naming where to resume.
     """
     from sqlalchemy import func, select
     from sqlalchemy.exc import IntegrityError
@@ -197,12 +198,15 @@ def store_piece(session: Session, agent: AgentModel, work_id: int, piece: LogPie
                 chunk.map_index == map_index, chunk.try_number == try_number)
     stored, total = session.execute(
         select(
-            select(func.max(chunk.start + chunk.size)).where(chunk.work_id == work_id, chunk.fence == piece.fence)
+            select(func.max(chunk.start + chunk.size))
+            .where(*this_try, chunk.work_id == work_id, chunk.fence == piece.fence)
             .scalar_subquery(),
             select(func.sum(chunk.size)).where(*this_try).scalar_subquery(),
         )
     ).one()
-    stored, total = stored or 0, total or 0
+    # A lease's first piece may start anywhere: the agent's file can hold the lines of the same task try's
+    # earlier leases (before a deferral), which those leases sent.
+    stored, total = piece.start if stored is None else stored, total or 0
     cap = config.getint("task_log_max_size")
     if total >= cap:  # the rest is dropped: the agent moves on
         return LogPieceResponse(stored_until=max(stored, piece.end), truncated=True)

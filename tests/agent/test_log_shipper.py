@@ -368,3 +368,32 @@ def test_start_log_shipper_picks_the_plane_only_without_remote_logging(leased, t
         shipper.join(10)
     monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__PLANE_TASK_LOGS", "False")
     assert start_log_shipper(list, threading.Event(), client) is None
+
+
+def test_plane_sender_sends_a_resumed_tasks_new_lines_only(leased, tmp_path):
+    """After a deferral the same try runs under a new lease and appends to the same file: the new lease
+    sends only what follows the first lease's part."""
+    from airflow.utils.session import create_session
+
+    from airflow_remote_execution.models import WorkItemModel
+    from airflow_remote_execution.plane import leases
+    from airflow_remote_execution.wire.api import WorkState
+
+    client, task, local, stored = leased
+    tasks = [task]
+    s = sender(client, tasks, tmp_path)
+    append(local, line(1))
+    s.send_once()
+    tasks.clear()
+    s.send_once()  # the first lease ended
+    client.finish(task.work_id, task.fence, WorkState.SUCCESS)
+    with create_session() as session:
+        key = leases.key_from_json(session.get(WorkItemModel, task.work_id).key)  # finished: the resumed try is a new work item
+    with create_session() as session:
+        leases.enqueue(session, key=key, kind="task", queue="default", priority_weight=1, workload='{"type": "ExecuteTask"}')
+    (lease,) = client.lease(1, 0)
+    client.start(lease.work_id, lease.fence)
+    append(local, line(2))
+    tasks.append(TaskLog(REL, True, lease.work_id, lease.fence))
+    s.send_once()
+    assert stored() == line(1) + line(2)

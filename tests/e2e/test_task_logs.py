@@ -1,9 +1,13 @@
 """
-Task logs of agent tasks in the customer's object storage, read by the plane's REST API (what the UI
-calls): a real plane and a real agent (no DB) with remote logging to a real storage emulator. While the
-task runs, the API shows the agent's partial upload, and the plane never connects to the agent (a
-listener on the worker log-server port counts attempts); after the end it shows the whole log, which
-never was on the plane's disk.
+Task logs of agent tasks read by the plane's REST API (what the UI calls), with a real plane and a real
+agent (no DB), both ways:
+
+* remote logging to a real storage emulator: while the task runs, the API shows the agent's partial
+  upload; after the end the whole log, which never was on the plane's disk;
+* no remote logging at all and no ``logging_config_class`` (Airflow's defaults): the agent sends the log
+  through the Remote Execution API to the plane log store, shown while the task runs and after.
+
+Either way the plane never connects to the agent (a listener on the worker log-server port counts attempts).
 """
 
 from __future__ import annotations
@@ -166,4 +170,74 @@ def test_log_readable_while_running_and_after(cluster):
     assert [x["event"] for x in lines].count(next(x["event"] for x in lines if FIRST in x["event"])) == 1
     assert sum(SECOND in x["event"] for x in lines) == 1
     assert list((agent.home / "logs").rglob(f"run_id={run_id}/task_id={TASK}/*.log")), "written on the agent"
+    assert not list((plane.home / "logs").rglob(f"run_id={run_id}/**/*.log")), "a task log on the plane's disk"
+
+
+# ---------------------------------------------------------------- no remote logging: the plane log store
+
+
+@pytest.fixture(scope="module")
+def store_cluster(tmp_path_factory, pg_url):
+    """Plane and agent with Airflow's default logging (no remote logging, no logging_config_class)."""
+    base = tmp_path_factory.mktemp("task-logs-store")
+    dags = base / "dags"
+    dags.mkdir()
+    shutil.copy(DAGS / f"{DAG}.py", dags)
+    tripwire = Tripwire(free_port())
+    plane = Plane(
+        base / "plane",
+        db_url=fresh_pg_database(pg_url, "task_logs_store"),
+        dags_folder=dags,
+        extra_env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(tripwire.sock.getsockname()[1])},
+    )
+    agent = None
+    try:
+        plane.start()
+        token = plane.create_agent_token("store-logger", "default")
+        agent = Agent(
+            "store-logger", base / "agent", plane.url, token, dags_folder=dags,
+            extra_env={
+                "AIRFLOW__REMOTE_EXECUTION__LOG_UPLOAD_INTERVAL": "2",
+                "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",  # see cluster() above
+            },
+        ).start()
+        agent.wait_registered()
+        yield plane, agent, tripwire
+    finally:
+        procs = [*plane.procs.values(), *([agent.proc] if agent else [])]
+        if agent:
+            agent.stop()
+        plane.stop()
+        tripwire.close()
+        for proc in procs:
+            print(f"--- {proc.name}\n{proc.tail(40)}")
+
+
+def test_without_remote_logging_the_plane_log_store_shows_the_log_while_running_and_after(store_cluster):
+    plane, agent, tripwire = store_cluster
+    assert "Sending task logs to the plane's log store" in agent.proc.log_path.read_text(errors="replace")
+    run_id = plane.trigger(DAG, conf={"seconds": 40})
+    wait_for(lambda: ti_state(plane, run_id) == "running", 300, "the task running on the agent", 0.5)
+
+    def first_line_shown():
+        events, sources = read_log(plane, run_id)
+        return (events, sources) if any(FIRST in e for e in events) else None
+
+    events, sources = wait_for(first_line_shown, 30, "the first line in the running task's log", 0.5)
+    assert ti_state(plane, run_id) == "running", "the log should be readable before the task ends"
+    assert not any(SECOND in e for e in events)
+    assert any("log store" in s and "store-logger" in s for s in sources), sources
+    assert not any("served logs" in s.lower() and "could not" in s.lower() for s in sources), sources
+    assert tripwire.connections == 0, "the plane tried to reach the agent's log server"
+
+    assert plane.wait_run(DAG, run_id) == "success"
+    events, sources = wait_for(
+        lambda: (log := read_log(plane, run_id)) and any(SECOND in e for e in log[0]) and log, 60, "the whole log", 0.5
+    )
+    assert len([e for e in events if FIRST in e]) == 1 and len([e for e in events if SECOND in e]) == 1, events
+    assert tripwire.connections == 0
+    # The agent keeps its own file; the plane has the log in its database, not on its disk.
+    (local,) = (agent.home / "logs").rglob(f"run_id={run_id}/task_id={TASK}/*.log")
+    lines = [json.loads(line)["event"] for line in local.read_text().splitlines() if line.strip()]
+    assert [e for e in events if e in lines] == lines, "the plane's copy is the agent's file, in order"
     assert not list((plane.home / "logs").rglob(f"run_id={run_id}/**/*.log")), "a task log on the plane's disk"

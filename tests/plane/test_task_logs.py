@@ -176,9 +176,32 @@ def test_pieces_are_kept_once_in_order_and_read_by_the_handler(api):
 
 def test_a_gap_is_refused_naming_where_to_resume(api):
     token, work_id, fence = _running_task(api)
-    r = _post(api, f"/work/{work_id}/log", token, _piece(fence, 100, _line(1)))
-    assert r.status_code == 409 and "up to byte 0" in r.json()["detail"]
-    assert _stored() == ""
+    # A lease's first piece may start further on in the agent's file (an earlier lease sent the start).
+    assert _post(api, f"/work/{work_id}/log", token, _piece(fence, 100, _line(1))).status_code == 200
+    r = _post(api, f"/work/{work_id}/log", token, _piece(fence, 100 + len(_line(1)) + 1, _line(2)))
+    assert r.status_code == 409 and f"up to byte {100 + len(_line(1))}" in r.json()["detail"]
+    assert _stored() == _line(1)
+
+
+def test_a_task_resumed_after_deferral_shows_both_parts_in_order(api):
+    """Each lease of the try sends its own part; the agent's file holds both when one agent ran both."""
+    from airflow.utils.session import create_session
+
+    from airflow_remote_execution.models import WorkItemModel
+    from airflow_remote_execution.plane import leases
+
+    token, first_id, first_fence = _running_task(api)
+    assert _post(api, f"/work/{first_id}/log", token, _piece(first_fence, 0, _line(1))).status_code == 200
+    assert _post(api, f"/work/{first_id}/finish", token, {"fence": first_fence, "outcome": "success"}).status_code == 200
+    with create_session() as s:
+        key = leases.key_from_json(s.get(WorkItemModel, first_id).key)  # finished: the resumed try is a new work item
+    with create_session() as s:
+        leases.enqueue(s, key=key, kind="task", queue="default", priority_weight=1, workload='{"type": "ExecuteTask"}')
+    (lease,) = _post(api, "/leases", token, {"slots": 1, "wait": 0}).json()["leases"]
+    assert _post(api, f"/work/{lease['work_id']}/start", token, {"fence": lease["fence"]}).status_code == 200
+    r = _post(api, f"/work/{lease['work_id']}/log", token, _piece(lease["fence"], len(_line(1)), _line(2)))
+    assert r.status_code == 200, r.text
+    assert _stored() == _line(1) + _line(2)
 
 
 def test_only_the_agent_holding_the_started_lease_may_write(api):

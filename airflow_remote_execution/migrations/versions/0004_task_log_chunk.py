@@ -35,9 +35,11 @@ def upgrade():
         sa.Column("agent_name", sa.String(250), nullable=False),
         sa.Column("created_at", UtcDateTime, nullable=False),
     )
-    op.create_index("idx_remote_task_log_chunk_piece", "remote_task_log_chunk", ["work_id", "fence", "start"], unique=True)
     op.create_index(
-        "idx_remote_task_log_chunk_ti", "remote_task_log_chunk", ["dag_id", "run_id", "task_id", "map_index", "try_number"]
+        "idx_remote_task_log_chunk_piece",
+        "remote_task_log_chunk",
+        ["dag_id", "run_id", "task_id", "map_index", "try_number", "work_id", "fence", "start"],
+        unique=True,
     )
     op.create_index("idx_remote_task_log_chunk_created", "remote_task_log_chunk", ["created_at"])
 
