@@ -107,6 +107,10 @@ def test_airflow_runs_the_image_with_the_provider(plane, snippet):
         assert airflow_containers, component
         for c in airflow_containers:
             assert c["image"] == expected, (component, c["name"], c["image"])
+            # The chart relies on the official image's entrypoint: the agent image (entrypoint
+            # `airflow remote-execution`) cannot be the plane's image.
+            assert "command" not in c and c["args"][0] in ("bash", "airflow"), (component, c["name"])
+    assert image["repository"] != yaml.safe_load((ROOT / "chart" / "values.yaml").read_text())["image"]["repository"]
 
 
 def test_api_server_ingress_exposes_the_agents_paths(plane):
