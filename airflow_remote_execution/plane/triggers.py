@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timedelta
+from urllib.parse import parse_qs
 from functools import cache
 from types import SimpleNamespace
 from typing import Any
@@ -195,20 +196,49 @@ def _heartbeat(session: Session, row: AgentTriggererModel, now: datetime) -> Non
 
 
 def owned_ids(session: Session, job_id: int) -> list[int]:
-    """Triggers of this triggerer whose task still waits on them (the stock runner skips the others too)."""
-    query = (
-        select(Trigger.id)
-        .join(TaskInstance, TaskInstance.trigger_id == Trigger.id)
-        .where(Trigger.triggerer_id == job_id, TaskInstance.state == TaskInstanceState.DEFERRED)
+    """Triggers of this triggerer that something still waits on: a DEFERRED task, an asset's watcher, a
+    callback (the stock runner skips the others too; Airflow's clean_unused deletes them)."""
+    query = select(Trigger.id).where(
+        Trigger.triggerer_id == job_id,
+        or_(
+            Trigger.task_instance.has(TaskInstance.state == TaskInstanceState.DEFERRED),
+            Trigger.asset_watchers.any(),
+            Trigger.callback.has(),
+        ),
     )
     return sorted(set(session.scalars(query)))
 
 
+def _of_bundles(bundles: list[str]):
+    """Asset-watcher triggers of assets that DAGs of ``bundles`` are scheduled on, and deadline-callback
+    triggers of DAGs of ``bundles``."""
+    from airflow.models.asset import AssetWatcherModel, DagScheduleAssetReference
+    from airflow.models.callback import Callback
+    from airflow.models.dag import DagModel
+
+    scheduled = (
+        select(DagScheduleAssetReference.asset_id)
+        .join(DagModel, DagModel.dag_id == DagScheduleAssetReference.dag_id)
+        .where(DagModel.bundle_name.in_(bundles))
+    )
+    return or_(
+        Trigger.asset_watchers.any(AssetWatcherModel.asset_id.in_(scheduled)),
+        Trigger.callback.has(Callback.bundle_name.in_(bundles)),
+    )
+
+
 def claim(
-    session: Session, row: AgentTriggererModel, room: int, now: datetime, not_bundles: list[str] | None = None
+    session: Session,
+    row: AgentTriggererModel,
+    room: int,
+    now: datetime,
+    not_bundles: list[str] | None = None,
+    bundles: list[str] | None = None,
 ) -> list[int]:
-    """Take up to ``room`` free triggers in the triggerer's queues, leaving those of DAGs in ``not_bundles``
-    (bundles agents parse that the triggerer's token does not allow); returns the ids taken."""
+    """Take up to ``room`` free triggers: of deferred tasks in the triggerer's queues, leaving those of DAGs in
+    ``not_bundles`` (bundles agents parse that the triggerer's token does not allow); then asset-watcher and
+    deadline-callback triggers of the token's ``bundles``, which are parked as they are taken (a stock
+    triggerer never takes them back). Returns the ids taken."""
     if room <= 0:
         return []
     alive = _alive_job_ids(now)
@@ -224,6 +254,21 @@ def claim(
         from airflow.models.dag import DagModel
 
         query = query.where(~TaskInstance.dag_id.in_(select(DagModel.dag_id).where(DagModel.bundle_name.in_(not_bundles))))
+    taken = _take(session, query, free, row.job_id, {})
+    if bundles and len(taken) < room:
+        query = (
+            select(Trigger.id)
+            .where(free, ~Trigger.task_instance.has(), or_(Trigger.queue.is_(None), Trigger.queue == AGENTS_ONLY_QUEUE),
+                   _of_bundles(list(bundles)))
+            .order_by(Trigger.created_date, Trigger.id)
+            .limit(room - len(taken))
+        )
+        taken += _take(session, query, free, row.job_id, {"queue": AGENTS_ONLY_QUEUE})
+    return taken
+
+
+def _take(session: Session, query, free, job_id: int, values: dict) -> list[int]:
+    """Assign the triggers ``query`` selects to ``job_id`` if still ``free``; returns those it got."""
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(of=Trigger, skip_locked=True)
     ids = list(session.scalars(query))
@@ -232,22 +277,26 @@ def claim(
     session.execute(
         update(Trigger)
         .where(Trigger.id.in_(ids), free)  # still free: another api-server may have won meanwhile
-        .values(triggerer_id=row.job_id)
+        .values(triggerer_id=job_id, **values)
         .execution_options(synchronize_session=False)
     )
-    return list(session.scalars(select(Trigger.id).where(Trigger.id.in_(ids), Trigger.triggerer_id == row.job_id)))
+    return list(session.scalars(select(Trigger.id).where(Trigger.id.in_(ids), Trigger.triggerer_id == job_id)))
 
 
 def sync(
-    session: Session, row: AgentTriggererModel, req: TriggerSyncRequest, not_bundles: list[str] | None = None
+    session: Session,
+    row: AgentTriggererModel,
+    req: TriggerSyncRequest,
+    not_bundles: list[str] | None = None,
+    bundles: list[str] | None = None,
 ) -> TriggerSyncResponse:
-    """Heartbeat the triggerer's Job, claim up to its capacity (not of ``not_bundles``' DAGs), and hand out
-    what it must start."""
+    """Heartbeat the triggerer's Job, claim up to its capacity (tasks' triggers not of ``not_bundles``' DAGs;
+    asset-watcher and deadline-callback triggers of ``bundles``), and hand out what it must start."""
     now = timezone.utcnow()
     _heartbeat(session, row, now)
     owned = owned_ids(session, row.job_id)
     if _accepts_triggers(session, row.agent_name):
-        claim(session, row, min(req.capacity, row.capacity) - len(owned), now, not_bundles)
+        claim(session, row, min(req.capacity, row.capacity) - len(owned), now, not_bundles, bundles)
         owned = owned_ids(session, row.job_id)
     running = set(req.running)
     start = _workloads(session, row.job_id, [i for i in owned if i not in running])
@@ -284,8 +333,6 @@ def _workloads(session: Session, job_id: int, trigger_ids: list[int]) -> list[Tr
     builder = SimpleNamespace(job=SimpleNamespace(id=job_id), id=job_id, logger_cache={})
     out: list[TriggerWork] = []
     for trigger in Trigger.bulk_fetch(trigger_ids, session=session).values():
-        if trigger.task_instance is None:
-            continue
         workload = TriggerRunnerSupervisor._create_workload(builder, trigger, dag_bag, render, session)
         if workload is None:
             continue
@@ -349,8 +396,9 @@ def submit_failure(session: Session, row: AgentTriggererModel, trigger_id: int, 
 
 _READ_ONLY = (
     "Agent triggerers have read-only access to the plane (task-instance and DAG-run counts and states, "
-    "previous task instances, XComs, asset state store); only a HITL answer to its own trigger's task is "
-    "written. Connections and Variables come from the agent's secrets backends"
+    "previous task instances, XComs, asset state store); they write only a HITL answer to their own "
+    "triggers' tasks and the state store of assets their triggers watch. Connections and Variables come "
+    "from the agent's secrets backends"
 )
 
 
@@ -369,7 +417,10 @@ def execution_refusal(
 ) -> tuple[int, str] | None:
     """(status, message) refusing a running trigger's execution-API request, or None to serve it. ``path``
     is relative to the execution API. The DAGs it may read are exec_guard's rule for a task: those of its
-    own triggers' tasks, of their bundles, and of the bundles its agent token allows."""
+    own triggers (tasks, deadline callbacks), of their bundles, and of the bundles its agent token allows.
+    Writes: a HITL answer to its own trigger's task, the state store of assets its own triggers watch."""
+    from airflow.models.asset import AssetModel, AssetWatcherModel
+    from airflow.models.callback import Callback
     from airflow.models.dag import DagModel
 
     owned = _owned_tis(session, row.job_id)
@@ -377,10 +428,27 @@ def execution_refusal(
         if not path.startswith("hitlDetails/") or m.group(1).replace("-", "") not in {ti for ti, _ in owned}:
             return 403, "An agent triggerer may act on a task instance only through the HITL details of its own triggers' tasks"
         return None if method in ("GET", "PATCH") else (403, _READ_ONLY)
+    if path.startswith("store/asset/") and method != "GET":
+        watched = session.execute(
+            select(AssetModel.name, AssetModel.uri)
+            .join(AssetWatcherModel, AssetWatcherModel.asset_id == AssetModel.id)
+            .join(Trigger, Trigger.id == AssetWatcherModel.trigger_id)
+            .where(Trigger.triggerer_id == row.job_id)
+        ).all()
+        params = parse_qs(query)
+        names, uris = params.get("name", []), params.get("uri", [])
+        if (names or uris) and all(n in {a.name for a in watched} for n in names) and all(
+            u in {a.uri for a in watched} for u in uris
+        ):
+            return None
+        return 403, "An agent triggerer may write the state store only of assets its own triggers watch"
     if method != "GET":
         return 403, _READ_ONLY
     dag_ids = {dag_id for _, dag_id in owned}
-    own_bundles = session.scalars(select(DagModel.bundle_name).where(DagModel.dag_id.in_(dag_ids))) if dag_ids else []
+    own_bundles = set(session.scalars(select(DagModel.bundle_name).where(DagModel.dag_id.in_(dag_ids)))) if dag_ids else set()
+    own_bundles |= set(session.scalars(
+        select(Callback.bundle_name).join(Trigger, Trigger.id == Callback.trigger_id).where(Trigger.triggerer_id == row.job_id)
+    ))
     bundles = frozenset({*(token.bundles or ()), *own_bundles} - {None})
     return exec_guard.refusal(exec_guard.Grant(dead=None, bundles=bundles), method, path, query)
 

@@ -14,6 +14,8 @@ from sqlalchemy import delete, insert, select, update
 
 from airflow.configuration import conf
 from airflow.jobs.job import Job
+from airflow.models.asset import AssetModel, AssetWatcherModel, DagScheduleAssetReference
+from airflow.models.callback import Callback
 from airflow.models.crypto import get_fernet
 from airflow.models.dag import DagModel
 from airflow.models.dag_version import DagVersion
@@ -31,7 +33,7 @@ from airflow_remote_execution.wire.triggers import TriggererRegisterRequest, Tri
 DAG = "deferring_dag"
 CLASSPATH = "airflow.providers.standard.triggers.temporal.DateTimeTrigger"
 MOMENT = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-_AIRFLOW_TABLES = (TaskInstance, DagRun, Trigger, DagVersion, DagModel, DagBundleModel, Job, AgentTriggererModel)
+_AIRFLOW_TABLES = (AssetWatcherModel, DagScheduleAssetReference, AssetModel, Callback, TaskInstance, DagRun, Trigger, DagVersion, DagModel, DagBundleModel, Job, AgentTriggererModel)
 _created: set[str] = set()
 
 
@@ -480,3 +482,69 @@ def test_a_triggers_reads_are_scoped_to_its_own_dags_bundles_and_its_tokens(adb)
         assert decide(method, path)[0] == 403, path
     assert decide("GET", "connections/c")[0] == 404
     assert decide("GET", "variables/v")[0] == 404
+    assert decide("PUT", "store/asset/by-name/value", "name=a&key=k")[0] == 403  # no trigger of its watches it
+
+
+# ------------------------------------------------------------------ asset watchers and deadline callbacks
+
+
+def _watcher_and_callback(db) -> tuple[int, int]:
+    """An asset-watcher trigger of an asset DAG ``deferring_dag`` (bundle "bundle") is scheduled on, and a
+    deadline-callback trigger of that DAG's bundle; returns their ids."""
+    with db.session() as s:
+        _dag(s)
+        asset = AssetModel(name="landing", uri="file:///landing", group="asset")
+        watcher = Trigger(classpath="airflow.providers.standard.triggers.file.FileDeleteTrigger",
+                          kwargs={"filepath": "/tmp/x"})
+        callback = Trigger(classpath="airflow.triggers.callback.CallbackTrigger",
+                           kwargs={"callback_path": "m.f", "callback_kwargs": {}})
+        s.add_all([asset, watcher, callback])
+        s.flush()
+        s.add(AssetWatcherModel(name="w", asset_id=asset.id, trigger_id=watcher.id))
+        s.add(DagScheduleAssetReference(asset_id=asset.id, dag_id=DAG))
+        s.execute(insert(Callback.__table__).values(
+            id=uuid.uuid4(), type="triggerer", fetch_method="import_path", data={}, bundle_name="bundle",
+            priority_weight=1, created_at=datetime.now(timezone.utc), trigger_id=callback.id,
+        ))
+        return watcher.id, callback.id
+
+
+def test_asset_watchers_and_deadline_callbacks_go_to_triggerers_whose_token_allows_the_bundle(adb):
+    watcher, callback = _watcher_and_callback(adb)
+    assert sync(adb, triggerer(adb, "no-bundles", ["default"])).assigned == []  # queue-only tokens take neither
+    other = triggerer(adb, "other-team", ["default"])
+    with adb.session() as s:
+        s.execute(update(AgentTokenModel).where(AgentTokenModel.id == _token_of_job[other]).values(bundles=["b2"]))
+    job = triggerer(adb, "team", ["default"])
+    with adb.session() as s:
+        s.execute(update(AgentTokenModel).where(AgentTokenModel.id == _token_of_job[job]).values(bundles=["bundle"]))
+
+    def sync_with_bundles(job_id: int):
+        with adb.session() as s:
+            token = s.get(AgentTokenModel, _token_of_job[job_id])
+            row = triggers.for_agent(s, token, job_id)
+            return triggers.sync(s, row, TriggerSyncRequest(capacity=10, running=[]), bundles=list(token.bundles))
+
+    assert sync_with_bundles(other).assigned == []
+    answer = sync_with_bundles(job)
+    assert answer.assigned == sorted([watcher, callback])
+    started = {w.workload["id"]: w.workload for w in answer.start}
+    assert started[watcher]["watched_assets"] == {"landing": "file:///landing"}
+    assert started[callback]["classpath"] == "airflow.triggers.callback.CallbackTrigger"
+    with adb.session() as s:
+        assert set(s.scalars(select(Trigger.queue))) == {triggers.AGENTS_ONLY_QUEUE}  # parked as taken
+        token = s.get(AgentTokenModel, _token_of_job[job])
+        row = triggers.for_agent(s, token, job)
+        decide = lambda m, p, q: triggers.execution_refusal(s, token, row, m, p, q)  # noqa: E731
+        assert decide("PUT", "store/asset/by-name/value", "name=landing&key=cursor") is None
+        assert decide("DELETE", "store/asset/by-uri/clear", "uri=file%3A%2F%2F%2Flanding") is None
+        assert decide("PUT", "store/asset/by-name/value", "name=elsewhere&key=cursor")[0] == 403
+
+    # The triggerer goes away: a stock triggerer on the plane does not take them back (parked).
+    with adb.session() as s:
+        triggers.stop(s, triggers.for_agent(s, s.get(AgentTokenModel, _token_of_job[job]), job))
+        stock = Job(job_type="TriggererJob", state="running")
+        s.add(stock)
+        s.flush()
+        Trigger.assign_unassigned(stock.id, 100, 30, session=s)
+    assert (owner(adb, watcher), owner(adb, callback)) == (None, None)

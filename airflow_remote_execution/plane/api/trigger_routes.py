@@ -60,7 +60,8 @@ async def sync(triggerer_id: Id, body: TriggerSyncRequest, authorization: Author
     return await _run(
         authorization,
         lambda s, t: triggers.sync(
-            s, triggers.for_agent(s, t, triggerer_id), body, not_bundles=parsing.bundles_refused_to(s, t)
+            s, triggers.for_agent(s, t, triggerer_id), body, not_bundles=parsing.bundles_refused_to(s, t),
+            bundles=list(t.bundles or ()),
         ),
     )
 
@@ -104,9 +105,6 @@ async def failure(trigger_id: Id, body: TriggerFailureRequest, authorization: Au
 _FORWARDED = ("content-type", "accept", "airflow-api-version")
 
 
-@trigger_router.api_route(
-    "/triggerers/{triggerer_id}/execution/{path:path}", methods=["GET", "PATCH", "PUT", "POST", "DELETE"]
-)
 async def execution(triggerer_id: Id, path: str, request: Request, authorization: Authorization = None) -> Response:
     """A running trigger's request to its supervisor (task-instance and DAG-run counts and states, previous
     task instances, XCom reads, HITL details...), served by Airflow's execution API as for the stock
@@ -126,3 +124,10 @@ async def execution(triggerer_id: Id, path: str, request: Request, authorization
     answer = await run_in_threadpool(triggers.serve_execution, request.method, path, query, body, headers)
     kept = {k: v for k, v in answer.headers.items() if k.lower() in ("content-type",)}
     return Response(answer.content, answer.status_code, headers=kept)
+
+
+for _method in ("GET", "PATCH", "PUT", "POST", "DELETE"):  # one operation id per method in the OpenAPI document
+    trigger_router.add_api_route(
+        "/triggerers/{triggerer_id}/execution/{path:path}", execution, methods=[_method],
+        operation_id=f"trigger_execution_{_method.lower()}", responses=ERRORS,
+    )
