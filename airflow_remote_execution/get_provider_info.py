@@ -220,9 +220,10 @@ def get_provider_info() -> dict:
                         "False",
                     ),
                     "log_upload_interval": _opt(
-                        "With ``[logging] remote_logging`` on, seconds between partial uploads of running "
-                        "tasks' logs to the remote log folder, so the UI shows them while tasks run. "
-                        "0 turns partial uploads off (the log then appears when the task ends).",
+                        "Seconds between partial uploads of running tasks' logs, so the UI shows them while "
+                        "tasks run: to the remote log folder with ``[logging] remote_logging`` on, else to the "
+                        "plane's log store (``plane_task_logs``). 0 turns partial uploads off (the log then "
+                        "appears when the task ends).",
                         "float",
                         "10",
                     ),
