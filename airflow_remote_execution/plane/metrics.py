@@ -54,9 +54,25 @@ class QueueFigures:
 
 
 @dataclass
+class AgentFigures:
+    """One registered agent's health as the plane knows it: its heartbeats and its sentinel's last report."""
+
+    name: str
+    state: str
+    drained: bool
+    concurrency: int
+    free_slots: int
+    holding: int  # work items leased or running on it
+    heartbeat_age: float | None  # seconds since its last heartbeat
+    sentinel_status: str | None = None  # ok | degraded | failing, None: no report (or stale)
+    sentinel_checks: dict[str, bool] = field(default_factory=dict)  # name -> ok, skipped ones left out
+
+
+@dataclass
 class Snapshot:
     queues: dict[str, QueueFigures] = field(default_factory=dict)
     agents_by_state: dict[str, int] = field(default_factory=dict)
+    agents: list[AgentFigures] = field(default_factory=list)
     taken_at: datetime = field(default_factory=timezone.utcnow)
 
 
@@ -78,9 +94,14 @@ def snapshot(session: Session, queues: Iterable[str] = ()) -> Snapshot:
         setattr(q, state, count)
         if state == WorkState.QUEUED.value and oldest is not None:
             q.oldest_queued_age = round(max(0.0, (now - oldest).total_seconds()), 3)
-    for state, drained, agent_queues, free in session.execute(
-        select(AgentModel.state, AgentModel.drained, AgentModel.queues, AgentModel.free_slots)
-    ).all():
+    holding = dict(session.execute(
+        select(WorkItemModel.agent_id, func.count())
+        .where(WorkItemModel.state.in_([WorkState.LEASED.value, WorkState.RUNNING.value]))
+        .group_by(WorkItemModel.agent_id)
+    ).tuples().all())
+    for agent in session.scalars(select(AgentModel).order_by(AgentModel.name)):
+        state, drained, agent_queues, free = agent.state, agent.drained, agent.queues, agent.free_slots
+        result.agents.append(_agent_figures(agent, holding.get(agent.id, 0), now))
         result.agents_by_state[state] = result.agents_by_state.get(state, 0) + 1
         if state != AgentState.ACTIVE.value or drained:
             continue
@@ -89,6 +110,22 @@ def snapshot(session: Session, queues: Iterable[str] = ()) -> Snapshot:
             q.agents += 1
             q.free_slots += max(0, free or 0)
     return result
+
+
+def _agent_figures(agent: AgentModel, holding: int, now: datetime) -> AgentFigures:
+    figures = AgentFigures(
+        name=agent.name, state=agent.state, drained=bool(agent.drained), concurrency=agent.concurrency or 0,
+        free_slots=max(0, agent.free_slots or 0), holding=holding,
+        heartbeat_age=round((now - agent.last_heartbeat_at).total_seconds(), 3) if agent.last_heartbeat_at else None,
+    )
+    report = agent.sentinel_report or {}
+    interval = float(report.get("interval", 15))
+    if agent.sentinel_at is not None and (now - agent.sentinel_at).total_seconds() <= 3 * interval + 10:
+        figures.sentinel_status = agent.sentinel_status
+        figures.sentinel_checks = {
+            str(c.get("name")): bool(c.get("ok")) for c in report.get("checks", []) if not c.get("skipped")
+        }
+    return figures
 
 
 # ---------------------------------------------------------------- gauges (scheduler loop)
@@ -280,6 +317,7 @@ def prometheus_text(snap: Snapshot, slots_per_agent: int) -> str:
     lines += ["# HELP remote_execution_agents Registered agents by state", "# TYPE remote_execution_agents gauge"]
     for state in sorted(set(snap.agents_by_state) | {s.value for s in AgentState}):
         lines.append(f'remote_execution_agents{{state="{state}"}} {snap.agents_by_state.get(state, 0)}')
+    lines += _agent_lines(snap.agents)
     counters = process_counters()
     families: dict[str, list[str]] = {}
     for key, value in sorted(counters.items()):
@@ -302,3 +340,41 @@ def prometheus_text(snap: Snapshot, slots_per_agent: int) -> str:
               "# TYPE remote_execution_lease_long_polls gauge",
               f"remote_execution_lease_long_polls {counters.get('long_polls', 0)}"]
     return "\n".join(lines) + "\n"
+
+
+_SENTINEL_STATUS = {"ok": 0, "degraded": 1, "failing": 2}
+
+
+def _agent_lines(agents: list[AgentFigures]) -> list[str]:
+    """Per-agent health from the plane's records: slots (as its last heartbeat said), heartbeat age, and its
+    sentinel's last report (fresh ones only)."""
+    families = {
+        "remote_execution_agent_up": ("1 for each registered agent, labelled with its state", []),
+        "remote_execution_agent_slots_used": ("Slots busy, as the agent's last heartbeat said", []),
+        "remote_execution_agent_slots_free": ("Slots free, as the agent's last heartbeat said", []),
+        "remote_execution_agent_work_held": ("Work items leased or running on the agent", []),
+        "remote_execution_agent_heartbeat_age_seconds": ("Seconds since the agent's last heartbeat", []),
+        "remote_execution_sentinel_status": ("The sentinel's last fresh report: 0 ok, 1 degraded, 2 failing", []),
+        "remote_execution_sentinel_check": ("Each check of the sentinel's last fresh report: 1 ok, 0 failing", []),
+    }
+    for a in agents:
+        agent = f'agent="{_label(a.name)}"'
+        families["remote_execution_agent_up"][1].append(
+            f'remote_execution_agent_up{{{agent},state="{a.state}",drained="{str(a.drained).lower()}"}} 1')
+        families["remote_execution_agent_slots_used"][1].append(
+            f"remote_execution_agent_slots_used{{{agent}}} {max(0, a.concurrency - a.free_slots)}")
+        families["remote_execution_agent_slots_free"][1].append(f"remote_execution_agent_slots_free{{{agent}}} {a.free_slots}")
+        families["remote_execution_agent_work_held"][1].append(f"remote_execution_agent_work_held{{{agent}}} {a.holding}")
+        if a.heartbeat_age is not None:
+            families["remote_execution_agent_heartbeat_age_seconds"][1].append(
+                f"remote_execution_agent_heartbeat_age_seconds{{{agent}}} {a.heartbeat_age}")
+        if a.sentinel_status is not None:
+            families["remote_execution_sentinel_status"][1].append(
+                f"remote_execution_sentinel_status{{{agent}}} {_SENTINEL_STATUS.get(a.sentinel_status, 2)}")
+        for check, ok in sorted(a.sentinel_checks.items()):
+            families["remote_execution_sentinel_check"][1].append(
+                f'remote_execution_sentinel_check{{{agent},check="{_label(check)}"}} {int(ok)}')
+    lines: list[str] = []
+    for name, (help_text, samples) in families.items():
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", *samples]
+    return lines

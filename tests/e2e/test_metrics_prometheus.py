@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from localplane import Agent, Plane, free_port, fresh_pg_database, wait_for
+from localplane import AIRFLOW, Agent, Plane, Proc, free_port, fresh_pg_database, wait_for
 from statsd_listener import StatsdListener
 
 pytestmark = pytest.mark.e2e
@@ -99,6 +99,8 @@ def fleet(tmp_path_factory, pg_url):
         yield plane, prometheus, statsd, token, agents, dags, base
     finally:
         for agent in agents:
+            if getattr(agent, "sentinel", None):
+                agent.sentinel.stop()
             agent.stop()
         if prometheus:
             print(f"--- prometheus targets: {prometheus.target_health()}")
@@ -133,6 +135,10 @@ def test_queue_depth_and_suggested_agents_drive_a_scale_up(fleet):
                             dags_folder=dags, extra_env=statsd.env(prefix="agent")).start())
     for agent in agents:
         agent.wait_registered()
+    # A sentinel beside the first agent: its checks reach Prometheus through the plane, and StatsD directly.
+    sentinel = Proc("sentinel-fleet-0", [AIRFLOW, "remote-execution", "sentinel", "--port", str(free_port()),
+                                         "--report-interval", "2"], agents[0].env, agents[0].home)
+    agents[0].sentinel = sentinel
 
     # The agents take the work: the depth falls to 0 in Prometheus, then so does the suggestion.
     prometheus.wait_value(queued, 0)
@@ -140,6 +146,13 @@ def test_queue_depth_and_suggested_agents_drive_a_scale_up(fleet):
     prometheus.wait_value(suggested, 0)
     prometheus.wait_value(f'remote_execution_queue_agents{{queue="{QUEUE}"}}', want)
     assert prometheus.value("sum(remote_execution_leases_total)") >= 1
+    # Each agent's health, as the plane knows it.
+    for i in range(want):
+        prometheus.wait_value(f'remote_execution_agent_slots_free{{agent="fleet-{i}"}}', SLOTS)
+        assert prometheus.value(f'remote_execution_agent_up{{agent="fleet-{i}",state="active"}}') == 1
+        assert prometheus.value(f'remote_execution_agent_heartbeat_age_seconds{{agent="fleet-{i}"}}') < 60
+    prometheus.wait_value('remote_execution_sentinel_check{agent="fleet-0",check="agent_alive"}', 1, timeout=60)
+    assert prometheus.value('remote_execution_sentinel_status{agent="fleet-0"}') in (0, 1)  # ok or degraded
 
     # The same figures and the events reached StatsD from the scheduler, the api-server and the agents.
     assert statsd.wait_for(f"plane.remote_execution.queue.queued.{QUEUE}", value=0, timeout=30) == 0
@@ -153,3 +166,5 @@ def test_queue_depth_and_suggested_agents_drive_a_scale_up(fleet):
     assert sum(sum(statsd.values(f"agent.remote_execution.agent.workloads.success.task.{QUEUE}.fleet-{i}"))
                for i in range(want)) == WIDTH
     assert statsd.values(f"agent.remote_execution.agent.lease_to_start.{QUEUE}.fleet-0")
+    assert statsd.wait_for("agent.remote_execution.sentinel.check.agent_alive.fleet-0") == 1
+    statsd.wait_for("agent.remote_execution.sentinel.status.fleet-0")

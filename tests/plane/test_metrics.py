@@ -20,7 +20,7 @@ from airflow_remote_execution.models import AgentModel, WorkItemModel
 from airflow_remote_execution.models.tables import MetricsTokenModel
 from airflow_remote_execution.plane import agents, leases, metrics, metrics_tokens, tokens
 from airflow_remote_execution.plane.api.app import create_app
-from airflow_remote_execution.wire.api import RegisterRequest
+from airflow_remote_execution.wire.api import RegisterRequest, SentinelCheck, SentinelReport
 from statsd_listener import StatsdListener
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -256,6 +256,13 @@ def test_prometheus_text_parses(client):
     enqueue("p1", 'odd"queue')
     enqueue("p2", "default")
     agent("prom-agent", ["default"], concurrency=3)
+    _, quiet = agent("quiet-agent", ["other"], concurrency=2)
+    with create_session() as s:
+        report = SentinelReport(status="degraded", interval=15, checks=[
+            SentinelCheck(name="agent_alive", ok=True), SentinelCheck(name="disk", ok=False, detail="97% full"),
+            SentinelCheck(name="secrets", ok=True, skipped=True)])
+        agents.record_sentinel(s, s.get(AgentModel, quiet), report)
+        s.execute(update(AgentModel).where(AgentModel.id == quiet).values(free_slots=1))
     r = client.get("/metrics/prometheus", params={"slots_per_agent": 2}, headers=bearer(metrics_token("prometheus")))
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
     samples = {
@@ -265,8 +272,18 @@ def test_prometheus_text_parses(client):
     assert samples[("remote_execution_queue_queued", (("queue", 'odd"queue'),))] == 1
     assert samples[("remote_execution_queue_suggested_agents", (("queue", "default"),))] == 1
     assert samples[("remote_execution_queue_free_slots", (("queue", "default"),))] == 3
-    assert samples[("remote_execution_agents", (("state", "active"),))] == 1
+    assert samples[("remote_execution_agents", (("state", "active"),))] == 2
     assert samples[("remote_execution_agents", (("state", "lost"),))] == 0
+    # Each agent's health, from its heartbeats and its sentinel's last report.
+    assert samples[("remote_execution_agent_up", (("agent", "quiet-agent"), ("drained", "false"), ("state", "active")))] == 1
+    assert samples[("remote_execution_agent_slots_used", (("agent", "quiet-agent"),))] == 1
+    assert samples[("remote_execution_agent_slots_free", (("agent", "prom-agent"),))] == 3
+    assert samples[("remote_execution_agent_heartbeat_age_seconds", (("agent", "prom-agent"),))] < 60
+    assert samples[("remote_execution_sentinel_status", (("agent", "quiet-agent"),))] == 1
+    assert samples[("remote_execution_sentinel_check", (("agent", "quiet-agent"), ("check", "disk")))] == 0
+    assert samples[("remote_execution_sentinel_check", (("agent", "quiet-agent"), ("check", "agent_alive")))] == 1
+    assert ("remote_execution_sentinel_check", (("agent", "quiet-agent"), ("check", "secrets"))) not in samples
+    assert ("remote_execution_sentinel_status", (("agent", "prom-agent"),)) not in samples  # no report
 
 
 def test_metrics_token_lifecycle_and_bad_input():
