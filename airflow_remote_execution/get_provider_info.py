@@ -86,10 +86,19 @@ def get_provider_info() -> dict:
                         "airflow.providers.slack.notifications.*,airflow.providers.standard.triggers.*",
                     ),
                     "heartbeat_interval": _opt(
-                        "Seconds between agent heartbeats. The plane returns it in every heartbeat "
-                        "response, so agents follow the plane's value.",
+                        "Shortest interval in seconds between an agent's heartbeats. The plane returns the "
+                        "interval in every heartbeat response, so agents follow the plane's value: this, or "
+                        "longer for a large fleet (see max_heartbeat_rate).",
                         "integer",
                         "5",
+                    ),
+                    "max_heartbeat_rate": _opt(
+                        "Heartbeats per second the plane asks of the whole fleet at most: with more than "
+                        "heartbeat_interval x this many live agents, the plane lengthens the interval it "
+                        "dictates to agents / this (e.g. 2,000 agents at 200/s: every 10 s), and lost-agent "
+                        "detection (lost_agent_threshold intervals) follows. 0 keeps heartbeat_interval.",
+                        "float",
+                        "200",
                     ),
                     "lost_agent_threshold": _opt(
                         "Missed heartbeat intervals after which an agent counts as lost.",

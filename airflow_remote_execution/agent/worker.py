@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 
 from airflow_remote_execution import __version__
 from airflow_remote_execution.agent import code_policy
+from airflow_remote_execution.agent import metrics as agent_metrics
 from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneError
 from airflow_remote_execution.agent.log_shipper import TaskLog, start_log_shipper
 from airflow_remote_execution.agent.runners import Runner, RunnerPool, forks_into_waiting
@@ -41,7 +42,9 @@ START_TIMEOUT = 60.0  # a runner whose task is not set up and forked by then is 
 
 def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
     """Capped exponential backoff with full jitter."""
-    return random.uniform(0, min(cap, base * 2**attempt))
+    delay = random.uniform(0, min(cap, base * 2**attempt))
+    agent_metrics.backoff(delay)
+    return delay
 
 
 @dataclass
@@ -293,6 +296,7 @@ class AgentWorker:
                 self.status.error("lease", e.detail)
                 self.stopping.wait(delay)
                 continue
+            agent_metrics.leases_received(leases)
             self._start_all(leases)
 
     def _token_rejected(self, error: PlaneError) -> bool:
@@ -394,6 +398,7 @@ class AgentWorker:
         elif lease.kind != "task":
             runner.submit(json.dumps(lease.workload), self.execution_api_url)
         run = Running(lease=lease, runner=runner, gated=task is not None)
+        agent_metrics.started(lease)
         with self.lock:
             self.running[lease.work_id] = run
         log.info("Started work %s (%s) pid=%s", lease.work_id, lease.kind, runner.pid)
@@ -415,6 +420,7 @@ class AgentWorker:
         else:
             self.pool.give_back(run.runner)
         outcome = WorkState.SUCCESS if code == 0 else WorkState.FAILED
+        agent_metrics.finished(run.lease, outcome.value, run.killed)
         info = None if code == 0 else (f"killed by signal {-code}" if code and code < 0 else f"exit code {code}")
         log.info("Work %s finished: %s%s", run.lease.work_id, outcome.value, f" ({info})" if info else "")
         attempt = 0
@@ -432,6 +438,8 @@ class AgentWorker:
                     log.error("Outcome of work %s rejected: %s", run.lease.work_id, e.detail)
                     break
                 delay = backoff(attempt)
+                log.warning("Reporting the outcome of work %s failed (%s); retrying in %.1fs", run.lease.work_id,
+                            e.detail, delay)
                 attempt += 1
                 time.sleep(delay)
         with self.lock:

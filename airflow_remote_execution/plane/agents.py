@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from airflow.sdk import timezone
@@ -66,27 +70,113 @@ def register(session: Session, token: AgentTokenModel, req: RegisterRequest) -> 
     return agent
 
 
+def not_registered(name: str) -> AgentNotRegistered:
+    return AgentNotRegistered(f"Agent {name!r} is not registered: POST /agents/register first")
+
+
+def registered(session: Session, name: str) -> AgentModel:
+    """The agent of that name, or :class:`AgentNotRegistered` (it must register first)."""
+    agent = session.scalar(select(AgentModel).where(AgentModel.name == name))
+    if agent is None:
+        raise not_registered(name)
+    return agent
+
+
 def for_token(token: AgentTokenModel) -> AgentModel:
     agent = token.agent  # loaded with the token (tokens.verify)
     if agent is None:
-        raise AgentNotRegistered(f"Agent {token.agent_name!r} is not registered: POST /agents/register first")
+        raise not_registered(token.agent_name)
     return agent
 
 
 def heartbeat(session: Session, agent: AgentModel, req: HeartbeatRequest) -> HeartbeatResponse:
-    agent.last_heartbeat_at = timezone.utcnow()
-    agent.free_slots = req.free_slots
-    if req.offline:
-        agent.state = AgentState.OFFLINE.value
-    elif req.draining:
-        agent.state = AgentState.STOPPING.value
-    else:
-        agent.state = AgentState.ACTIVE.value  # back from LOST, too
-    return HeartbeatResponse(
-        heartbeat_interval=config.getfloat("heartbeat_interval"),
-        kill=leases.not_owned(session, agent, req.running),
-        drain=agent.drained,
-    )
+    """One agent's heartbeat in its own transaction (tests, tools); the API batches them: :func:`record_heartbeats`."""
+    [answer] = record_heartbeats(session, [Beat(agent.name, req, timezone.utcnow())])
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
+
+
+@dataclass(frozen=True)
+class Beat:
+    """A heartbeat as received: ``req`` None is a mere sign of life (a lease request), answered with nothing."""
+
+    agent_name: str
+    req: HeartbeatRequest | None
+    received_at: datetime
+
+
+def record_heartbeats(session: Session, beats: Sequence[Beat]) -> list[HeartbeatResponse | Exception | None]:
+    """Record many agents' heartbeats with a few statements, whatever their number: one read of the agents,
+    one of the work they say they run, one bulk update. Answers in the order of ``beats``."""
+    names = sorted({b.agent_name for b in beats})
+    rows = {
+        r.name: r
+        for r in session.execute(
+            select(AgentModel.id, AgentModel.name, AgentModel.state, AgentModel.drained, AgentModel.last_heartbeat_at)
+            .where(AgentModel.name.in_(names))
+        )
+    }
+    held = leases.owned(session, [w for b in beats if b.req and b.agent_name in rows for w in b.req.running])
+    interval = heartbeat_interval(session)
+    changes: dict[int, dict] = {}
+    answers: list[HeartbeatResponse | Exception | None] = []
+    for beat in beats:
+        row = rows.get(beat.agent_name)
+        if row is None:
+            answers.append(
+not_registered(beat.agent_name) if beat.req else None
+            )
+            continue
+        change = changes.setdefault(row.id, {"id": row.id, "last_heartbeat_at": row.last_heartbeat_at})
+        if change["last_heartbeat_at"] is None or beat.received_at > change["last_heartbeat_at"]:
+            change["last_heartbeat_at"] = beat.received_at
+        req = beat.req
+        if req is None:
+            answers.append(None)
+            continue
+        change["free_slots"] = req.free_slots
+        if req.offline:
+            change["state"] = AgentState.OFFLINE.value
+        elif req.draining:
+            change["state"] = AgentState.STOPPING.value
+        else:
+            change["state"] = AgentState.ACTIVE.value  # back from LOST, too
+        answers.append(
+            HeartbeatResponse(
+                heartbeat_interval=interval,
+                kill=[w for w in req.running if held.get(w) != row.id],
+                drain=row.drained,
+            )
+        )
+    if changes:  # by primary key, ordered by it: concurrent batches never deadlock
+        session.execute(update(AgentModel), [changes[i] for i in sorted(changes)])
+    return answers
+
+
+def heartbeat_interval(session: Session) -> float:
+    """The heartbeat interval the plane dictates: ``heartbeat_interval``, lengthened as the fleet grows so
+    the fleet sends at most ``max_heartbeat_rate`` heartbeats a second. Lost-agent detection follows it."""
+    configured = config.getfloat("heartbeat_interval")
+    rate = config.getfloat("max_heartbeat_rate")
+    if rate <= 0:
+        return configured
+    return max(configured, round(_live_agents(session) / rate, 1))
+
+
+_live_count: tuple[float, int] = (float("-inf"), 0)  # (monotonic time read, count): read every 10 s at most
+
+
+def _live_agents(session: Session) -> int:
+    global _live_count
+    read_at, count = _live_count
+    if time.monotonic() - read_at > 10:
+        count = session.scalar(
+            select(func.count()).select_from(AgentModel)
+            .where(AgentModel.state.in_([AgentState.ACTIVE.value, AgentState.STOPPING.value]))
+        ) or 0
+        _live_count = (time.monotonic(), count)
+    return count
 
 
 def accepts_work(agent: AgentModel) -> bool:
@@ -132,6 +222,10 @@ def remove(session: Session, name: str, force: bool = False) -> None:
 class LostAgentDetector:
     """Declares agents silent for ``lost_agent_threshold`` heartbeat intervals LOST (their work is reclaimed).
 
+    The interval is the one the plane dictates (:func:`heartbeat_interval`: longer for a large fleet), and
+    the longest dictated lately: agents learn a shorter one only with their next heartbeat's answer. So the
+    detection time is ``lost_agent_threshold x max(heartbeat_interval, live agents / max_heartbeat_rate)``.
+
     When *no* agent has been heard for two intervals the plane itself (api-server down or stalled,
     network) is the likelier culprit, so nobody is declared lost; and when agents are heard again after
     such a silence (or after this scheduler started), each gets one more window to check in, since
@@ -139,19 +233,32 @@ class LostAgentDetector:
     """
 
     def __init__(self) -> None:
+        self._dictated: deque[tuple[float, float]] = deque()  # (monotonic time, interval) lately dictated
         self.grace_until = timezone.utcnow() + self.window()
 
-    @staticmethod
-    def window() -> timedelta:
-        return timedelta(seconds=config.getfloat("heartbeat_interval") * config.getint("lost_agent_threshold"))
+    def window(self) -> timedelta:
+        """How long an agent may be silent: ``lost_agent_threshold`` of the longest interval dictated lately."""
+        longest = max((i for _, i in self._dictated), default=config.getfloat("heartbeat_interval"))
+        return timedelta(seconds=longest * config.getint("lost_agent_threshold"))
+
+    def interval(self, session: Session) -> float:
+        """The longest heartbeat interval the plane dictated within the last window."""
+        now = time.monotonic()
+        self._dictated.append((now, heartbeat_interval(session)))
+        longest = max(interval for _, interval in self._dictated)
+        while now - self._dictated[0][0] > longest * (config.getint("lost_agent_threshold") + 1):
+            self._dictated.popleft()
+        return longest
 
     def mark_lost(self, session: Session) -> list[AgentModel]:
         now = timezone.utcnow()
+        interval = self.interval(session)
+        window = self.window()
         newest = session.scalar(select(func.max(AgentModel.last_heartbeat_at)))
         # No agent heard for two intervals: the plane (api-server stalled or down, network) is the likelier
         # culprit. Nobody is lost now, and every agent gets a full window once they are heard again.
-        if newest is None or newest < now - timedelta(seconds=2 * config.getfloat("heartbeat_interval")):
-            self.grace_until = now + self.window()
+        if newest is None or newest < now - timedelta(seconds=2 * interval):
+            self.grace_until = now + window
             return []
         if now < self.grace_until:
             return []
@@ -159,7 +266,7 @@ class LostAgentDetector:
         # heartbeats differ by up to an interval and must not count as one agent outliving another.
         query = select(AgentModel).where(
             AgentModel.state.in_([AgentState.ACTIVE.value, AgentState.STOPPING.value]),
-            AgentModel.last_heartbeat_at < newest - self.window(),
+            AgentModel.last_heartbeat_at < newest - window,
         )
         if session.get_bind().dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True)

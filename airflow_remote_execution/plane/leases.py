@@ -25,12 +25,12 @@ from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow.sdk import timezone
 
-from airflow_remote_execution.plane import wakeup
+from airflow_remote_execution.plane import metrics, wakeup
 from airflow_remote_execution.models import AgentModel, WorkItemModel
 from airflow_remote_execution.wire.api import WorkState
 
@@ -152,7 +152,7 @@ def requeue_expired_leases(session: Session) -> int:
     return _requeue_where(session, expired)
 
 
-def _requeue_where(session: Session, condition) -> int:
+def _requeue_where(session: Session, condition, reason: str = "expired_lease") -> int:
     """Put matching leased items back in the queue and wake the agents serving those queues."""
     rows = session.execute(
         update(WorkItemModel)
@@ -163,6 +163,7 @@ def _requeue_where(session: Session, condition) -> int:
     ).all()
     for queue in {r.queue for r in rows}:
         wakeup.notify(session, queue)
+    metrics.requeued([r.queue for r in rows], reason)
     return len(rows)
 
 
@@ -179,7 +180,7 @@ def reclaim_from_lost(
     mine = WorkItemModel.agent_id == agent.id
     if keep:
         mine = mine & WorkItemModel.id.not_in(list(keep))
-    requeued = _requeue_where(session, mine)
+    requeued = _requeue_where(session, mine, "lost_agent" if why.startswith("lost") else "agent_restarted")
     failed = session.execute(
         update(WorkItemModel)
         .where(mine, WorkItemModel.state == WorkState.RUNNING.value)
@@ -282,6 +283,7 @@ def lease(
         .returning(WorkItemModel)  # the leased rows themselves: no second query for them
         .execution_options(synchronize_session=False, populate_existing=True)
     ).all()
+    metrics.leased(leased, now)
     if leased and (agent.last_lease_at is None or now - agent.last_lease_at > LAST_LEASE_PRECISION):
         agent.last_lease_at = now  # coarse: not one more write per lease
     return sorted(leased, key=lambda item: (-item.priority_weight, item.id))
@@ -344,25 +346,33 @@ def release(session: Session, agent: AgentModel, work_id: int, fence: int) -> Wo
         state=WorkState.QUEUED.value, agent_id=None, agent_name=None, leased_at=None, lease_expires_at=None,
     )
     wakeup.notify(session, row.queue)
+    metrics.requeued([row.queue], "released")
     return row
 
 
-def not_owned(session: Session, agent: AgentModel, work_ids: Sequence[int]) -> list[int]:
-    """Of the items an agent says it runs, those that are no longer its own: it must kill them."""
+def owned(session: Session, work_ids: Sequence[int]) -> dict[int, int]:
+    """Which agent holds each of these items now (leased or running); items no agent holds are left out.
+    An agent told it runs an item it no longer holds must kill it (heartbeat answers)."""
     if not work_ids:
-        return []
-    owned = set(
-        session.scalars(
-            select(WorkItemModel.id).where(
-                and_(
-                    WorkItemModel.id.in_(list(work_ids)),
-                    WorkItemModel.agent_id == agent.id,
+        return {}
+    held = {}
+    ids = sorted(set(work_ids))
+    for start in range(0, len(ids), 1000):
+        held.update(
+            (row.id, row.agent_id) for row in session.execute(
+                select(WorkItemModel.id, WorkItemModel.agent_id).where(
+                    WorkItemModel.id.in_(ids[start : start + 1000]),
                     WorkItemModel.state.in_([WorkState.LEASED.value, WorkState.RUNNING.value]),
                 )
             )
         )
-    )
-    return [w for w in work_ids if w not in owned]
+    return held
+
+
+def not_owned(session: Session, agent: AgentModel, work_ids: Sequence[int]) -> list[int]:
+    """Of the items an agent says it runs, those that are no longer its own: it must kill them."""
+    held = owned(session, work_ids)
+    return [w for w in work_ids if held.get(w) != agent.id]
 
 
 def running_counts(session: Session) -> dict[int, int]:

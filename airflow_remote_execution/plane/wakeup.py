@@ -5,8 +5,9 @@ PostgreSQL: :func:`notify` issues ``pg_notify`` inside the queuing transaction, 
 on commit; every API server LISTENs on one dedicated connection. SQLite (one host by nature): on
 commit, :func:`notify` sends a datagram to each API server's Unix socket in a directory named after
 the database; API servers also watch a cheap per-queue signature of queued work every
-``wakeup_poll_interval`` in case a datagram is lost. Waiters re-check the table at least once a
-second anyway, so a lost wake-up costs at most that.
+``wakeup_poll_interval`` in case a datagram is lost. When the LISTEN connection is (re)made, every
+waiter looks again, as notifications may have been missed meanwhile. A waiter does not poll the table:
+each long-poll looks once when it starts, so a lost wake-up costs at most ``long_poll_wait``.
 """
 
 from __future__ import annotations
@@ -75,37 +76,97 @@ def _send_local(session: Session) -> None:
                 pass  # full buffer: the waiter's own polling catches up
 
 
+class Waiter:
+    """A waiting lease request: woken at most once, through :meth:`Waker.wake`."""
+
+    __slots__ = ("event", "loop", "queues", "woken", "woken_for")
+
+    def __init__(self, queues: tuple[str, ...]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+        self.queues = queues
+        self.woken = False
+        self.woken_for: str | None = None  # the queue whose work woke it (None: wake_all)
+
+
 class Waker:
-    """In-process registry of waiting lease requests, fed by a LISTEN or polling thread."""
+    """
+    In-process registry of waiting lease requests, fed by a LISTEN or polling thread.
+
+    A wake-up for a queue wakes **one** waiter of that queue (the longest waiting), not all of them:
+    with thousands of idle agents on one queue, waking all for one task would make thousands of lease
+    queries to give one of them work. The woken one passes the wake-up on when there may be more
+    (it filled all its slots, or it could not take what was there): :meth:`wake` again.
+    """
 
     def __init__(self) -> None:
-        self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = defaultdict(set)
+        self._waiters: dict[str, dict[Waiter, None]] = defaultdict(dict)  # queue -> waiters, oldest first
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def arm(self, queues: Iterable[str]) -> asyncio.Event:
+    def arm(self, queues: Iterable[str]) -> Waiter:
         """Register interest before looking for work, so a notify in between is not missed."""
-        queues = tuple(queues)
         self._ensure_listener()
-        event = asyncio.Event()
-        entry = (asyncio.get_running_loop(), event)
+        waiter = Waiter(tuple(queues))
+        with self._lock:
+            for queue in waiter.queues:
+                self._waiters[queue][waiter] = None
+        return waiter
+
+    def disarm(self, waiter: Waiter) -> None:
+        with self._lock:
+            for queue in waiter.queues:
+                waiters = self._waiters.get(queue)
+                if waiters is not None:
+                    waiters.pop(waiter, None)
+                    if not waiters:
+                        del self._waiters[queue]
+
+    @staticmethod
+    async def wait(waiter: Waiter, timeout: float) -> bool:
+        """Whether ``waiter`` was woken within ``timeout`` seconds."""
+        if timeout > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(waiter.event.wait(), timeout)
+        return waiter.event.is_set()
+
+    def pass_on(self, waiter: Waiter) -> None:
+        """A woken waiter that may have left work behind wakes another waiter of the queue that woke it."""
+        self.wake([waiter.woken_for] if waiter.woken_for else waiter.queues, one=True)
+
+    def wake(self, queues: Iterable[str], *, one: bool = False) -> None:
+        """Wake one waiter of each of ``queues`` (work was queued on each), or with ``one`` a single waiter of
+        the first of them that has one; see the class docstring."""
+        chosen = []
         with self._lock:
             for queue in queues:
-                self._waiters[queue].add(entry)
-        event._remote_entry = (entry, queues)  # type: ignore[attr-defined]
-        return event
+                for waiter in self._waiters.get(queue, ()):
+                    if not waiter.woken:
+                        waiter.woken, waiter.woken_for = True, queue
+                        chosen.append(waiter)
+                        break
+                if one and chosen:
+                    break
+        for waiter in chosen:
+            self._set(waiter)
 
-    def disarm(self, event: asyncio.Event) -> None:
-        entry, queues = event._remote_entry  # type: ignore[attr-defined]
+    def wake_all(self) -> None:
+        """Wake every waiter (after wake-ups may have been missed: the listener reconnected)."""
         with self._lock:
-            for queue in queues:
-                self._waiters[queue].discard(entry)
+            chosen = {w for waiters in self._waiters.values() for w in waiters if not w.woken}
+            for waiter in chosen:
+                waiter.woken = True
+        for waiter in chosen:
+            self._set(waiter)
 
-    def wake(self, queues: Iterable[str]) -> None:
+    def waiting(self) -> int:
         with self._lock:
-            entries = {entry for q in queues for entry in self._waiters.get(q, ())}
-        for loop, event in entries:
-            loop.call_soon_threadsafe(event.set)
+            return len({w for waiters in self._waiters.values() for w in waiters})
+
+    @staticmethod
+    def _set(waiter: Waiter) -> None:
+        with contextlib.suppress(RuntimeError):  # its event loop is closed: nobody waits any more
+            waiter.loop.call_soon_threadsafe(waiter.event.set)
 
     # ------------------------------------------------------------ listener thread
 
@@ -137,6 +198,7 @@ class Waker:
             conn = raw.driver_connection
             conn.autocommit = True
             conn.cursor().execute(f"LISTEN {CHANNEL}")
+            self.wake_all()  # what was notified before this LISTEN (or while it was down) is not missed
             if hasattr(conn, "poll"):  # psycopg2
                 while True:
                     if select_mod.select([conn], [], [], 5.0) == ([], [], []):
@@ -164,6 +226,7 @@ class Waker:
             .where(WorkItemModel.state == "queued")
             .group_by(WorkItemModel.queue)
         )
+        woken_by_datagram = False
         with self._local_socket() as sock:
             while True:
                 with self._lock:
@@ -171,10 +234,13 @@ class Waker:
                 if waiting:
                     with engine.connect() as conn:
                         current = {row[0]: tuple(row[1:]) for row in conn.execute(query)}
-                    changed = [q for q, sig in current.items() if seen.get(q) != sig]
+                    # New work only (more rows, a newer row, a re-queued key), not work being leased away;
+                    # and not what a datagram just announced: each wake-up makes a waiter look.
+                    grew = [q for q, sig in current.items() if q not in seen or any(n > o for n, o in zip(sig, seen[q], strict=True))]
                     seen = current
-                    if changed:
-                        self.wake(changed)
+                    if grew and not woken_by_datagram:
+                        self.wake(grew)
+                woken_by_datagram = False
                 if sock is None:
                     time.sleep(interval)
                     continue
@@ -183,6 +249,7 @@ class Waker:
                     with contextlib.suppress(BlockingIOError):
                         while True:
                             self.wake(sock.recv(65536).decode().split("\n"))
+                            woken_by_datagram = True
 
     @contextlib.contextmanager
     def _local_socket(self):

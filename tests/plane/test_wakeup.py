@@ -22,9 +22,9 @@ def key(task: str) -> TaskInstanceKey:
     return TaskInstanceKey(dag_id="d", task_id=task, run_id="r", try_number=1, map_index=-1)
 
 
-async def woken(event: asyncio.Event, timeout: float) -> bool:
+async def woken(waiter: wakeup.Waiter, timeout: float) -> bool:
     try:
-        await asyncio.wait_for(event.wait(), timeout)
+        await asyncio.wait_for(waiter.event.wait(), timeout)
         return True
     except TimeoutError:
         return False
@@ -83,10 +83,35 @@ def test_wake_reaches_waiters_in_several_loops(airflow_db):
     for t in threads:
         t.start()
     armed.wait()
+    w.wake(["shared"])  # one waiter per wake-up
     w.wake(["shared"])
     for t in threads:
         t.join(5)
     assert results == [True, True]
+
+
+def test_a_wake_up_wakes_the_longest_waiting_one_and_can_be_passed_on(airflow_db):
+    """Thousands of idle agents on one queue: one queued task must not make all of them look for it."""
+    w = Waker()
+
+    async def main():
+        waiters = [w.arm(["herd"]) for _ in range(50)]
+        w.wake(["herd"])
+        await asyncio.sleep(0.05)
+        assert [x.event.is_set() for x in waiters] == [True] + [False] * 49
+        w.disarm(waiters[0])
+        w.wake(["herd"])  # passed on by the first (it took what it could, there may be more)
+        await asyncio.sleep(0.05)
+        assert [x.event.is_set() for x in waiters[1:]] == [True] + [False] * 48
+        w.wake_all()
+        await asyncio.sleep(0.05)
+        assert all(x.event.is_set() for x in waiters)
+        assert w.waiting() == 49
+        for x in waiters:
+            w.disarm(x)
+        assert w.waiting() == 0
+
+    asyncio.run(main())
 
 
 def test_arm_with_a_generator_can_be_disarmed(airflow_db):
@@ -115,7 +140,7 @@ def test_sqlite_poller_wakes_a_waiter_when_work_is_queued(airflow_db):
         event = w.arm(["poll-q"])
         try:
             await asyncio.sleep(0.1)  # let the poller take its first look
-            assert not event.is_set()
+            assert not event.event.is_set()
             later(0, lambda: enqueue("poll-other", "other")).join()
             assert not await woken(event, 0.2), "work on another queue must not wake this waiter"
             queued_at = time.monotonic()
@@ -261,7 +286,7 @@ def test_pg_notify_on_commit_wakes_a_waiter_quickly(pg_engine, pg_waker):
             assert await woken(event, 2.0)
             woke = time.monotonic()
             thread.join(5)
-            assert not other.is_set()
+            assert not other.event.is_set()
             return woke - committed_at[0]
         finally:
             pg_waker.disarm(event)

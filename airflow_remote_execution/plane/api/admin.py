@@ -10,7 +10,7 @@ from airflow.api_fastapi.auth.managers.models.resource_details import AccessView
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_configuration, requires_access_view
 from airflow.utils.session import create_session
 
-from airflow_remote_execution.plane import agents, tokens
+from airflow_remote_execution.plane import agents, identity, tokens
 from airflow_remote_execution.models import WorkItemModel
 from airflow_remote_execution.wire.api import (
     AgentInfo,
@@ -133,6 +133,6 @@ async def rotate_token(token_id: str, body: TokenRotateRequest) -> TokenCreated:
 async def revoke_token(token_id: str) -> TokenInfo:
     def run():
         with create_session() as session:
-            return tokens.to_info(tokens.revoke(session, token_id))
+            return tokens.to_info(identity.revoke(session, token_id))
 
     return await run_in_threadpool(run)

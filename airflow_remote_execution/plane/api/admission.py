@@ -3,9 +3,9 @@ What the Remote Execution API admits before any route runs, for the routes agent
 but not ``/v1/admin`` or the UI's, which use Airflow's own auth):
 
 * **authentication on headers alone**: the bearer token is verified before a byte of the body is read,
-  so an unauthenticated 100 MB body costs nothing (a verified token is remembered for at most
-  :data:`VERIFIED_FOR` seconds: revocation still takes effect within a second everywhere; routes check
-  the token again in their own transaction);
+  so an unauthenticated 100 MB body costs nothing. Verified tokens are remembered (plane/identity.py:
+  revocation still takes effect within a second everywhere) and handed to the routes as
+  ``request.state.rex_identity``, so an idle agent's heartbeats and long-polls read no token row;
 * **bounded bodies**: a body over ``[remote_execution] max_body_size`` (``max_parsing_result_size`` for
   ``/v1/parsing/results``) is a 413 naming the limit, and reading stops there;
 * **failed-authentication throttle**: a client address with ``auth_failure_limit`` failures within a
@@ -28,8 +28,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from airflow_remote_execution import config
+from airflow_remote_execution.plane import metrics
 
-VERIFIED_FOR = 1.0
 KNOWN_FOR = 300.0
 FAILURE_WINDOW = 60.0
 _AGENT_ROUTES = re.compile(r"^/v1/(?!admin(/|$))")
@@ -59,17 +59,6 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _verify(authorization: str | None) -> None:
-    """Raise TokenError unless ``authorization`` carries a live agent token."""
-    from airflow.utils.session import create_session
-
-    from airflow_remote_execution.plane import tokens
-    from airflow_remote_execution.plane.api.agent_routes import _bearer
-
-    with create_session() as session:
-        tokens.verify(session, _bearer(authorization))
-
-
 class Admission:
     """ASGI middleware of the Remote Execution API app: see the module docstring."""
 
@@ -93,6 +82,7 @@ class Admission:
         authorization = _header(scope, b"authorization")
         key = hashlib.sha256((authorization or "").encode()).digest()
         if (retry_after := self._throttled(client)) and not self._known(key):
+            metrics.auth_failed("", throttled=True)
             await _answer(
                 429,
                 f"Too many failed authentications from {client} ({config.getint('auth_failure_limit')} within "
@@ -101,7 +91,7 @@ class Admission:
                 {"Retry-After": str(retry_after)},
             )(send)
             return
-        if not await self._authenticated(authorization, key, client, send):
+        if not await self._authenticated(scope, authorization, key, client, send):
             return
         limit_key = "max_parsing_result_size" if path == PARSING_RESULTS else "max_body_size"
         limit = config.getint(limit_key)
@@ -119,18 +109,21 @@ class Admission:
     def _known(self, key: bytes) -> bool:
         return time.monotonic() - self._verified.get(key, float("-inf")) < KNOWN_FOR
 
-    async def _authenticated(self, authorization: str | None, key: bytes, client: str, send: Send) -> bool:
+    async def _authenticated(self, scope: Scope, authorization: str | None, key: bytes, client: str, send: Send) -> bool:
+        from airflow_remote_execution.plane.identity import identities
         from airflow_remote_execution.plane.tokens import TokenError
 
         now = time.monotonic()
-        if now - self._verified.get(key, float("-inf")) < VERIFIED_FOR:
-            return True
-        try:
-            await run_in_threadpool(_verify, authorization)
-        except TokenError as e:
-            self._failed(client, now)
-            await _answer(401, str(e), {"WWW-Authenticate": "Bearer"})(send)
-            return False
+        who = identities.cached(authorization)
+        if who is None:
+            try:
+                who = await run_in_threadpool(identities.resolve, authorization)
+            except TokenError as e:
+                self._failed(client, now)
+                metrics.auth_failed(str(e))
+                await _answer(401, str(e), {"WWW-Authenticate": "Bearer"})(send)
+                return False
+        scope.setdefault("state", {})["rex_identity"] = who
         if len(self._verified) > 100_000:
             self._verified.clear()
         self._verified[key] = now

@@ -15,10 +15,11 @@ from airflow.configuration import conf
 from airflow.sdk import timezone
 from airflow.utils.session import create_session
 
-from airflow_remote_execution.plane import agents, leases, parsing, tokens
+from airflow_remote_execution.plane import agents, identity, leases, parsing, tokens
+from airflow_remote_execution.plane.heartbeats import heartbeats
 
 from airflow_remote_execution import config
-from airflow_remote_execution.plane import exec_guard
+from airflow_remote_execution.plane import exec_guard, metrics
 from airflow_remote_execution.plane.api import task_start
 from airflow_remote_execution.models import AgentModel, AgentTokenModel, WorkItemModel
 from airflow_remote_execution.wire.api import (
@@ -39,7 +40,7 @@ from airflow_remote_execution.wire.api import (
     WhoAmIResponse,
     WorkStateResponse,
 )
-from airflow_remote_execution.plane.wakeup import waker
+from airflow_remote_execution.plane.wakeup import Waiter, waker
 
 T = TypeVar("T")
 Authorization = Annotated[str | None, Header(description="Bearer <agent token>")]
@@ -52,13 +53,15 @@ ERRORS = {
 agent_router = APIRouter(tags=["Agent"], responses=ERRORS)
 
 
-def _bearer(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, value = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        raise tokens.TokenError("Malformed Authorization header: expected 'Bearer <agent token>'")
-    return value.strip()
+_bearer = identity.bearer
+
+
+async def _identity(request: Request, authorization: str | None) -> identity.Identity:
+    """The token's identity: as the admission middleware resolved it, or resolved now."""
+    found = getattr(request.state, "rex_identity", None)
+    if found is None:
+        found = await run_in_threadpool(identity.identities.resolve, authorization)
+    return found
 
 
 def _as_agent(authorization: str | None, fn: Callable[..., T]) -> Callable[[], T]:
@@ -95,7 +98,7 @@ async def register(body: RegisterRequest, authorization: Authorization = None) -
                 agent_id=agent.id,
                 name=agent.name,
                 queues=list(agent.queues),
-                heartbeat_interval=config.getfloat("heartbeat_interval"),
+                heartbeat_interval=agents.heartbeat_interval(session),
                 long_poll_wait=config.getfloat("long_poll_wait"),
                 core_executor=conf.get("core", "executor", fallback=""),
                 warnings=_starved_by_bundles(session, token, agent),
@@ -127,9 +130,12 @@ def _starved_by_bundles(session, token: AgentTokenModel, agent: AgentModel) -> l
 
 
 @agent_router.post("/agents/heartbeat", response_model=HeartbeatResponse)
-async def heartbeat(body: HeartbeatRequest, authorization: Authorization = None) -> HeartbeatResponse:
-    """Report liveness and running work; the answer lists work to kill and whether to drain."""
-    return await run_in_threadpool(_as_agent(authorization, lambda s, _t, a: agents.heartbeat(s, a, body)))
+async def heartbeat(body: HeartbeatRequest, request: Request, authorization: Authorization = None) -> HeartbeatResponse:
+    """Report liveness and running work; the answer lists work to kill and whether to drain. Written with
+    other agents' heartbeats in one transaction (plane/heartbeats.py)."""
+    who = await _identity(request, authorization)
+    with metrics.timed("heartbeat"):
+        return await heartbeats.beat(who.agent_name, body)
 
 
 @agent_router.post("/agents/sentinel", response_model=SentinelReportResponse)
@@ -147,55 +153,66 @@ async def lease(
     Long-poll for work: returns as soon as work for the agent's queues is queued (up to ``slots``
     items), or empty after ``wait`` seconds (capped by ``[remote_execution] long_poll_wait``). A token
     already holding ``max_long_polls_per_token`` long-polls here is answered at once, empty, with
-    ``Retry-After``.
+    ``Retry-After``. A lease request also counts as a heartbeat's sign of life.
+
+    A waiting request costs no thread and no query: it looks once, then sleeps until the wake-up for
+    one of its queues (plane/wakeup.py) picks it, or its time is up.
     """
     wait = min(body.wait, config.getfloat("long_poll_wait"))
-    confirm_timeout = config.getfloat("lease_confirm_timeout")
-
-    def who(_s, token: AgentTokenModel, agent: AgentModel) -> tuple[str, list[str]]:
-        return token.id, [q for q in agent.queues if q in token.queues]
-
-    token_id, queues = await run_in_threadpool(_as_agent(authorization, who))
-    if _long_polls[token_id] >= config.getint("max_long_polls_per_token"):
+    who = await _identity(request, authorization)
+    if _long_polls[who.token_id] >= config.getint("max_long_polls_per_token"):
         response.headers["Retry-After"] = str(max(int(wait), 1))
         return LeaseResponse(leases=[])
-
-    def take(session, token: AgentTokenModel, agent: AgentModel) -> list[Lease]:
-        if not agents.accepts_work(agent):
-            return []
-        refused = parsing.bundles_refused_to(session, token)
-        items = leases.lease(session, agent, queues, body.slots, confirm_timeout, not_bundles=refused)
-        return [_lease_view(i, token.id) for i in items]
-
+    heartbeats.seen(who.agent_name)
     deadline = time.monotonic() + wait
-    _long_polls[token_id] += 1
+    _long_polls[who.token_id] += 1
+    metrics.long_polls(sum(_long_polls.values()))
     try:
+        queues: list[str] = list(who.queues)
+        woken: Waiter | None = None  # the waiter whose wake-up this turn answers
         while True:
-            event = waker.arm(queues)
+            waiter, again = waker.arm(queues), False
             try:
                 if await request.is_disconnected():
                     return LeaseResponse(leases=[])
-                found = await run_in_threadpool(_as_agent(authorization, take))
-                remaining = deadline - time.monotonic()
-                if found or remaining <= 0:
+                found, queues, taking, refuses = await run_in_threadpool(_take, who, body.slots)
+                if woken and (len(found) >= body.slots or (not found and refuses)):
+                    waker.pass_on(woken)  # there may be more, or work this agent may not take
+                if found or time.monotonic() >= deadline:
                     return LeaseResponse(leases=found)
-                try:
-                    await _wait(event, min(remaining, 1.0))
-                except asyncio.TimeoutError:
-                    pass
+                if not taking:  # drained or not active: no use waking it for work
+                    waker.disarm(waiter)
+                    await asyncio.sleep(max(deadline - time.monotonic(), 0))
+                    return LeaseResponse(leases=[])
+                again = await waker.wait(waiter, deadline - time.monotonic())
+                if not again:
+                    return LeaseResponse(leases=[])
+                woken = waiter
             finally:
-                waker.disarm(event)
+                waker.disarm(waiter)
+                if waiter.woken and not again:  # woken, but leaving without looking: another waiter looks
+                    waker.pass_on(waiter)
     finally:
-        _long_polls[token_id] -= 1
-        if not _long_polls[token_id]:
-            del _long_polls[token_id]
+        _long_polls[who.token_id] -= 1
+        if not _long_polls[who.token_id]:
+            del _long_polls[who.token_id]
+        metrics.long_polls(sum(_long_polls.values()))
 
 
 _long_polls: Counter[str] = Counter()  # open long-polls per agent token, in this process
 
 
-async def _wait(event, timeout: float) -> None:
-    await asyncio.wait_for(event.wait(), timeout)
+def _take(who: identity.Identity, slots: int) -> tuple[list[Lease], list[str], bool, bool]:
+    """Lease what there is for the token's agent: (leases, the queues it serves, whether it takes work,
+    whether its token refuses some bundles agents parse)."""
+    with create_session() as session:
+        agent = agents.registered(session, who.agent_name)
+        queues = [q for q in agent.queues if q in who.queues]
+        if not agents.accepts_work(agent):
+            return [], queues, False, False
+        refused = parsing.bundles_refused_to(session, who)
+        items = leases.lease(session, agent, queues, slots, config.getfloat("lease_confirm_timeout"), not_bundles=refused)
+        return [_lease_view(i, who.token_id) for i in items], queues, True, bool(refused)
 
 
 @agent_router.post("/work/{work_id}/start", response_model=StartResponse)
@@ -205,6 +222,7 @@ async def start(work_id: WorkId, body: StartRequest, request: Request, authoriza
 
     def run(session, token, agent) -> tuple[StartResponse, tuple | None]:
         item = leases.confirm_start(session, agent, work_id, body.fence)
+        metrics.confirmed(item)
         report = None
         if body.task is not None and item.kind == "task":
             stamped = body.task.start_date or item.started_at

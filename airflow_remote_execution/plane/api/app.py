@@ -59,11 +59,26 @@ def create_app() -> FastAPI:
     app.add_exception_handler(LeaseConflict, _lease_conflict)
     app.add_exception_handler(LookupError, _not_found)
     app.add_exception_handler(OverflowError, _out_of_range)
-    from sqlalchemy.exc import DataError
+    from sqlalchemy.exc import DataError, OperationalError
 
     app.add_exception_handler(DataError, _out_of_range)
+    app.add_exception_handler(OperationalError, _database_busy)
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    _warn_if_sqlite_with_workers()
     return app
+
+
+def _warn_if_sqlite_with_workers() -> None:
+    from airflow import settings
+    from airflow.configuration import conf
+
+    workers = conf.getint("api", "workers", fallback=1)
+    if settings.engine is not None and settings.engine.dialect.name == "sqlite" and workers > 1:
+        log.warning(
+            "Remote Execution on SQLite with [api] workers = %d: SQLite takes one writer at a time, so agents "
+            "will be answered 503 'database busy' under load. Use PostgreSQL ([database] sql_alchemy_conn) "
+            "or one worker (docs/architecture.md, 'Scale and high availability').", workers,
+        )
 
 
 def _document_own_bodies(app: FastAPI) -> None:
@@ -134,6 +149,20 @@ async def _out_of_range(request: Request, exc: Exception) -> JSONResponse:
             "times are between 1970 and 2200 with a time zone; fix the request."
         },
     )
+
+
+async def _database_busy(request: Request, exc: Exception) -> JSONResponse:
+    """503 with Retry-After (agents retry it) when the database cannot serve the request now, never a 500.
+    On SQLite that is "database is locked": one writer at a time, a demo default that a fleet outgrows."""
+    locked = "database is locked" in str(exc)
+    log.warning("%s %s: database unavailable: %s", request.method, request.url.path, str(exc).splitlines()[0][:300])
+    detail = (
+        "The plane's SQLite database is busy (one writer at a time): SQLite suits a single-process demo. "
+        "For more than a few agents, several api-server workers or schedulers, use PostgreSQL "
+        "([database] sql_alchemy_conn; see docs/architecture.md, 'Scale and high availability')."
+        if locked else "The plane's database is unavailable right now; retry shortly."
+    )
+    return JSONResponse(status_code=503, content={"detail": detail}, headers={"Retry-After": "1"})
 
 
 def _short(value):

@@ -36,7 +36,7 @@ from airflow.utils.session import create_session
 
 from airflow_remote_execution import __version__, config
 from airflow_remote_execution.models import AgentModel, AgentTokenModel, WorkItemModel
-from airflow_remote_execution.plane import agents, tokens
+from airflow_remote_execution.plane import agents, identity, tokens
 from airflow_remote_execution.plane.api.admin import _set_drained
 from airflow_remote_execution.wire.api import (
     AgentInfo,
@@ -323,7 +323,7 @@ def _work_ref(row) -> WorkRef:
 
 def build_overview(session, user: Any) -> Overview:
     now = timezone.utcnow()
-    interval = config.getfloat("heartbeat_interval")
+    interval = agents.heartbeat_interval(session)
     ours = plane_versions()
     rows = list(session.scalars(select(AgentModel).order_by(AgentModel.name)))
     token_rows = {
@@ -560,7 +560,7 @@ async def rotate_token(token_id: str, body: TokenRotateRequest, user: Any = Depe
 
 @ui_router.delete("/api/tokens/{token_id}", response_model=TokenInfo)
 async def revoke_token(token_id: str, user: Any = Depends(requires("edit"))) -> TokenInfo:
-    return await _in_session(lambda s: tokens.to_info(tokens.revoke(s, token_id)))
+    return await _in_session(lambda s: tokens.to_info(identity.revoke(s, token_id)))
 
 
 def react_apps(base_path: str) -> list[dict]:

@@ -512,3 +512,111 @@ def test_registration_says_when_queued_work_is_out_of_the_tokens_bundles(client)
     assert len(warnings) == 1 and warnings[0].startswith("1 queued work item(s) on this agent's queues belong to DAG "
                                                          "bundle 'team-b'") and "--bundles team-b" in warnings[0]
     assert post(client, "/leases", token, {"slots": 1, "wait": 0}).json()["leases"] == []
+
+
+# ------------------------------------------------------------------ what an idle fleet costs
+
+
+def test_heartbeats_arriving_together_are_written_together(client):
+    """Group commit: 40 agents beating at once take far fewer transactions than heartbeats."""
+    from airflow_remote_execution.plane.heartbeats import heartbeats
+
+    agent_tokens = [registered(client, f"beat-{i}") for i in range(40)]
+    batches, written = heartbeats.batches, heartbeats.written
+    barrier = threading.Barrier(len(agent_tokens))
+    answers: list[int] = []
+
+    def beat(token: str) -> None:
+        barrier.wait()
+        answers.append(post(client, "/agents/heartbeat", token, {"free_slots": 2}).status_code)
+
+    threads = [threading.Thread(target=beat, args=(t,)) for t in agent_tokens]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert answers == [200] * 40
+    assert heartbeats.written - written == 40
+    assert heartbeats.batches - batches < 20, f"{heartbeats.batches - batches} transactions for 40 heartbeats"
+    with create_session() as s:
+        beaten = s.query(AgentModel).filter(AgentModel.name.like("beat-%")).all()
+        assert len(beaten) == 40 and all(a.state == "active" and a.free_slots == 2 for a in beaten)
+
+
+def test_a_lease_request_is_a_sign_of_life(client):
+    token = registered(client)
+    old = timezone.utcnow() - timedelta(minutes=5)
+    with create_session() as s:
+        s.query(AgentModel).filter(AgentModel.name == "agent-1").update({"last_heartbeat_at": old})
+    assert post(client, "/leases", token, {"slots": 1, "wait": 0}).status_code == 200
+
+    def heard() -> bool:
+        with create_session() as s:
+            return s.query(AgentModel.last_heartbeat_at).filter(AgentModel.name == "agent-1").scalar() > old
+
+    deadline = time.monotonic() + 5
+    while not heard():
+        assert time.monotonic() < deadline, "the lease request was not recorded as a sign of life"
+        time.sleep(0.05)
+
+
+def test_a_token_revoked_by_another_process_stops_working_within_a_second(client):
+    """Tokens are verified from memory; revocation elsewhere (CLI, another api-server) still counts within 1 s."""
+    token = registered(client)
+    assert post(client, "/agents/heartbeat", token, {"free_slots": 1}).status_code == 200  # now cached
+    with create_session() as s:
+        tokens.revoke(s, token.split("_")[1])  # as `tokens revoke` in another process: not through this cache
+    revoked_at = time.monotonic()
+    while (status := post(client, "/agents/heartbeat", token, {"free_slots": 1}).status_code) == 200:
+        assert time.monotonic() - revoked_at < 1.5, "a revoked token still works after 1.5 s"
+        time.sleep(0.05)
+    assert status == 401
+    assert post(client, "/leases", token, {"slots": 1, "wait": 0}).status_code == 401
+
+
+def test_one_queued_item_wakes_one_waiting_agent_not_all(client, sqlite_engine):
+    """Thousands of idle agents on a queue must not all look when one task is queued."""
+    from sqlalchemy import event
+
+    agent_tokens = [registered(client, f"idle-{i}") for i in range(8)]
+    lease_statements: list[str] = []
+
+    def count(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith(("UPDATE REMOTE_WORK_ITEM", "WITH PICKED")):
+            lease_statements.append(statement)
+
+    results: list[list] = []
+
+    def poll(token: str) -> None:
+        r = post(client, "/leases", token, {"slots": 1, "wait": 2})
+        results.append(r.json()["leases"])
+
+    threads = [threading.Thread(target=poll, args=(t,)) for t in agent_tokens]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # all waiting (each looked once on arrival)
+    event.listen(sqlite_engine, "before_cursor_execute", count)
+    try:
+        enqueue("one")
+        time.sleep(1.0)
+    finally:
+        event.remove(sqlite_engine, "before_cursor_execute", count)
+    for t in threads:
+        t.join(10)
+    assert sum(len(r) for r in results) == 1
+    assert len(lease_statements) <= 2, f"{len(lease_statements)} lease queries for one queued item"
+
+
+def test_a_locked_sqlite_database_is_a_503_saying_to_use_postgresql(client, sqlite_engine):
+    import sqlite3
+
+    token = registered(client)
+    locker = sqlite3.connect(sqlite_engine.url.database, timeout=1)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        r = post(client, "/agents/register", token, {"concurrency": 1})
+    finally:
+        locker.rollback()
+        locker.close()
+    assert r.status_code == 503, r.text
+    assert r.headers["Retry-After"] == "1" and "PostgreSQL" in r.json()["detail"]
