@@ -245,6 +245,14 @@ def test_scaling_route_reads_with_a_metrics_token_only(client, statsd):
     r = client.get("/metrics/scaling", params={"queues": ",".join(f"q{i}" for i in range(101))}, headers=bearer(token))
     assert r.status_code == 422 and "at most 100" in r.json()["detail"]
 
+    for bad in ("abc", str(2**70), "-1", "NaN", ""):
+        r = client.get("/metrics/scaling", params={"slots_per_agent": bad}, headers=bearer(token))
+        assert r.status_code == 422, (bad, r.status_code)
+    r = client.get("/metrics/scaling", params={"queues": "q" * 5000}, headers=bearer(token))
+    assert r.status_code == 422
+    r = client.get("/metrics/prometheus", headers={"Authorization": "Bearer " + "x" * 100_000})
+    assert r.status_code == 401 and len(r.text) < 1000
+
     # Revoked: refused.
     with create_session() as s:
         metrics_tokens.revoke(s, token.split("_")[1])
