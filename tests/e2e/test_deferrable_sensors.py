@@ -12,7 +12,9 @@ serves queue ``default`` and bundle ``team_a``; it runs a worker and, in its own
    FileSensor(deferrable) on the agent's filesystem. Their triggers' requests (task-instance and DAG-run
    counts, DAG-run state) reach the plane through the triggerer's route.
 2. An ExternalTaskSensor on team_b's DAG fails: the plane refuses its trigger's request (403) and says why.
-3. With a stock ``airflow triggerer`` running on the plane and the agent's triggerer stopped, a trigger an
+3. An asset watcher (FileDeleteTrigger on the agent's filesystem) and a deadline alert's AsyncCallback run
+   on the agent's triggerer: its token allows their DAGs' bundle.
+4. With a stock ``airflow triggerer`` running on the plane and the agent's triggerer stopped, a trigger an
    agent's task created is never taken by the plane's triggerer; the agent's triggerer, back, runs it.
 """
 
@@ -41,6 +43,12 @@ def _bundles(base: Path) -> str:
          "kwargs": {"path": str(base / name)}}
         for name in ("team_a", "team_b")
     ])
+
+
+def _install_callbacks(home: Path) -> None:
+    """The deadline callback's module in AIRFLOW_HOME/plugins (on every Airflow process's sys.path)."""
+    (home / "plugins").mkdir(exist_ok=True)
+    shutil.copy(DAGS / "rex_deadline_callbacks.py", home / "plugins")
 
 
 class Cluster:
@@ -79,14 +87,17 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, pg_url):
     base = tmp_path_factory.mktemp("sensors")
-    for bundle, files in (("team_a", ("remote_deferrable_sensors.py", "remote_sensor_target_a.py")),
+    for bundle, files in (("team_a", ("remote_deferrable_sensors.py", "remote_sensor_target_a.py",
+                                      "remote_watchers_and_deadlines.py")),
                           ("team_b", ("remote_sensor_target_b.py",))):
         (base / bundle).mkdir()
         for name in files:
             shutil.copy(DAGS / name, base / bundle)
+    (base / "landing").mkdir()
     bundles = {"AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": _bundles(base)}
     plane = Plane(base / "plane", db_url=fresh_pg_database(pg_url, "deferrable_sensors"), dags_folder=base / "team_a",
                   extra_env=bundles)
+    _install_callbacks(plane.home)
     agent = cluster = None
     try:
         plane.start(components=("api-server", "scheduler", "dag-processor"))
@@ -96,8 +107,9 @@ def cluster(tmp_path_factory, pg_url):
             "AIRFLOW__REMOTE_EXECUTION__COMPONENTS": "worker",
             "AIRFLOW__TRIGGERER__CAPACITY": "20",
             "AIRFLOW_CONN_FS_DEFAULT": json.dumps({"conn_type": "fs"}),  # the agent's own connection
-        }).start()
-        agent.wait_registered()
+        })
+        _install_callbacks(agent.home)
+        agent.start().wait_registered()
         cluster = Cluster(base, plane, agent)
         cluster.start_triggerer()
         yield cluster
@@ -122,7 +134,8 @@ def test_stock_deferrable_sensors_complete_on_the_agents_triggerer(cluster):
     assert state == "success", states
     assert states == dict.fromkeys(SENSORS, "success")
 
-    # Each sensor deferred (the time sensors wait 40 s past the logical date), and its trigger ran on the agent's triggerer (its log is on the agent).
+    # Each sensor deferred (the time sensors wait 75 s past the logical date), and its trigger ran on the
+    # agent's triggerer (its log is on the agent).
     logs = cluster.trigger_logs(cluster.agent.home, "deferrable_sensors", run_id)
     assert {p.parent.name.removeprefix("task_id=") for p in logs} == set(SENSORS), logs
     log = cluster.triggerer_log()
@@ -142,12 +155,88 @@ def test_a_sensor_on_a_dag_of_a_bundle_the_token_does_not_allow_fails_with_the_r
     assert "403" in text and "DAG 'target_b' is neither" in text, text[-3000:]
 
 
+def test_an_asset_watcher_and_a_deadline_callback_run_on_the_agents_triggerer(cluster):
+    plane = cluster.plane
+    assert "triggerer" not in plane.procs
+    plane.wait_dag("asset_watched")
+    plane.api("PATCH", "/api/v2/dags/asset_watched", json={"is_paused": False}).raise_for_status()
+    wait_for(lambda: "(airflow.providers.standard.triggers.file.FileDeleteTrigger)" in cluster.triggerer_log(), 120,
+             "the agent's triggerer to start the asset watcher")
+    ready = cluster.base / "landing" / "ready"
+    ready.write_text("landed")  # on the agent's filesystem: the watcher deletes it and the asset has an event
+
+    def watched_run_succeeded():
+        runs = plane.api("GET", "/api/v2/dags/asset_watched/dagRuns").json()["dag_runs"]
+        return [r for r in runs if r["state"] == "success"]
+
+    [run] = wait_for(watched_run_succeeded, 180, "asset_watched to run on the watcher's event")
+    assert run["run_type"] == "asset_triggered"
+    assert not ready.exists()
+
+    marker = cluster.base / "deadline-marker"
+    run_id = cluster.trigger("deadline_missed", datetime.now(timezone.utc).isoformat())
+    wait_for(marker.exists, 120, "the deadline callback")
+    assert marker.read_text() == str(cluster.agent.home)  # it ran on the agent
+    assert re.search(r"Starting trigger \d+ \(airflow\.triggers\.callback\.CallbackTrigger\)", cluster.triggerer_log())
+    assert plane.wait_run("deadline_missed", run_id, timeout=180) == "success"
+
+
+def test_each_request_a_trigger_can_make_is_served_or_refused_by_the_plane(cluster):
+    """The route the agent's trigger supervisor uses, called as it does, for every kind of request."""
+    import requests
+
+    plane = cluster.plane
+    triggerer_id = re.findall(r"Triggerer registered as (\d+)", cluster.triggerer_log())[-1]
+    base = f"{plane.url}/remote_execution/v1/triggerers/{triggerer_id}/execution"
+    headers = {"Authorization": f"Bearer {cluster.agent.token}"}
+    [target] = [r for r in plane.api("GET", "/api/v2/dags/target_a/dagRuns").json()["dag_runs"] if r["logical_date"]][:1]
+    sensors = plane.api("GET", "/api/v2/dags/deferrable_sensors/dagRuns").json()["dag_runs"][0]["dag_run_id"]
+
+    def call(method: str, path: str, **kwargs) -> requests.Response:
+        return requests.request(method, f"{base}/{path}", headers=headers, timeout=30, **kwargs)
+
+    served = {
+        "GetTICount": call("GET", "task-instances/count", params={"dag_id": "target_a", "task_ids": ["done"]}),
+        "GetTaskStates": call("GET", "task-instances/states", params={"dag_id": "target_a"}),
+        "GetDRCount": call("GET", "dag-runs/count", params={"dag_id": "target_a", "states": ["success"]}),
+        "GetDagRunState": call("GET", f"dag-runs/target_a/{target['dag_run_id']}/state"),
+        "GetPreviousTI": call("GET", "task-instances/previous/target_a/done"),
+        "GetXCom": call("GET", f"xcoms/deferrable_sensors/{sensors}/trigger_and_wait/trigger_run_id"),
+        "GetAssetStateStore": call("GET", "store/asset/by-name/value", params={"name": "landing_file", "key": "k"}),
+        "SetAssetStateStore (a watched asset)": call(
+            "PUT", "store/asset/by-name/value", params={"name": "landing_file", "key": "cursor"}, json={"value": 1}),
+    }
+    statuses = {kind: r.status_code for kind, r in served.items()}
+    assert statuses == {**dict.fromkeys(served, 200), "GetAssetStateStore": 404, "SetAssetStateStore (a watched asset)": 204}, {
+        kind: r.text[:300] for kind, r in served.items()}
+    assert served["GetTICount"].json() == 2  # the run the test triggered and the one trigger_and_wait triggered
+    assert call("GET", "store/asset/by-name/value", params={"name": "landing_file", "key": "cursor"}).json()["value"] == 1
+
+    refused = {
+        "GetTICount (team_b)": call("GET", "task-instances/count", params={"dag_id": "target_b"}),
+        "GetDagRunState (team_b)": call("GET", "dag-runs/target_b/r/state"),
+        "SetXCom": call("POST", f"xcoms/deferrable_sensors/{sensors}/trigger_and_wait/k", json="v"),
+        "DeleteXCom": call("DELETE", f"xcoms/deferrable_sensors/{sensors}/trigger_and_wait/trigger_run_id"),
+        "PutVariable": call("PUT", "variables/v", json={"key": "v", "value": "x"}),
+        "GetConnection": call("GET", "connections/fs_default"),
+        "UpdateHITLDetail (not its trigger's)": call("PATCH", "hitlDetails/01a245e5-b33f-78ab-a816-f2409eb85f78", json={}),
+        "SetAssetStateStore (not watched)": call(
+            "PUT", "store/asset/by-name/value", params={"name": "other", "key": "k"}, json={"value": 1}),
+    }
+    assert {kind: r.status_code for kind, r in refused.items()} == {
+        **dict.fromkeys(refused, 403), "GetConnection": 404}, {kind: r.text[:300] for kind, r in refused.items()}
+    assert "DAG 'target_b' is neither" in refused["GetTICount (team_b)"].text
+    # Another agent's token, or no token, gets nothing.
+    assert requests.get(f"{base}/dag-runs/count", params={"dag_id": "target_a"}, timeout=30).status_code == 401
+
+
 def test_a_plane_triggerer_never_runs_a_trigger_an_agents_task_created(cluster):
     plane = cluster.plane
     cluster.stop_triggerer()
     plane.start_component("triggerer")
     try:
-        run_id = cluster.trigger("parked_deferral", datetime.now(timezone.utc).isoformat())
+        flag = cluster.base / "parked-flag"
+        run_id = cluster.trigger("parked_deferral", datetime.now(timezone.utc).isoformat(), conf={"flag": str(flag)})
         wait_for(lambda: cluster.states("parked_deferral", run_id).get("wait") == "deferred", 180, "the task to defer")
         [ti] = plane.task_instances("parked_deferral", run_id)
         trigger_id = ti["trigger"]["id"]
@@ -159,6 +248,7 @@ def test_a_plane_triggerer_never_runs_a_trigger_an_agents_task_created(cluster):
         assert ti["trigger"]["queue"] == "remote-execution:agents-only"
         assert not list((plane.home / "logs").glob("**/*.trigger.*.log"))
 
+        flag.write_text("go")
         cluster.start_triggerer()  # the agent's triggerer, back, claims and runs it
         assert plane.wait_run("parked_deferral", run_id, timeout=180) == "success", cluster.states("parked_deferral", run_id)
         assert f"Starting trigger {trigger_id} " in cluster.triggerer_log()

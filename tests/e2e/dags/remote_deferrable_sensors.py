@@ -2,7 +2,7 @@
 
 ``deferrable_sensors``: each sensor defers to a trigger the agent's triggerer runs; ``ext_denied`` waits on a
 DAG of a bundle the agent's token does not allow, so its trigger's requests are refused; ``parked_deferral``
-defers for a while, for the test that a plane triggerer never takes an agent's trigger.
+defers until a file appears, for the test that a plane triggerer never takes an agent's trigger.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ with DAG("deferrable_sensors", schedule=None, catchup=False, tags=["remote-execu
     # GetDRCount + GetDagRunState: a new run of target_a, waited for by DagStateTrigger.
     TriggerDagRunOperator(task_id="trigger_and_wait", trigger_dag_id="target_a", wait_for_completion=True,
                           deferrable=True, poke_interval=2)
-    DateTimeSensorAsync(task_id="datetime_async", target_time="{{ (logical_date + macros.timedelta(seconds=40)).isoformat() }}")
-    TimeDeltaSensorAsync(task_id="timedelta_async", delta=timedelta(seconds=40))
-    TimeDeltaSensor(task_id="timedelta_deferrable", delta=timedelta(seconds=40), deferrable=True)
+    DateTimeSensorAsync(task_id="datetime_async", target_time="{{ (logical_date + macros.timedelta(seconds=75)).isoformat() }}")
+    TimeDeltaSensorAsync(task_id="timedelta_async", delta=timedelta(seconds=75))
+    TimeDeltaSensor(task_id="timedelta_deferrable", delta=timedelta(seconds=75), deferrable=True)
     # FileTrigger on the agent's filesystem; fs_default is the agent's own connection (AIRFLOW_CONN_FS_DEFAULT).
     FileSensor(task_id="file", filepath="{{ dag_run.conf['flag'] }}", deferrable=True, poke_interval=1, timeout=300)
 
@@ -37,4 +37,4 @@ with DAG("ext_denied", schedule=None, catchup=False, tags=["remote-execution-tes
                        deferrable=True, poke_interval=2, timeout=300)
 
 with DAG("parked_deferral", schedule=None, catchup=False, tags=["remote-execution-test"]):
-    TimeDeltaSensor(task_id="wait", delta=timedelta(seconds=25), deferrable=True)
+    FileSensor(task_id="wait", filepath="{{ dag_run.conf['flag'] }}", deferrable=True, poke_interval=1, timeout=600)
