@@ -50,8 +50,9 @@ class TaskLog:
 
     relative_path: str
     active: bool  # False once the task process is gone: Airflow's final upload takes over
-    work_id: int = 0  # the lease it runs under (for the plane log store)
+    work_id: int = 0  # the lease it runs under (for the plane log store) ...
     fence: int = 0
+    trigger: bool = False  # ... or, for a trigger's log: work_id is the trigger id, fence the triggerer id
 
 
 class LogShipper:
@@ -141,6 +142,9 @@ class PlaneLogSender:
     the complete lines written since the last piece (``interval`` 0: none while the task runs), and once
     the task is gone from the running work, the rest. The local file is left as it is (the sent offset is
     kept per lease); the plane keeps each byte once, so a piece whose answer was lost is simply sent again.
+
+    Triggers' logs (``TaskLog.trigger``, ``POST /v1/triggers/{id}/log``) go every :data:`POLL` seconds: the
+    plane takes a trigger's log only once it has checked a first piece while the trigger still ran.
     """
 
     POLL = 0.5  # seconds between looks for tasks that ended (their last lines go at once)
@@ -158,11 +162,11 @@ class PlaneLogSender:
         self.base_log_folder = Path(base_log_folder)
         self.interval = interval
         self.stop = stop
-        self.sent: dict[tuple[int, int], tuple[str, int]] = {}  # (work_id, fence) -> (relative path, offset)
+        self.sent: dict[tuple[bool, int, int], tuple[str, int]] = {}  # (trigger, id, fence) -> (path, offset)
         # Where the logs of ended leases ended: a task resumed after deferral appends to the same file, and
         # its new lease sends only what follows (the earlier lease sent the rest). Bounded: oldest go first.
         self.ended: dict[str, int] = {}
-        self.dropped: set[tuple[int, int]] = set()  # leases whose log the plane takes no more of
+        self.dropped: set[tuple[bool, int, int]] = set()  # logs the plane takes no more of
         self.refused = False  # the plane keeps no logs (plane_task_logs = False there)
         self._thread = threading.Thread(target=self._loop, name="log-sender", daemon=True)
 
@@ -192,7 +196,7 @@ class PlaneLogSender:
     def send_once(self, partial: bool = True, final: bool = False) -> int:
         """Send complete new lines of running tasks (if ``partial``) and the rest of the logs of tasks that
         are gone (all, if ``final``); returns how many bytes of log files the plane now holds more."""
-        running = {(t.work_id, t.fence): t for t in self.tasks() if t.work_id}
+        running = {(t.trigger, t.work_id, t.fence): t for t in self.tasks() if t.work_id}
         self.dropped &= running.keys()
         for key, task in running.items():
             if key not in self.sent and key not in self.dropped:
@@ -202,7 +206,7 @@ class PlaneLogSender:
             if self.refused:
                 break
             if key in running and not final:
-                if partial:
+                if partial or key[0]:
                     total += self._send(key, path, offset, whole=False)
             else:  # the task ended (its supervisor too): all of it, then forget it
                 total += self._send(key, path, offset, whole=True)
@@ -215,11 +219,12 @@ class PlaneLogSender:
         while len(self.ended) > 10_000:
             del self.ended[next(iter(self.ended))]
 
-    def _send(self, key: tuple[int, int], path: str, offset: int, whole: bool) -> int:
+    def _send(self, key: tuple[bool, int, int], path: str, offset: int, whole: bool) -> int:
         from airflow_remote_execution.agent.client import LeaseLost, PlaneError
         from airflow_remote_execution.wire.task_logs import MAX_PIECE, LogPiece, LogPieceResponse
 
-        work_id, fence = key
+        trigger, work_id, fence = key
+        route = f"/triggers/{work_id}/log" if trigger else f"/work/{work_id}/log"
         try:
             with open(self.base_log_folder / path, "rb") as f:
                 f.seek(offset)
@@ -235,9 +240,9 @@ class PlaneLogSender:
                 piece = piece[: cut + 1]
             body = LogPiece(fence=fence, start=offset, end=offset + len(piece), text=piece.decode("utf-8", "replace"))
             try:
-                answer = self.client._post(f"/work/{work_id}/log", body, LogPieceResponse)
+                answer = self.client._post(route, body, LogPieceResponse)
             except LeaseLost as e:  # not this lease's any more, or a gap the plane cannot fill
-                log.warning("The plane keeps no more of work %s's log: %s", work_id, e.detail)
+                log.warning("The plane keeps no more of the log of %s: %s", route, e.detail)
                 self.sent.pop(key, None)
                 self.dropped.add(key)
                 return sent
@@ -246,11 +251,11 @@ class PlaneLogSender:
                     log.warning("Task logs are not sent to the plane any more: %s", e.detail)
                     self.refused = True
                 elif e.status in (404, 422):
-                    log.warning("The plane refused a piece of work %s's log: %s", work_id, e.detail)
+                    log.warning("The plane refused a piece of the log of %s: %s", route, e.detail)
                     self.sent.pop(key, None)
                     self.dropped.add(key)
                 else:
-                    log.warning("Could not send work %s's log to the plane (%s); retrying", work_id, e.detail)
+                    log.warning("Could not send the log of %s to the plane (%s); retrying", route, e.detail)
                     if whole:  # keep it to send again next time (and at the agent's stop)
                         self.sent[key] = (path, offset)
                         raise
@@ -263,6 +268,19 @@ class PlaneLogSender:
             if answer.truncated:
                 data = b""
         return sent
+
+
+def start_trigger_log_sender(client, triggers: Callable[[], Iterable[TaskLog]], stopped: threading.Event):
+    """In an agent triggerer: send the logs of the triggers ``triggers`` names to the plane, if the task logs
+    go there (no remote logging; with it, Airflow's triggerer uploads them when each trigger ends)."""
+    from airflow.sdk.configuration import conf
+
+    from airflow_remote_execution import config
+
+    if conf.getboolean("logging", "remote_logging", fallback=False) or not config.getboolean("plane_task_logs"):
+        return None
+    folder = Path(conf.get("logging", "base_log_folder"))
+    return PlaneLogSender(client, triggers, folder, max(config.getfloat("log_upload_interval"), 0.0), stopped).start()
 
 
 def remote_log_io() -> RemoteLogWriter | None:

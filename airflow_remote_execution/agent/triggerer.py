@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import threading
 import time
 
 import attrs
@@ -31,6 +32,7 @@ from airflow.jobs.triggerer_job_runner import TriggerLoggingFactory, TriggerRunn
 from airflow.triggers.base import BaseTaskEndEvent
 
 from airflow_remote_execution.agent.client import LeaseLost, PlaneClient, PlaneError
+from airflow_remote_execution.agent.log_shipper import TaskLog, start_trigger_log_sender
 from airflow_remote_execution.wire.triggers import TriggerWork
 
 log = logging.getLogger(__name__)
@@ -199,6 +201,15 @@ class AgentTriggerRunnerSupervisor(TriggerRunnerSupervisor):
                 delay = min(delay * 2, 5.0)
 
 
+def _trigger_logs(runner: AgentTriggerRunnerSupervisor) -> list[TaskLog]:
+    """The running triggers' log files (Airflow's ``<task log>.trigger.<job>.log``), for the plane log store."""
+    return [
+        TaskLog(factory.log_path, True, trigger_id, runner.triggerer_id, trigger=True)
+        for trigger_id, factory in list(runner.logger_cache.items())
+        if getattr(factory, "log_path", None)
+    ]
+
+
 def run_triggerer(plane: PlaneClient, capacity: int, queues: list[str] | None) -> int:
     """Register, run Airflow's trigger runner until SIGTERM/SIGINT, then hand the triggers back."""
     hostname = socket.getfqdn()
@@ -228,9 +239,12 @@ def run_triggerer(plane: PlaneClient, capacity: int, queues: list[str] | None) -
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    stopped = threading.Event()
+    start_trigger_log_sender(plane, lambda: _trigger_logs(runner), stopped)  # without remote logging
     try:
         runner.run()
     finally:
+        stopped.set()
         runner.kill(escalation_delay=10, force=True)
         runner.handle_events()
         runner.handle_failed_triggers()

@@ -136,7 +136,8 @@ class AgentTriggererModel(Base):
 
 class TaskLogChunkModel(Base):
     """A piece of a task log an agent shipped to the plane (no remote logging configured): the bytes
-    ``start`` to ``start + size`` of the log of one lease (``work_id``, ``fence``) of one task try.
+    ``start`` to ``start + size`` of the log of one lease (``work_id``, ``fence``) of one task try, or of
+    one of its triggers run by an agent triggerer.
 
     Unique per task try, lease and offset, so a retried upload (its answer lost) or two api-servers can
     never store a piece twice. Kept ``task_log_retention`` seconds; what the UI reads for agents' tasks."""
@@ -149,6 +150,8 @@ class TaskLogChunkModel(Base):
     task_id: Mapped[str] = mapped_column(String(250), nullable=False)
     map_index: Mapped[int] = mapped_column(Integer, nullable=False)
     try_number: Mapped[int] = mapped_column(Integer, nullable=False)
+    # "task": work_id and fence name the lease; "trigger": the trigger id and the agent triggerer's job id.
+    source: Mapped[str] = mapped_column(String(10), nullable=False)
     work_id: Mapped[int] = mapped_column(Integer, nullable=False)  # no foreign key: logs outlive work items
     fence: Mapped[int] = mapped_column(Integer, nullable=False)
     start: Mapped[int] = mapped_column(Integer, nullable=False)
@@ -161,8 +164,8 @@ class TaskLogChunkModel(Base):
         # The try first (the UI reads by it), the lease and offset last: work ids can repeat on SQLite
         # (a purged highest id is given again), so a lease alone does not name a log.
         Index(
-            "idx_remote_task_log_chunk_piece", "dag_id", "run_id", "task_id", "map_index", "try_number", "work_id",
-            "fence", "start", unique=True,
+            "idx_remote_task_log_chunk_piece", "dag_id", "run_id", "task_id", "map_index", "try_number", "source",
+            "work_id", "fence", "start", unique=True,
         ),
         Index("idx_remote_task_log_chunk_created", "created_at"),
     )

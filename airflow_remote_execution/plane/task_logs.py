@@ -150,6 +150,17 @@ def install() -> bool:
 # ---------------------------------------------------------------- the plane log store
 
 
+def _refuse_if_off() -> None:
+    from airflow_remote_execution import config
+    from airflow_remote_execution.plane.agents import AgentForbidden
+
+    if not config.getboolean("plane_task_logs"):
+        raise AgentForbidden(
+            "This plane keeps no task logs ([remote_execution] plane_task_logs = False): configure remote "
+            "logging on the agent, or set plane_task_logs = False on the agent to stop sending them"
+        )
+
+
 def store_piece(session: Session, agent: AgentModel, work_id: int, piece: LogPiece) -> LogPieceResponse:
     """Keep a piece of the log of ``agent``'s task ``work_id`` (leased with ``piece.fence``), each byte once.
 
@@ -158,24 +169,13 @@ def store_piece(session: Session, agent: AgentModel, work_id: int, piece: LogPie
     holds (a retry) is answered with where the log ends; a gap after the lease's first piece is a 409
     naming where to resume.
     """
-    from sqlalchemy import func, select
-    from sqlalchemy.exc import IntegrityError
-
     from airflow.sdk import timezone
 
-    from airflow_remote_execution import config
     from airflow_remote_execution.models import WorkItemModel
-    from airflow_remote_execution.models.tables import TaskLogChunkModel
-    from airflow_remote_execution.plane.agents import AgentForbidden
     from airflow_remote_execution.plane.leases import LeaseConflict
     from airflow_remote_execution.wire.api import WorkState
-    from airflow_remote_execution.wire.task_logs import LogPieceResponse
 
-    if not config.getboolean("plane_task_logs"):
-        raise AgentForbidden(
-            "This plane keeps no task logs ([remote_execution] plane_task_logs = False): configure remote "
-            "logging on the agent, or set plane_task_logs = False on the agent to stop sending them"
-        )
+    _refuse_if_off()
     item = session.get(WorkItemModel, work_id)
     if item is None:
         raise LookupError(f"No work item {work_id}")
@@ -191,15 +191,70 @@ def store_piece(session: Session, agent: AgentModel, work_id: int, piece: LogPie
     if item.finished_at is not None and now - item.finished_at > LATE:
         raise LeaseConflict(f"Work item {work_id} ended more than {LATE} ago: its log is closed")
     _, dag_id, task_id, run_id, map_index, try_number = item.key
-    _purge_now_and_then(session, now)
+    return _store(session, agent.name, (dag_id, run_id, task_id, map_index, try_number), "task", work_id, piece, now)
 
-    chunk = TaskLogChunkModel
+
+def store_trigger_piece(session: Session, agent_name: str, trigger_id: int, piece: LogPiece) -> LogPieceResponse:
+    """Keep a piece of the log of trigger ``trigger_id`` that agent ``agent_name``'s triggerer ``piece.fence``
+    runs (Airflow's ``<task log>.trigger.<job>.log``), shown with its task's log.
+
+    While the trigger runs, it must be that triggerer's and belong to a task instance. Once it fired (Airflow
+    unlinks or deletes it), more of its log is taken only after a first piece the plane checked so, from the
+    same agent and triggerer, and not after :data:`LATE`: so the agent sends a trigger's lines at once.
+    """
+    from sqlalchemy import func, select
+
+    from airflow.models.trigger import Trigger
+    from airflow.sdk import timezone
+
+    from airflow_remote_execution.models.tables import AgentTriggererModel, TaskLogChunkModel as chunk
+    from airflow_remote_execution.plane.leases import LeaseConflict
+
+    _refuse_if_off()
+    now = timezone.utcnow()
+    job = session.get(AgentTriggererModel, piece.fence)
+    if job is None or job.agent_name != agent_name:
+        raise LeaseConflict(f"Triggerer {piece.fence} is not a live triggerer of agent {agent_name!r}")
+    trigger = session.get(Trigger, trigger_id)
+    ti = trigger.task_instance if trigger is not None and trigger.triggerer_id == piece.fence else None
+    if ti is not None:
+        key = (ti.dag_id, ti.run_id, ti.task_id, ti.map_index, ti.try_number)
+    else:  # fired meanwhile: the task instance its first piece was checked for
+        first = session.execute(
+            select(chunk.dag_id, chunk.run_id, chunk.task_id, chunk.map_index, chunk.try_number, func.min(chunk.created_at))
+            .where(chunk.source == "trigger", chunk.work_id == trigger_id, chunk.fence == piece.fence,
+                   chunk.agent_name == agent_name)
+            .group_by(chunk.dag_id, chunk.run_id, chunk.task_id, chunk.map_index, chunk.try_number)
+        ).first()
+        if first is None or now - first[5] > LATE:
+            if trigger is not None and trigger.triggerer_id == piece.fence:
+                raise ValueError(f"Trigger {trigger_id} belongs to no task instance: it has no task log")
+            raise LeaseConflict(f"Trigger {trigger_id} is not run by triggerer {piece.fence} of agent {agent_name!r}")
+        key = tuple(first[:5])
+    return _store(session, agent_name, key, "trigger", trigger_id, piece, now)
+
+
+def _store(
+    session: Session, agent_name: str, try_key: tuple, source: str, log_id: int, piece: LogPiece, now
+) -> LogPieceResponse:
+    """Keep ``piece`` of log ``(source, log_id, piece.fence)`` of the task try ``try_key``, each byte once, within
+    the try's cap."""
+    from sqlalchemy import func, select
+    from sqlalchemy.exc import IntegrityError
+
+    from airflow_remote_execution import config
+    from airflow_remote_execution.models.tables import TaskLogChunkModel as chunk
+    from airflow_remote_execution.plane.leases import LeaseConflict
+    from airflow_remote_execution.wire.task_logs import LogPieceResponse
+
+    _purge_now_and_then(session, now)
+    dag_id, run_id, task_id, map_index, try_number = try_key
     this_try = (chunk.dag_id == dag_id, chunk.run_id == run_id, chunk.task_id == task_id,
                 chunk.map_index == map_index, chunk.try_number == try_number)
     stored, total = session.execute(
         select(
             select(func.max(chunk.start + chunk.size))
-            .where(*this_try, chunk.work_id == work_id, chunk.fence == piece.fence)
+            .where(*this_try, chunk.source == source, chunk.work_id == log_id, chunk.fence == piece.fence)
             .scalar_subquery(),
             select(func.sum(chunk.size)).where(*this_try).scalar_subquery(),
         )
@@ -214,7 +269,7 @@ def store_piece(session: Session, agent: AgentModel, work_id: int, piece: LogPie
         return LogPieceResponse(stored_until=stored)
     if piece.start > stored:
         raise LeaseConflict(
-            f"The plane holds the log of work item {work_id} up to byte {stored}: send it from there, not from "
+            f"The plane holds this log ({source} {log_id}) up to byte {stored}: send it from there, not from "
             f"byte {piece.start}"
         )
     data = piece.text.encode("utf-8")[stored - piece.start:]  # a retry that overlaps: only what is new
@@ -222,9 +277,9 @@ def store_piece(session: Session, agent: AgentModel, work_id: int, piece: LogPie
     if truncated:
         data = data[: data.rfind(b"\n", 0, cap - total) + 1] + _truncation_line(cap, now)
     row = chunk(
-        dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index, try_number=try_number,
-        work_id=work_id, fence=piece.fence, start=stored, size=piece.end - stored,
-        text=data.decode("utf-8", errors="replace"), agent_name=agent.name, created_at=now,
+        dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index, try_number=try_number, source=source,
+        work_id=log_id, fence=piece.fence, start=stored, size=piece.end - stored,
+        text=data.decode("utf-8", errors="replace"), agent_name=agent_name, created_at=now,
     )
     try:
         with session.begin_nested():
@@ -246,28 +301,33 @@ def _truncation_line(cap: int, now) -> bytes:
 def read_pieces(
     session: Session, dag_id: str, run_id: str, task_id: str, map_index: int, try_number: int
 ) -> tuple[list[str], list[str]]:
-    """A task try's log from the plane log store: (where it came from, [the log text]), both empty if none."""
+    """A task try's log from the plane log store: (where it came from, [the log text]), both empty if none.
+
+    Each lease's part and each trigger's log in the order they began (before a deferral, the trigger,
+    after it); Airflow's reader then orders the lines by their timestamps."""
     from sqlalchemy import select
 
     from airflow_remote_execution.models.tables import TaskLogChunkModel as chunk
 
     rows = session.execute(
-        select(chunk.work_id, chunk.agent_name, chunk.text)
+        select(chunk.source, chunk.work_id, chunk.fence, chunk.agent_name, chunk.text)
         .where(chunk.dag_id == dag_id, chunk.run_id == run_id, chunk.task_id == task_id,
                chunk.map_index == map_index, chunk.try_number == try_number)
-        .order_by(chunk.work_id, chunk.fence, chunk.start)
+        .order_by(chunk.id)
     ).all()
     if not rows:
         return [], []
-    leases: dict[int, list[str]] = {}
+    parts: dict[tuple, list[str]] = {}  # first piece first: ids grow with time
     agents: list[str] = []
-    for work_id, agent_name, text in rows:
-        leases.setdefault(work_id, []).append(text)
+    for source, log_id, fence, agent_name, text in rows:
+        parts.setdefault((source, log_id, fence), []).append(text)
         if agent_name not in agents:
             agents.append(agent_name)
-    texts = ["".join(parts) for parts in leases.values()]
-    source = f"The plane's log store (sent by agent {', '.join(agents)}; [remote_execution] plane_task_logs)"
-    return [source], ["\n".join(t.rstrip("\n") for t in texts) + "\n"]
+    triggers = sum(1 for source, _, _ in parts if source == "trigger")
+    source = f"The plane's log store (sent by agent {', '.join(agents)}"
+    source += f"; with the log of {triggers} trigger(s))" if triggers else ")"
+    texts = ["".join(p).rstrip("\n") for p in parts.values()]
+    return [source], ["\n".join(t for t in texts if t) + "\n"]
 
 
 def purge_pieces(session: Session, older_than: timedelta) -> int:

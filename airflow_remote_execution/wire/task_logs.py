@@ -1,5 +1,6 @@
-"""Wire schemas of ``POST /remote_execution/v1/work/{work_id}/log``: a piece of a task's log an agent sends
-to the plane when no remote logging is configured (``[remote_execution] plane_task_logs``)."""
+"""Wire schemas of ``POST /remote_execution/v1/work/{work_id}/log`` and ``/v1/triggers/{trigger_id}/log``: a
+piece of a task's (or its trigger's) log an agent sends to the plane when no remote logging is configured
+(``[remote_execution] plane_task_logs``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ class LogPiece(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    fence: int = Field(ge=1, le=INT32_MAX, description="The fencing token the work was leased with.")
+    fence: int = Field(
+        ge=1, le=INT32_MAX,
+        description="A task's log: the fencing token the work was leased with. A trigger's log: the id of the "
+        "agent triggerer that runs it.",
+    )
     start: int = Field(ge=0, le=INT32_MAX, description="Offset of the piece's first byte in the log file.")
     end: int = Field(ge=1, le=INT32_MAX, description="Offset after the piece's last byte.")
     text: str = Field(max_length=MAX_PIECE, description="The bytes start..end, decoded as UTF-8.")

@@ -319,3 +319,55 @@ def test_install_makes_the_task_log_reader_ours(monkeypatch):
     other.name = "task"
     monkeypatch.setattr(task_logger, "handlers", [other])
     assert not install() and type(other) is Elsewhere
+
+
+# ---------------------------------------------------------------- triggers' logs (agent triggerers)
+
+from plane.test_triggers import DAG as TRIGGER_DAG, adb, deferred, sync, triggerer  # noqa: E402,F401 - fixture too
+
+
+def test_a_triggers_log_is_kept_for_the_agent_triggerer_running_it_also_after_it_fired(adb):  # noqa: F811
+    from sqlalchemy import delete, update
+
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.trigger import Trigger
+
+    from airflow_remote_execution.models.tables import TaskLogChunkModel
+    from airflow_remote_execution.plane.leases import LeaseConflict
+    from airflow_remote_execution.plane.task_logs import read_pieces, store_trigger_piece
+    from airflow_remote_execution.wire.task_logs import LogPiece
+
+    def piece(job: int, start: int, text: str) -> LogPiece:
+        return LogPiece(**_piece(job, start, text))
+
+    def store(agent: str, trigger_id: int, p: LogPiece):
+        with adb.session() as s:
+            return store_trigger_piece(s, agent, trigger_id, p)
+
+    with adb.session() as s:
+        s.execute(delete(TaskLogChunkModel))
+    trigger_id = deferred(adb, "waits")
+    unsent = deferred(adb, "waits_too")
+    job = triggerer(adb, "agent-t", ["default"])
+    other = triggerer(adb, "agent-u", ["default"])
+    sync(adb, job)  # claims both triggers
+    assert store("agent-t", trigger_id, piece(job, 0, _line(1))).stored_until == len(_line(1))
+    with pytest.raises(LeaseConflict, match="not run by triggerer"):
+        store("agent-u", trigger_id, piece(other, 0, _line(9)))  # another agent's triggerer
+    with pytest.raises(LeaseConflict, match="not a live triggerer of agent 'agent-u'"):
+        store("agent-u", trigger_id, piece(job, 0, _line(9)))  # a triggerer that is not its own
+
+    with adb.session() as s:  # both fire: Airflow unlinks their task instances, then deletes them
+        s.execute(update(TaskInstance).values(trigger_id=None, state="scheduled"))
+        s.execute(delete(Trigger))
+    assert store("agent-t", trigger_id, piece(job, len(_line(1)), _line(2))).stored_until == len(_line(1) + _line(2))
+    with pytest.raises(LeaseConflict):  # never checked while it ran: not taken
+        store("agent-t", unsent, piece(job, 0, _line(3)))
+    with pytest.raises(LeaseConflict):
+        store("agent-u", trigger_id, piece(other, len(_line(1) + _line(2)), _line(9)))
+
+    with adb.session() as s:
+        sources, logs = read_pieces(s, TRIGGER_DAG, "r1", "waits", -1, 1)
+        assert logs == [_line(1) + _line(2)] and "1 trigger" in sources[0]
+        assert read_pieces(s, TRIGGER_DAG, "r1", "waits_too", -1, 1) == ([], [])
+        s.execute(delete(TaskLogChunkModel))

@@ -27,6 +27,7 @@ def upgrade():
         sa.Column("task_id", sa.String(250), nullable=False),
         sa.Column("map_index", sa.Integer, nullable=False),
         sa.Column("try_number", sa.Integer, nullable=False),
+        sa.Column("source", sa.String(10), nullable=False),
         sa.Column("work_id", sa.Integer, nullable=False),
         sa.Column("fence", sa.Integer, nullable=False),
         sa.Column("start", sa.Integer, nullable=False),
@@ -38,7 +39,7 @@ def upgrade():
     op.create_index(
         "idx_remote_task_log_chunk_piece",
         "remote_task_log_chunk",
-        ["dag_id", "run_id", "task_id", "map_index", "try_number", "work_id", "fence", "start"],
+        ["dag_id", "run_id", "task_id", "map_index", "try_number", "source", "work_id", "fence", "start"],
         unique=True,
     )
     op.create_index("idx_remote_task_log_chunk_created", "remote_task_log_chunk", ["created_at"])
