@@ -168,6 +168,7 @@ class PlaneLogSender:
         self.ended: dict[str, int] = {}
         self.dropped: set[tuple[bool, int, int]] = set()  # logs the plane takes no more of
         self.refused = False  # the plane keeps no logs (plane_task_logs = False there)
+        self._lock = threading.Lock()  # the sender thread and the worker's reapers (task_ended)
         self._thread = threading.Thread(target=self._loop, name="log-sender", daemon=True)
 
     def start(self) -> PlaneLogSender:
@@ -193,9 +194,22 @@ class PlaneLogSender:
             except Exception:  # noqa: BLE001
                 log.exception("Could not send the rest of the task logs to the plane")
 
-    def send_once(self, partial: bool = True, final: bool = False) -> int:
+    def task_ended(self, work_id: int, fence: int) -> None:
+        """Send the rest of a task's log now, before the worker reports the task's end: the plane then holds
+        the whole log when the task shows finished, and a task shorter than :data:`POLL` is not missed."""
+        try:
+            self.send_once(partial=False, ended=(False, work_id, fence))
+        except Exception:  # noqa: BLE001 - the task's outcome must be reported all the same
+            log.exception("Could not send the rest of work %s's log to the plane", work_id)
+
+    def send_once(self, partial: bool = True, final: bool = False, ended: tuple | None = None) -> int:
         """Send complete new lines of running tasks (if ``partial``) and the rest of the logs of tasks that
-        are gone (all, if ``final``); returns how many bytes of log files the plane now holds more."""
+        are gone (all, if ``final``; ``ended``: only that one, which may still be listed); returns how many
+        bytes of log files the plane now holds more."""
+        with self._lock:
+            return self._send_once(partial, final, ended)
+
+    def _send_once(self, partial: bool, final: bool, ended: tuple | None) -> int:
         running = {(t.trigger, t.work_id, t.fence): t for t in self.tasks() if t.work_id}
         self.dropped &= running.keys()
         for key, task in running.items():
@@ -205,7 +219,9 @@ class PlaneLogSender:
         for key, (path, offset) in list(self.sent.items()):
             if self.refused:
                 break
-            if key in running and not final:
+            if ended is not None and key != ended:
+                continue
+            if key in running and not final and key != ended:
                 if partial or key[0]:
                     total += self._send(key, path, offset, whole=False)
             else:  # the task ended (its supervisor too): all of it, then forget it
@@ -268,6 +284,18 @@ class PlaneLogSender:
             if answer.truncated:
                 data = b""
         return sent
+
+
+def _send_rest_before_finish(client, sender: PlaneLogSender) -> None:
+    """The worker reports each task's end with ``client.finish`` while the task is still listed as running:
+    the rest of its log goes to the plane just before (:meth:`PlaneLogSender.task_ended`)."""
+    report = client.finish
+
+    def finish(work_id: int, fence: int, *args, **kwargs):
+        sender.task_ended(work_id, fence)
+        return report(work_id, fence, *args, **kwargs)
+
+    client.finish = finish
 
 
 def start_trigger_log_sender(client, triggers: Callable[[], Iterable[TaskLog]], stopped: threading.Event):
@@ -337,7 +365,9 @@ def start_log_shipper(
         log.info("Sending task logs to the plane's log store (no [logging] remote_logging; every %ss while "
                  "tasks run); [remote_execution] plane_task_logs = False keeps them here", interval)
         folder = Path(conf.get("logging", "base_log_folder"))
-        return PlaneLogSender(client, running, folder, max(interval, 0.0), stopped).start()
+        sender = PlaneLogSender(client, running, folder, max(interval, 0.0), stopped).start()
+        _send_rest_before_finish(client, sender)
+        return sender
     if interval <= 0:
         log.info("Partial log uploads are off ([remote_execution] log_upload_interval = %s)", interval)
         return None

@@ -397,3 +397,28 @@ def test_plane_sender_sends_a_resumed_tasks_new_lines_only(leased, tmp_path):
     tasks.append(TaskLog(REL, True, lease.work_id, lease.fence))
     s.send_once()
     assert stored() == line(1) + line(2)
+
+
+def test_a_tasks_whole_log_is_on_the_plane_before_its_end_is_reported(leased, tmp_path, monkeypatch):
+    """However short the task (shorter than the sender's look every 0.5 s), and with no round due yet."""
+    from airflow.utils.session import create_session
+
+    from airflow_remote_execution.agent.log_shipper import start_log_shipper
+    from airflow_remote_execution.models import WorkItemModel
+    from airflow_remote_execution.wire.api import WorkState
+
+    client, task, local, stored = leased
+    monkeypatch.setenv("AIRFLOW__LOGGING__REMOTE_LOGGING", "False")
+    monkeypatch.setenv("AIRFLOW__LOGGING__BASE_LOG_FOLDER", str(tmp_path))
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__LOG_UPLOAD_INTERVAL", "3600")
+    stop = threading.Event()
+    shipper = start_log_shipper(lambda: [task], stop, client)
+    try:
+        append(local, line(1) + '{"event": "the last line, no newline yet"}')
+        client.finish(task.work_id, task.fence, WorkState.SUCCESS)
+        assert stored().rstrip("\n") == local.read_text()
+        with create_session() as s:
+            assert s.get(WorkItemModel, task.work_id).state == "success"
+    finally:
+        stop.set()
+        shipper.join(10)
