@@ -25,8 +25,9 @@ _legacy = True
 
 
 def _stats():
-    """The SDK's stats module, initialized once per process from ``[metrics]`` (the SDK singleton is not
-    initialized by the scheduler or the api-server, which use core's own copy)."""
+    """The SDK's stats module, initialized from ``[metrics]`` once per process unless something already did
+    (the Task SDK and its serde do; the scheduler and the api-server initialize only core's own copy). Not
+    initialized twice: with OpenTelemetry that would be a second meter provider exporting beside the first."""
     global _ready_pid, _legacy
     import os
 
@@ -35,13 +36,25 @@ def _stats():
     if _ready_pid != os.getpid():
         with _lock:
             if _ready_pid != os.getpid():
+                from airflow.sdk._shared.observability.metrics import stats as singleton
                 from airflow.sdk.configuration import conf
                 from airflow.sdk.observability.metrics import stats_utils
 
                 _legacy = conf.getboolean("metrics", "legacy_names_on", fallback=True)
-                stats.initialize(factory=stats_utils.get_stats_factory(), export_legacy_names=False)
+                if getattr(singleton, "_factory", None) is None:
+                    stats.initialize(factory=stats_utils.get_stats_factory(), export_legacy_names=_legacy)
                 _ready_pid = os.getpid()
     return stats
+
+
+def reset() -> None:
+    """Read ``[metrics]`` again at the next metric (tests change it within one process)."""
+    global _ready_pid
+    from airflow.sdk._shared.observability.metrics import stats as singleton
+
+    singleton._factory = None
+    singleton._backend = None
+    _ready_pid = None
 
 
 def tag(value: object) -> str:

@@ -23,11 +23,11 @@ def statsd(monkeypatch):
     listener = StatsdListener()
     for key, value in listener.env(prefix="agent").items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(stats, "_ready_pid", None)
+    stats.reset()
     monkeypatch.setattr(metrics, "_agent", "unregistered")
     yield listener
     listener.close()
-    stats._ready_pid = None
+    stats.reset()
 
 
 def figures(name: str | None, free: int, running: int) -> WorkerFigures:

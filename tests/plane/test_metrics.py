@@ -3,7 +3,10 @@ Airflow's facade, and the autoscaling and Prometheus routes with their read-only
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -39,10 +42,86 @@ def statsd(monkeypatch):
     listener = StatsdListener()
     for key, value in listener.env().items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(stats, "_ready_pid", None)
+    stats.reset()
     yield listener
     listener.close()
-    stats._ready_pid = None  # the next test starts from its own [metrics]
+    stats.reset()  # the next test starts from its own [metrics]
+
+
+class OtlpReceiver:
+    """A real OTLP/HTTP metrics receiver on loopback: decodes what Airflow's OpenTelemetry exporter POSTs."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.points: list[tuple[str, dict, float | None]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                receiver.decode(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def decode(self, body: bytes) -> None:
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+        request = ExportMetricsServiceRequest()
+        request.ParseFromString(body)
+        for resource in request.resource_metrics:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    for point in getattr(metric, metric.WhichOneof("data")).data_points:
+                        attributes = {a.key: a.value.string_value for a in point.attributes}
+                        try:
+                            which = point.WhichOneof("value")  # as_int or as_double
+                        except ValueError:  # a histogram point has no single value
+                            which = None
+                        value = getattr(point, which) if which else None
+                        self.points.append((metric.name, attributes, value))
+
+    def wait_for(self, name: str, attributes: dict, timeout: float = 15) -> float | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for n, a, v in list(self.points):
+                if n == name and a == attributes:
+                    return v
+            time.sleep(0.1)
+        raise AssertionError(f"no {name} {attributes} at the OTLP receiver; got {sorted({p[0] for p in self.points})}")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def otlp(monkeypatch):
+    """Airflow's [metrics] OpenTelemetry settings pointing at a real OTLP/HTTP receiver."""
+    receiver = OtlpReceiver()
+    monkeypatch.setenv("AIRFLOW__METRICS__OTEL_ON", "True")
+    monkeypatch.setenv("AIRFLOW__METRICS__OTEL_HOST", "127.0.0.1")
+    monkeypatch.setenv("AIRFLOW__METRICS__OTEL_PORT", str(receiver.server.server_address[1]))
+    monkeypatch.setenv("AIRFLOW__METRICS__OTEL_INTERVAL_MILLISECONDS", "200")
+    stats.reset()
+    yield receiver
+    import atexit
+
+    from opentelemetry import metrics as otel_metrics
+
+    from airflow.sdk._shared.observability.metrics import otel_logger
+
+    with contextlib.suppress(Exception):
+        otel_metrics.get_meter_provider().shutdown()  # its exporter stops; so must Airflow's flush at exit
+    atexit.unregister(otel_logger.flush_otel_metrics)
+    stats.reset()
+    receiver.close()
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +385,15 @@ def test_metrics_token_lifecycle_and_bad_input():
         s.execute(update(MetricsTokenModel).values(expires_at=timezone.utcnow() - timedelta(seconds=1)))
         with pytest.raises(tokens.TokenError, match="expired"):
             metrics_tokens.verify(s, f"Bearer {clear}")
+
+
+def test_opentelemetry_gets_the_same_metrics_with_tags_as_attributes(otlp):
+    """Airflow's OpenTelemetry settings work unchanged: names as for StatsD, tags as attributes."""
+    enqueue("o1", "otel-queue")
+    with create_session() as s:
+        metrics.GaugeEmitter().maybe_emit(s)
+    metrics.requeued(["otel-queue"], "lost_agent")
+    metrics.lease_conflict("Stale fencing token 3 for work item 1: the current lease is 4")
+    assert otlp.wait_for("airflow.remote_execution.queue.queued", {"queue": "otel-queue"}) == 1
+    assert otlp.wait_for("airflow.remote_execution.work.requeued", {"queue": "otel-queue", "reason": "lost_agent"}) == 1
+    assert otlp.wait_for("airflow.remote_execution.lease.conflict", {"reason": "stale_fence"}) == 1
