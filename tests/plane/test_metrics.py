@@ -397,3 +397,13 @@ def test_opentelemetry_gets_the_same_metrics_with_tags_as_attributes(otlp):
     assert otlp.wait_for("airflow.remote_execution.queue.queued", {"queue": "otel-queue"}) == 1
     assert otlp.wait_for("airflow.remote_execution.work.requeued", {"queue": "otel-queue", "reason": "lost_agent"}) == 1
     assert otlp.wait_for("airflow.remote_execution.lease.conflict", {"reason": "stale_fence"}) == 1
+
+
+def test_throttled_authentications_are_counted(statsd, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__AUTH_FAILURE_LIMIT", "2")
+    with TestClient(create_app()) as own:  # its own admission state: the throttle stays in this test
+        codes = [own.post("/v1/leases", json={"slots": 1, "wait": 0}, headers=bearer("rex_bad")).status_code
+                 for _ in range(3)]
+    assert codes == [401, 401, 429]
+    assert statsd.wait_for("airflow.remote_execution.auth.failed.throttled") == 1
+    assert statsd.values("airflow.remote_execution.auth.failed.malformed") == [1, 1]
