@@ -407,3 +407,25 @@ def test_throttled_authentications_are_counted(statsd, monkeypatch):
     assert codes == [401, 401, 429]
     assert statsd.wait_for("airflow.remote_execution.auth.failed.throttled") == 1
     assert statsd.values("airflow.remote_execution.auth.failed.malformed") == [1, 1]
+
+
+def test_metrics_tokens_cli(capsys):
+    import argparse
+
+    from airflow_remote_execution.cli import metrics_commands as cli
+
+    cli.metrics_tokens_create(argparse.Namespace(name="keda", expires_in="30d", description="KEDA", output="json"))
+    created = json.loads(capsys.readouterr().out)
+    assert created["token"].startswith(f"rexm_{created['id']}_") and created["name"] == "keda"
+    with pytest.raises(SystemExit, match="Invalid name"):
+        cli.metrics_tokens_create(argparse.Namespace(name="a b", expires_in=None, description=None, output="json"))
+    cli.metrics_tokens_list(argparse.Namespace(output="json"))
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert listed["id"] == created["id"] and listed["status"] == "active" and "token" not in listed
+    assert "secret_hash" not in listed
+    cli.metrics_tokens_revoke(argparse.Namespace(token_id=created["id"]))
+    assert "revoked" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="No metrics token"):
+        cli.metrics_tokens_revoke(argparse.Namespace(token_id="0" * 16))
+    with create_session() as s, pytest.raises(tokens.TokenError, match="revoked"):
+        metrics_tokens.verify(s, f"Bearer {created['token']}")
