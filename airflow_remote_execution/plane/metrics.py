@@ -94,11 +94,11 @@ def snapshot(session: Session, queues: Iterable[str] = ()) -> Snapshot:
         setattr(q, state, count)
         if state == WorkState.QUEUED.value and oldest is not None:
             q.oldest_queued_age = round(max(0.0, (now - oldest).total_seconds()), 3)
-    holding = dict(session.execute(
+    holding = {agent_id: count for agent_id, count in session.execute(
         select(WorkItemModel.agent_id, func.count())
         .where(WorkItemModel.state.in_([WorkState.LEASED.value, WorkState.RUNNING.value]))
         .group_by(WorkItemModel.agent_id)
-    ).tuples().all())
+    )}
     for agent in session.scalars(select(AgentModel).order_by(AgentModel.name)):
         state, drained, agent_queues, free = agent.state, agent.drained, agent.queues, agent.free_slots
         result.agents.append(_agent_figures(agent, holding.get(agent.id, 0), now))
