@@ -124,6 +124,14 @@ def otlp(monkeypatch):
     receiver.close()
 
 
+@pytest.fixture(autouse=True)
+def fresh_figures(monkeypatch):
+    """Each test reads the figures it just made (the routes share a snapshot for 2 s)."""
+    from airflow_remote_execution.plane.api import scaling_routes
+
+    monkeypatch.setattr(scaling_routes, "_cache", None)
+
+
 @pytest.fixture(scope="module")
 def client():
     with TestClient(create_app(), raise_server_exceptions=True) as c:
@@ -429,3 +437,15 @@ def test_metrics_tokens_cli(capsys):
         cli.metrics_tokens_revoke(argparse.Namespace(token_id="0" * 16))
     with create_session() as s, pytest.raises(tokens.TokenError, match="revoked"):
         metrics_tokens.verify(s, f"Bearer {created['token']}")
+
+
+def test_polls_within_two_seconds_share_one_snapshot(client):
+    token = metrics_token()
+    enqueue("c1", "cached")
+    first = client.get("/metrics/scaling", params={"queues": "cached"}, headers=bearer(token)).json()
+    enqueue("c2", "cached")
+    again = client.get("/metrics/scaling", params={"queues": "cached"}, headers=bearer(token)).json()
+    assert first["queues"]["cached"]["queued"] == again["queues"]["cached"]["queued"] == 1
+    assert first["taken_at"] == again["taken_at"]
+    # A bad token is still refused while the snapshot is shared.
+    assert client.get("/metrics/scaling", headers=bearer(token[:-2] + "xx")).status_code == 401

@@ -13,6 +13,8 @@ GET routes have no body; the token is checked from the header alone.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
@@ -47,14 +49,24 @@ def _queues(text: str | None) -> list[str]:
     return names
 
 
-def _read(authorization: str | None, queues: list[str]) -> metrics.Snapshot:
+SNAPSHOT_TTL = 2.0  # seconds a snapshot serves further reads: many worker groups' KEDA polls cost one
+_cache_lock = threading.Lock()
+_cache: tuple[float, metrics.Snapshot] | None = None
+
+
+def _read(authorization: str | None) -> metrics.Snapshot:
+    """The token checked on every read; the figures (one snapshot of every queue) shared for SNAPSHOT_TTL."""
+    global _cache
     with create_session() as session:
         try:
             metrics_tokens.verify(session, authorization)
         except TokenError as e:
             metrics.auth_failed(str(e))
             raise
-        return metrics.snapshot(session, queues)
+        with _cache_lock:
+            if _cache is None or time.monotonic() - _cache[0] > SNAPSHOT_TTL:
+                _cache = (time.monotonic(), metrics.snapshot(session))
+            return _cache[1]
 
 
 @scaling_router.get("/scaling")
@@ -62,14 +74,14 @@ async def scaling(slots_per_agent: SlotsPerAgent = 1, queues: Queues = None, aut
     """Per queue and in total: the figures and ``suggested_agents`` = ceil((queued + leased + running) /
     ``slots_per_agent``), 0 when there is no work (scale to zero)."""
     names = _queues(queues)
-    snap = await run_in_threadpool(_read, authorization, names)
+    snap = await run_in_threadpool(_read, authorization)
     return metrics.scaling_view(snap, slots_per_agent, names)
 
 
 @scaling_router.get("/prometheus", response_class=PlainTextResponse)
 async def prometheus(slots_per_agent: SlotsPerAgent = 1, authorization: Authorization = None) -> PlainTextResponse:
     """The fleet gauges in Prometheus' text exposition format (0.0.4)."""
-    snap = await run_in_threadpool(_read, authorization, [])
+    snap = await run_in_threadpool(_read, authorization)
     return PlainTextResponse(
         metrics.prometheus_text(snap, slots_per_agent), media_type="text/plain; version=0.0.4; charset=utf-8"
     )
