@@ -92,3 +92,29 @@ def test_core_objects_stay_valid_kubernetes():
             if obj["apiVersion"].startswith("keda.sh/"):
                 continue  # a custom resource: kubernetes-validate has no schema for it
             kubernetes_validate.validate(obj, kube_version, strict=True)
+
+
+@pytest.mark.usefixtures("airflow_db")
+def test_the_rendered_trigger_reads_the_plane_route():
+    """KEDA's request, as rendered, answered by the real route: valueLocation finds a number."""
+    from starlette.testclient import TestClient
+
+    from airflow.utils.session import create_session
+
+    from airflow_remote_execution.plane import metrics_tokens
+    from airflow_remote_execution.plane.api.app import create_app
+
+    (scaled,) = by_kind(render(VALUES), "ScaledObject")
+    meta = scaled["spec"]["triggers"][0]["metadata"]
+    url = urlsplit(meta["url"])
+    with create_session() as s:
+        token = metrics_tokens.create(s, name="keda")[0]
+    with TestClient(create_app()) as client:
+        r = client.get(url.path.removeprefix("/remote_execution") + "?" + url.query,
+                       headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200, r.text
+    value = r.json()
+    for key in meta["valueLocation"].split("."):
+        value = value[key]
+    assert value == 0  # no work yet: scale to zero
+    assert set(r.json()["queues"]) == {"gpu", "gpu&large"}
