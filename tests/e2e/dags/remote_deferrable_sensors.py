@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
 from airflow.providers.standard.sensors.external_task import ExternalTaskSensor
@@ -29,6 +30,9 @@ with DAG("deferrable_sensors", schedule=None, catchup=False, tags=["remote-execu
     DateTimeSensorAsync(task_id="datetime_async", target_time="{{ (logical_date + macros.timedelta(seconds=75)).isoformat() }}")
     TimeDeltaSensorAsync(task_id="timedelta_async", delta=timedelta(seconds=75))
     TimeDeltaSensor(task_id="timedelta_deferrable", delta=timedelta(seconds=75), deferrable=True)
+    # Airflow 3.3 parks it in AWAITING_INPUT with no trigger; unanswered, the scheduler takes the default at the timeout.
+    HITLOperator(task_id="hitl_default", subject="Proceed?", options=["yes", "no"], defaults=["yes"],
+                 response_timeout=timedelta(seconds=5))
     # FileTrigger on the agent's filesystem; fs_default is the agent's own connection (AIRFLOW_CONN_FS_DEFAULT).
     FileSensor(task_id="file", filepath="{{ dag_run.conf['flag'] }}", deferrable=True, poke_interval=1, timeout=300)
 
