@@ -93,7 +93,6 @@ class RemoteExecutor(BaseExecutor):
                     agent.name, requeued, failed, freed,
                 )
             leases.requeue_expired_leases(session)
-            self._gauges.maybe_emit(session)
             for item in leases.pending_reports(session):
                 key = leases.key_from_json(item.key)
                 if key not in self.running:
@@ -111,6 +110,7 @@ class RemoteExecutor(BaseExecutor):
             if now - self._last_purge > self._PURGE_EVERY:
                 self._last_purge = now
                 leases.purge_finished(session, timedelta(seconds=config.getint("finished_retention")))
+        self._gauges.maybe_emit()  # after the commit, in its own read: a failing read cannot undo the above
 
     def revoke_task(self, *, ti: TaskInstance) -> None:
         with _callers_session() as session:

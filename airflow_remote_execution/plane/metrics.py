@@ -10,6 +10,7 @@ them. The RemoteExecutor emits them every :data:`EMIT_EVERY` seconds from its sy
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -29,6 +30,7 @@ from airflow_remote_execution.models import AgentModel, WorkItemModel
 from airflow_remote_execution.wire.api import AgentState, WorkState
 
 EMIT_EVERY = 5.0
+log = logging.getLogger(__name__)
 MAX_SLOTS_PER_AGENT = 10_000
 
 
@@ -142,18 +144,21 @@ class GaugeEmitter:
         self._queues: set[str] = set()
         self._states: set[str] = set()
 
-    def maybe_emit(self, session: Session) -> None:
+    def maybe_emit(self) -> None:
+        """Read and send the gauges if :data:`EMIT_EVERY` passed, in a session of their own (a failed read
+        never touches the caller's transaction); never raises."""
         now = time.monotonic()
         if now - self._last < EMIT_EVERY:
             return
         self._last = now
         try:
-            snap = snapshot(session, self._queues)
+            from airflow.utils.session import create_session
+
+            with create_session() as session:
+                snap = snapshot(session, self._queues)
             emit_gauges(snap, self._states)
         except Exception:  # noqa: BLE001 - metrics never stop the scheduler
-            import logging
-
-            logging.getLogger(__name__).debug("Fleet gauges failed", exc_info=True)
+            log.warning("Could not send the fleet gauges", exc_info=True)
             return
         # A queue with nothing left was just sent as zeros (it was remembered); then it is dropped.
         self._queues = {q for q, f in snap.queues.items() if f.demand or f.agents}

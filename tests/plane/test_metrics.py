@@ -257,8 +257,7 @@ def test_plane_events_and_gauges_reach_statsd(statsd, client):
     assert statsd.wait_for("airflow.remote_execution.work.failed_on_lost_agent.a1") == 1
 
     # The fleet gauges, as the executor's sync loop sends them.
-    with create_session() as s:
-        metrics.GaugeEmitter().maybe_emit(s)
+    metrics.GaugeEmitter().maybe_emit()
     assert statsd.wait_for("airflow.remote_execution.queue.queued.nobody-serves") == 1
     assert statsd.wait_for("airflow.remote_execution.queue.queued.default") == 1
     assert statsd.wait_for("airflow.remote_execution.queue.agents.default") == 1
@@ -282,19 +281,17 @@ def test_executor_sync_sends_the_gauges(statsd):
 def test_a_queue_that_empties_is_sent_once_as_zero(statsd):
     enqueue("x", "short-lived")
     emitter = metrics.GaugeEmitter()
+    emitter.maybe_emit()
     with create_session() as s:
-        emitter.maybe_emit(s)
         s.execute(delete(WorkItemModel))
     statsd.wait_for("airflow.remote_execution.queue.queued.short-lived")
     statsd.clear()
     emitter._last = 0
-    with create_session() as s:
-        emitter.maybe_emit(s)
+    emitter.maybe_emit()
     statsd.wait_for("airflow.remote_execution.queue.queued.short-lived", value=0)
     statsd.clear()
     emitter._last = 0
-    with create_session() as s:
-        emitter.maybe_emit(s)
+    emitter.maybe_emit()
     statsd.wait_for("airflow.remote_execution.agents.active")
     assert "airflow.remote_execution.queue.queued.short-lived" not in statsd.names()
 
@@ -398,8 +395,7 @@ def test_metrics_token_lifecycle_and_bad_input():
 def test_opentelemetry_gets_the_same_metrics_with_tags_as_attributes(otlp):
     """Airflow's OpenTelemetry settings work unchanged: names as for StatsD, tags as attributes."""
     enqueue("o1", "otel-queue")
-    with create_session() as s:
-        metrics.GaugeEmitter().maybe_emit(s)
+    metrics.GaugeEmitter().maybe_emit()
     metrics.requeued(["otel-queue"], "lost_agent")
     metrics.lease_conflict("Stale fencing token 3 for work item 1: the current lease is 4")
     assert otlp.wait_for("airflow.remote_execution.queue.queued", {"queue": "otel-queue"}) == 1
