@@ -12,11 +12,15 @@ Nothing here may fail the caller: a broken metrics backend costs a log line, nev
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable)
 PREFIX = "remote_execution."
 _MAX_TAG = 100  # a queue or agent name is at most 250 characters; StatsD names stay under 250
 _lock = threading.Lock()
@@ -85,6 +89,21 @@ def _emit(kind: str, name: str, value, tags: dict[str, object]) -> None:
                 stats.timing(stat, value, tags=stat_tags or None)
     except Exception:  # noqa: BLE001 - metrics must never break the work they measure
         log.debug("Could not emit metric %s", name, exc_info=True)
+
+
+def never_raises(fn: F) -> F:
+    """For the hooks in leases, routes and the worker: whatever goes wrong in a metric is logged, never
+    raised into the transition or request it measures."""
+
+    @functools.wraps(fn)
+    def safe(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception:  # noqa: BLE001
+            log.debug("Metric hook %s failed", fn.__name__, exc_info=True)
+            return None
+
+    return safe  # type: ignore[return-value]
 
 
 def incr(name: str, count: int = 1, **tags: object) -> None:

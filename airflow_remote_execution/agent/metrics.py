@@ -28,6 +28,7 @@ def _named(name: str | None) -> str:
     return _agent
 
 
+@stats.never_raises
 def figures(f) -> None:
     """Slots used and free, running workloads (each time the worker publishes its status, ``f`` being its
     :class:`~airflow_remote_execution.agent.status.WorkerFigures`)."""
@@ -38,16 +39,19 @@ def figures(f) -> None:
     stats.gauge("agent.paused", int(f.paused), agent=agent)
 
 
+@stats.never_raises
 def plane_error(operation: str) -> None:
     """A call to the plane failed (``lease``, ``heartbeat``, ...): no answer, or an error answer."""
     stats.incr("agent.plane_errors", operation=operation, agent=_agent)
 
 
+@stats.never_raises
 def backoff(seconds: float) -> None:
     """The agent waits this long before retrying the plane."""
     stats.timing("agent.backoff", seconds, agent=_agent)
 
 
+@stats.never_raises
 def leases_received(leases: list[Lease]) -> None:
     now = time.monotonic()
     with _lock:
@@ -58,6 +62,7 @@ def leases_received(leases: list[Lease]) -> None:
                 del _leased_at[work_id]
 
 
+@stats.never_raises
 def started(lease: Lease) -> None:
     """Lease received -> workload started (confirmed and handed to its runner)."""
     with _lock:
@@ -66,11 +71,13 @@ def started(lease: Lease) -> None:
         stats.timing("agent.lease_to_start", time.monotonic() - since, queue=lease.queue, agent=_agent)
 
 
+@stats.never_raises
 def not_started(lease: Lease) -> None:
     with _lock:
         _leased_at.pop(lease.work_id, None)
 
 
+@stats.never_raises
 def finished(lease: Lease, outcome: str, killed: bool) -> None:
     """A workload ended: ``success``, ``failed``, or ``killed`` (taken away by the plane or at shutdown)."""
     stats.incr("agent.workloads", outcome="killed" if killed else outcome, kind=lease.kind, queue=lease.queue,
@@ -79,11 +86,13 @@ def finished(lease: Lease, outcome: str, killed: bool) -> None:
         runner_restart("killed")
 
 
+@stats.never_raises
 def runner_restart(why: str) -> None:
     """A warm runner process was replaced: it ``died`` while idle, or was ``killed`` with its workload."""
     stats.incr("agent.runner_restarts", reason=why, agent=_agent)
 
 
+@stats.never_raises
 def sentinel(status: str, checks: list, agent: str | None) -> None:
     """The sentinel's aggregate (0 ok, 1 degraded, 2 failing) and each check (1 ok, 0 failing; skipped
     checks are not sent). The sentinel is its own process: ``agent`` is the name in the agent's status file."""

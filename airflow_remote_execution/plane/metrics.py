@@ -177,6 +177,7 @@ def emit_gauges(snap: Snapshot, known_states: set[str] | None = None) -> None:
 # ---------------------------------------------------------------- events, where they happen
 
 
+@stats.never_raises
 def leased(items: Sequence[WorkItemModel], now: datetime) -> None:
     """Timer queued -> leased per leased item (``leases.lease``)."""
     for item in items:
@@ -185,12 +186,14 @@ def leased(items: Sequence[WorkItemModel], now: datetime) -> None:
     _count("leases", len(items))
 
 
+@stats.never_raises
 def confirmed(item: WorkItemModel) -> None:
     """Timer leased -> confirmed (the agent's start confirmation committed)."""
     if item.leased_at is not None and item.started_at is not None:
         stats.timing("work.leased_to_confirmed", (item.started_at - item.leased_at).total_seconds(), queue=item.queue)
 
 
+@stats.never_raises
 def requeued(queues: Iterable[str], reason: str) -> None:
     """Leased work back in the queue: ``expired_lease`` (not confirmed in time), ``lost_agent``,
     ``agent_restarted``."""
@@ -199,6 +202,7 @@ def requeued(queues: Iterable[str], reason: str) -> None:
         _count(f"requeued|{queue}|{reason}", count)
 
 
+@stats.never_raises
 def agent_lost(name: str, failed: int) -> None:
     """An agent declared lost (no heartbeat); ``failed``: its running work failed with it."""
     stats.incr("agent.lost", agent=name)
@@ -209,6 +213,7 @@ def agent_lost(name: str, failed: int) -> None:
 _CONFLICTS = (("Stale fencing token", "stale_fence"), ("is not leased to agent", "other_agent"))
 
 
+@stats.never_raises
 def lease_conflict(message: str) -> None:
     """A report refused with 409 (wrong agent, stale fence, wrong state): a fencing conflict."""
     reason = next((r for text, r in _CONFLICTS if text in message), "wrong_state")
@@ -222,6 +227,7 @@ _AUTH_REASONS = (
 )
 
 
+@stats.never_raises
 def auth_failed(message: str, throttled: bool = False) -> str:
     """A refused token, by reason (missing, malformed, unknown, revoked, expired, wrong_kind, throttled)."""
     reason = "throttled" if throttled else next((r for text, r in _AUTH_REASONS if text in message), "other")
@@ -230,6 +236,7 @@ def auth_failed(message: str, throttled: bool = False) -> str:
     return reason
 
 
+@stats.never_raises
 def long_polls(open_now: int) -> None:
     """Lease requests waiting in this api-server process."""
     stats.gauge("lease.long_polls", open_now)

@@ -445,3 +445,14 @@ def test_polls_within_two_seconds_share_one_snapshot(client):
     assert first["taken_at"] == again["taken_at"]
     # A bad token is still refused while the snapshot is shared.
     assert client.get("/metrics/scaling", headers=bearer(token[:-2] + "xx")).status_code == 401
+
+
+def test_a_broken_metric_never_breaks_the_transition_it_measures():
+    class Odd:  # a row with what a hook does not expect
+        queue = "q"
+        queued_at = "not a datetime"
+        leased_at = started_at = 7
+
+    metrics.leased([Odd()], timezone.utcnow())
+    metrics.confirmed(Odd())
+    metrics.requeued(None, "expired_lease")
