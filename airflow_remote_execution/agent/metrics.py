@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from airflow_remote_execution import stats
@@ -93,10 +94,14 @@ def runner_restart(why: str) -> None:
 
 
 @stats.never_raises
-def sentinel(status: str, checks: list, agent: str | None) -> None:
+def sentinel(status: str, checks: list, agent_status: Callable[[], object]) -> None:
     """The sentinel's aggregate (0 ok, 1 degraded, 2 failing) and each check (1 ok, 0 failing; skipped
-    checks are not sent). The sentinel is its own process: ``agent`` is the name in the agent's status file."""
-    _named(agent)
+    checks are not sent). The sentinel is its own process: the agent's name is in its status file, which
+    ``agent_status`` reads (a damaged file costs the name, not the report)."""
+    try:
+        _named(getattr(agent_status(), "name", None))
+    except (OSError, ValueError):
+        pass  # unreadable or damaged: the last name known
     stats.gauge("sentinel.status", STATUS_VALUES.get(status, 2), agent=_agent)
     for check in checks:
         if not getattr(check, "skipped", False):

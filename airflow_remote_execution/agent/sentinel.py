@@ -329,7 +329,7 @@ class Sentinel:
                 (log.info if result.ok else log.warning)("Report: %s", result.detail)
             self._report = result
         evaluation = self.evaluate()  # with this report's outcome
-        metrics.sentinel(evaluation.status, evaluation.checks, getattr(read_status(status_path()), "name", None))
+        metrics.sentinel(evaluation.status, evaluation.checks, lambda: read_status(status_path()))
         if evaluation.status != self._last_status:
             failing = [c.name for c in evaluation.checks if not c.ok and not c.skipped]
             log.info("Agent status %s%s", evaluation.status, f" (failing: {', '.join(failing)})" if failing else "")

@@ -82,8 +82,20 @@ def test_a_dead_idle_runner_is_counted_as_restarted(statsd):
 def test_sentinel_check_states(statsd):
     evaluation = aggregate([CheckResult("agent_alive", True, "up"), CheckResult("disk", False, "full"),
                             CheckResult("secrets", True, "not configured", skipped=True)])
-    metrics.sentinel(evaluation.status, evaluation.checks, "eu-3")
+    metrics.sentinel(evaluation.status, evaluation.checks, lambda: WorkerFigures(
+        name="eu-3", running=0, concurrency=1, free_slots=1, paused=False, stopping=False, heartbeat_interval=5,
+        long_poll_wait=20, request_timeout=30))
     assert statsd.wait_for("agent.remote_execution.sentinel.check.agent_alive.eu-3") == 1
     assert statsd.wait_for("agent.remote_execution.sentinel.check.disk.eu-3") == 0
     assert statsd.wait_for("agent.remote_execution.sentinel.status.eu-3") == metrics.STATUS_VALUES[evaluation.status]
     assert "agent.remote_execution.sentinel.check.secrets.eu-3" not in statsd.names()
+
+
+def test_a_damaged_status_file_keeps_the_sentinel_metrics(statsd):
+    metrics._named("eu-4")
+
+    def damaged():
+        raise ValueError("not JSON")
+
+    metrics.sentinel("ok", [CheckResult("agent_alive", True, "up")], damaged)
+    assert statsd.wait_for("agent.remote_execution.sentinel.status.eu-4") == 0
