@@ -48,6 +48,22 @@ def _port(preferred: int) -> int:
             return free_port()
 
 
+def _task_log_source(plane: Plane, dag_id: str, run_id: str) -> str | None:
+    """Where the UI reads a finished task's log from (what its 'Log message source details' says), once the
+    log has lines; None if it has none within 30 s."""
+    task_id = plane.task_instances(dag_id, run_id)[0]["task_id"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        r = plane.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1",
+                      headers={"Accept": "application/json"})
+        events = [m.get("event", "") for m in r.json().get("content", [])] if r.ok else []
+        if "::endgroup::" in events and events[events.index("::endgroup::") + 1:]:
+            details = events[events.index("::group::Log message source details") + 1: events.index("::endgroup::")]
+            return f"{dag_id}.{task_id}: {'; '.join(details)}"
+        time.sleep(1)
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--exit", action="store_true", help="stop everything once the example DAGs are done")
@@ -76,6 +92,10 @@ def main() -> int:
             print(f"  {dag_id:34s} {state:8s} ran on {', '.join(ran_on)}", flush=True)
             if state != "success":
                 failed.append(dag_id)
+        log_source = _task_log_source(plane, EXAMPLES[0], runs[EXAMPLES[0]])
+        print(f"Task logs in the UI (no remote logging here; the plane never connects to agents): {log_source}", flush=True)
+        if not log_source:
+            failed.append(f"{EXAMPLES[0]} (no task log)")
         print(
             f"\nAirflow UI: {plane.url}  (login admin / admin)\n"
             f"Remote Agents page (agents, queues, tokens; drain, resume, create tokens): {plane.url}/plugin/remote-agents\n"
