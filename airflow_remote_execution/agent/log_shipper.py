@@ -266,7 +266,7 @@ class PlaneLogSender:
                 if e.status == 403:
                     log.warning("Task logs are not sent to the plane any more: %s", e.detail)
                     self.refused = True
-                elif e.status in (404, 422):
+                elif e.status in (404, 413, 422):
                     log.warning("The plane refused a piece of the log of %s: %s", route, e.detail)
                     self.sent.pop(key, None)
                     self.dropped.add(key)

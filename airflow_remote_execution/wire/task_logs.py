@@ -7,7 +7,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 INT32_MAX = 2**31 - 1
-MAX_PIECE = 512 * 1024  # bytes of the agent's log file one request covers; the agent splits larger news
+# Bytes of the agent's log file one request covers (the agent splits larger news): even text JSON escapes
+# sixfold (control characters) stays within the API's default max_body_size of 1 MiB.
+MAX_PIECE = 128 * 1024
 
 
 class LogPiece(BaseModel):

@@ -422,3 +422,13 @@ def test_a_tasks_whole_log_is_on_the_plane_before_its_end_is_reported(leased, tm
     finally:
         stop.set()
         shipper.join(10)
+
+
+def test_plane_sender_pieces_fit_the_apis_body_limit_even_when_json_escapes_them(leased, tmp_path):
+    from airflow_remote_execution.wire.task_logs import MAX_PIECE
+
+    client, task, local, stored = leased
+    text = "\x01" * (2 * MAX_PIECE) + "\n"  # six bytes each in JSON (\u0001)
+    append(local, text)
+    assert sender(client, [task], tmp_path).send_once() == len(text)
+    assert stored() == text
