@@ -412,6 +412,17 @@ def _owned_tis(session: Session, job_id: int) -> list[tuple[str, str]]:
     return [(str(ti_id).replace("-", ""), dag_id) for ti_id, dag_id in rows]
 
 
+def _unsafe_path(path: str) -> str | None:
+    """Why ``path`` (percent-decoded) cannot be forwarded as is, or None. It is sent on as a URL path, so
+    nothing in it may start a query or fragment, escape again, or be normalised away (``..``), which would
+    make Airflow serve another route than the one decided on."""
+    if any(c in path for c in "?#%\\") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        return "it contains '?', '#', '%', a backslash or a control character"
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        return "empty, '.' or '..' path segments"
+    return None
+
+
 def execution_refusal(
     session: Session, token: AgentTokenModel, row: AgentTriggererModel, method: str, path: str, query: str
 ) -> tuple[int, str] | None:
@@ -423,6 +434,8 @@ def execution_refusal(
     from airflow.models.callback import Callback
     from airflow.models.dag import DagModel
 
+    if bad := _unsafe_path(path):
+        return 400, f"Execution API path refused: {bad}"
     owned = _owned_tis(session, row.job_id)
     if m := exec_guard.TI_ROUTES.match(path):
         if not path.startswith("hitlDetails/") or m.group(1).replace("-", "") not in {ti for ti, _ in owned}:

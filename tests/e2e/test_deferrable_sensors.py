@@ -52,6 +52,14 @@ def _install_callbacks(home: Path) -> None:
     shutil.copy(DAGS / "rex_deadline_callbacks.py", home / "plugins")
 
 
+def _watch_landing(cluster) -> None:
+    """``asset_watched`` unpaused, and the agent's triggerer running its asset watcher."""
+    cluster.plane.wait_dag("asset_watched")
+    cluster.plane.api("PATCH", "/api/v2/dags/asset_watched", json={"is_paused": False}).raise_for_status()
+    wait_for(lambda: "(airflow.providers.standard.triggers.file.FileDeleteTrigger)" in cluster.triggerer_log(), 120,
+             "the agent's triggerer to start the asset watcher")
+
+
 class Cluster:
     def __init__(self, base: Path, plane: Plane, agent: Agent):
         self.base, self.plane, self.agent = base, plane, agent
@@ -159,10 +167,7 @@ def test_a_sensor_on_a_dag_of_a_bundle_the_token_does_not_allow_fails_with_the_r
 def test_an_asset_watcher_and_a_deadline_callback_run_on_the_agents_triggerer(cluster):
     plane = cluster.plane
     assert "triggerer" not in plane.procs
-    plane.wait_dag("asset_watched")
-    plane.api("PATCH", "/api/v2/dags/asset_watched", json={"is_paused": False}).raise_for_status()
-    wait_for(lambda: "(airflow.providers.standard.triggers.file.FileDeleteTrigger)" in cluster.triggerer_log(), 120,
-             "the agent's triggerer to start the asset watcher")
+    _watch_landing(cluster)
     ready = cluster.base / "landing" / "ready"
     ready.write_text("landed")  # on the agent's filesystem: the watcher deletes it and the asset has an event
 
@@ -187,22 +192,24 @@ def test_each_request_a_trigger_can_make_is_served_or_refused_by_the_plane(clust
     import requests
 
     plane = cluster.plane
+    target = cluster.trigger("target_a", datetime.now(timezone.utc).isoformat())
+    assert plane.wait_run("target_a", target, timeout=180) == "success"
+    _watch_landing(cluster)  # the agent's triggerer owns the asset watcher of "landing_file"
     triggerer_id = re.findall(r"Triggerer registered as (\d+)", cluster.triggerer_log())[-1]
     base = f"{plane.url}/remote_execution/v1/triggerers/{triggerer_id}/execution"
     headers = {"Authorization": f"Bearer {cluster.agent.token}"}
-    [target] = [r for r in plane.api("GET", "/api/v2/dags/target_a/dagRuns").json()["dag_runs"] if r["logical_date"]][:1]
-    sensors = plane.api("GET", "/api/v2/dags/deferrable_sensors/dagRuns").json()["dag_runs"][0]["dag_run_id"]
 
     def call(method: str, path: str, **kwargs) -> requests.Response:
         return requests.request(method, f"{base}/{path}", headers=headers, timeout=30, **kwargs)
 
     served = {
-        "GetTICount": call("GET", "task-instances/count", params={"dag_id": "target_a", "task_ids": ["done"]}),
+        "GetTICount": call("GET", "task-instances/count",
+                           params={"dag_id": "target_a", "task_ids": ["done"], "run_ids": [target]}),
         "GetTaskStates": call("GET", "task-instances/states", params={"dag_id": "target_a"}),
         "GetDRCount": call("GET", "dag-runs/count", params={"dag_id": "target_a", "states": ["success"]}),
-        "GetDagRunState": call("GET", f"dag-runs/target_a/{target['dag_run_id']}/state"),
+        "GetDagRunState": call("GET", f"dag-runs/target_a/{target}/state"),
         "GetPreviousTI": call("GET", "task-instances/previous/target_a/done"),
-        "GetXCom": call("GET", f"xcoms/deferrable_sensors/{sensors}/trigger_and_wait/trigger_run_id"),
+        "GetXCom": call("GET", f"xcoms/target_a/{target}/done/return_value"),
         "GetAssetStateStore": call("GET", "store/asset/by-name/value", params={"name": "landing_file", "key": "k"}),
         "SetAssetStateStore (a watched asset)": call(
             "PUT", "store/asset/by-name/value", params={"name": "landing_file", "key": "cursor"}, json={"value": 1}),
@@ -210,14 +217,16 @@ def test_each_request_a_trigger_can_make_is_served_or_refused_by_the_plane(clust
     statuses = {kind: r.status_code for kind, r in served.items()}
     assert statuses == {**dict.fromkeys(served, 200), "GetAssetStateStore": 404, "SetAssetStateStore (a watched asset)": 204}, {
         kind: r.text[:300] for kind, r in served.items()}
-    assert served["GetTICount"].json() == 2  # the run the test triggered and the one trigger_and_wait triggered
+    assert served["GetTICount"].json() == 1
+    assert served["GetDagRunState"].json() == {"state": "success"}
+    assert served["GetXCom"].json()["value"] == "done"
     assert call("GET", "store/asset/by-name/value", params={"name": "landing_file", "key": "cursor"}).json()["value"] == 1
 
     refused = {
         "GetTICount (team_b)": call("GET", "task-instances/count", params={"dag_id": "target_b"}),
         "GetDagRunState (team_b)": call("GET", "dag-runs/target_b/r/state"),
-        "SetXCom": call("POST", f"xcoms/deferrable_sensors/{sensors}/trigger_and_wait/k", json="v"),
-        "DeleteXCom": call("DELETE", f"xcoms/deferrable_sensors/{sensors}/trigger_and_wait/trigger_run_id"),
+        "SetXCom": call("POST", f"xcoms/target_a/{target}/done/k", json="v"),
+        "DeleteXCom": call("DELETE", f"xcoms/target_a/{target}/done/return_value"),
         "PutVariable": call("PUT", "variables/v", json={"key": "v", "value": "x"}),
         "GetConnection": call("GET", "connections/fs_default"),
         "UpdateHITLDetail (not its trigger's)": call("PATCH", "hitlDetails/01a245e5-b33f-78ab-a816-f2409eb85f78", json={}),
@@ -227,6 +236,9 @@ def test_each_request_a_trigger_can_make_is_served_or_refused_by_the_plane(clust
     assert {kind: r.status_code for kind, r in refused.items()} == {
         **dict.fromkeys(refused, 403), "GetConnection": 404}, {kind: r.text[:300] for kind, r in refused.items()}
     assert "DAG 'target_b' is neither" in refused["GetTICount (team_b)"].text
+    # A query or a '..' smuggled into the path (percent-encoded) is a 400, never another route or DAG.
+    for path in ("dag-runs/count%3Fdag_id=target_b", "xcoms/%2E%2E/connections/fs_default"):
+        assert call("GET", path).status_code == 400, path
     # Another agent's token, or no token, gets nothing.
     assert requests.get(f"{base}/dag-runs/count", params={"dag_id": "target_a"}, timeout=30).status_code == 401
 

@@ -481,6 +481,10 @@ def test_a_triggers_reads_are_scoped_to_its_own_dags_bundles_and_its_tokens(adb)
                          ("POST", f"dag-runs/{DAG}/new"), ("PUT", "store/asset/by-name/value")]:
         assert decide(method, path)[0] == 403, path
     assert decide("GET", "connections/c")[0] == 404
+    # Nothing that the forwarded URL would read differently from what was decided on.
+    for path in ["xcoms/../connections/c", "dag-runs/count?dag_id=team_b_dag", "xcoms/./x/y/z", "dag-runs//count",
+                 "dag-runs/count%3Fdag_id=team_b_dag", "task-instances/count#x", "connections\\c", "dag-runs/a\nb"]:
+        assert decide("GET", path)[0] == 400, path
     assert decide("GET", "variables/v")[0] == 404
     assert decide("PUT", "store/asset/by-name/value", "name=a&key=k")[0] == 403  # no trigger of its watches it
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from airflow.providers.standard.operators.empty import EmptyOperator
-from airflow.sdk import DAG
+from airflow.sdk import DAG, task
 
 with DAG("target_b", schedule=None, catchup=False, tags=["remote-execution-test"]):
-    EmptyOperator(task_id="done")
+
+    @task
+    def done():
+        return "done"
+
+    done()
