@@ -183,7 +183,20 @@ def test_an_asset_watcher_and_a_deadline_callback_run_on_the_agents_triggerer(cl
     run_id = cluster.trigger("deadline_missed", datetime.now(timezone.utc).isoformat())
     wait_for(marker.exists, 120, "the deadline callback")
     assert marker.read_text() == str(cluster.agent.home)  # it ran on the agent
-    assert re.search(r"Starting trigger \d+ \(airflow\.triggers\.callback\.CallbackTrigger\)", cluster.triggerer_log())
+    [callback] = re.findall(r"Starting trigger (\d+) \(airflow\.triggers\.callback\.CallbackTrigger\)",
+                            cluster.triggerer_log())
+    # Its events (running, then success with the callback's result) reached Airflow's Trigger.submit_event.
+    wait_for(lambda: cluster.triggerer_log().count(f"Trigger {callback} event reported") == 2, 60, "the callback's events")
+    assert f"Trigger {callback} event dropped" not in cluster.triggerer_log()
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(plane.db_url)
+    try:
+        with engine.connect() as db:
+            states = db.execute(text("SELECT state, output FROM callback")).all()
+    finally:
+        engine.dispose()
+    assert [(state, output) for state, output in states] == [("success", "called")]
     assert plane.wait_run("deadline_missed", run_id, timeout=180) == "success"
 
 
