@@ -16,7 +16,7 @@ pytestmark = pytest.mark.chart
 VALUES = {
     "apiUrl": "https://airflow.example.com",
     "token": {"existingSecret": "tokens"},
-    "keda": {"metricsToken": {"existingSecret": "keda-metrics-token"}, "caSecret": {"name": "plane-ca"}},
+    "keda": {"metricsToken": {"existingSecret": "keda-metrics-token"}},
     "workers": [
         {"name": "default", "queues": ["default"], "replicas": 1},
         {"name": "gpu", "queues": ["gpu", "gpu&large"], "concurrency": 2, "replicas": 1,
@@ -45,10 +45,7 @@ def test_a_scaled_object_per_autoscaled_group(helm):
     assert parse_qs(url.query) == {"slots_per_agent": ["2"], "queues": ["gpu,gpu&large"]}
     assert (meta["valueLocation"], meta["targetValue"], meta["authMode"]) == ("total.suggested_agents", "1", "bearer")
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"] == "rel-agent-gpu-metrics"
-    assert auth["spec"]["secretTargetRef"] == [
-        {"parameter": "token", "name": "keda-metrics-token", "key": "token"},
-        {"parameter": "ca", "name": "plane-ca", "key": "ca.crt"},
-    ]
+    assert auth["spec"]["secretTargetRef"] == [{"parameter": "token", "name": "keda-metrics-token", "key": "token"}]
 
     statefulsets = {s["metadata"]["name"]: s for s in by_kind(objects, "StatefulSet")}
     assert "replicas" not in statefulsets["rel-agent-gpu"]["spec"]  # KEDA's decision survives helm upgrade
