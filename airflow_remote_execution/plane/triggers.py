@@ -29,6 +29,7 @@ answer to its own trigger's task, then Airflow's in-process execution API (the s
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import parse_qs
 from functools import cache
@@ -402,14 +403,48 @@ _READ_ONLY = (
 )
 
 
-def _owned_tis(session: Session, job_id: int) -> list[tuple[str, str]]:
-    """(task instance id without dashes, DAG id) of every trigger this triggerer owns."""
-    rows = session.execute(
+@dataclass(frozen=True)
+class _Scope:
+    """What a triggerer's own triggers give it: their task instances (ids without dashes), the bundles of
+    their DAGs (tasks' and deadline callbacks'), and the assets they watch."""
+
+    tis: frozenset[str]
+    bundles: frozenset[str]
+    asset_names: frozenset[str]
+    asset_uris: frozenset[str]
+
+
+_scopes: dict[int, tuple[float, _Scope]] = {}
+SCOPE_SECONDS = 1.0  # a triggerer's scope is reused this long for what it allows (a refusal is re-checked)
+
+
+def _load_scope(session: Session, job_id: int) -> _Scope:
+    from airflow.models.asset import AssetModel, AssetWatcherModel
+    from airflow.models.callback import Callback
+    from airflow.models.dag import DagModel
+
+    tis = session.execute(
         select(TaskInstance.id, TaskInstance.dag_id)
         .join(Trigger, TaskInstance.trigger_id == Trigger.id)
         .where(Trigger.triggerer_id == job_id)
+    ).all()
+    dag_ids = {dag_id for _, dag_id in tis}
+    bundles = set(session.scalars(select(DagModel.bundle_name).where(DagModel.dag_id.in_(dag_ids)))) if dag_ids else set()
+    bundles |= set(session.scalars(
+        select(Callback.bundle_name).join(Trigger, Trigger.id == Callback.trigger_id).where(Trigger.triggerer_id == job_id)
+    ))
+    assets = session.execute(
+        select(AssetModel.name, AssetModel.uri)
+        .join(AssetWatcherModel, AssetWatcherModel.asset_id == AssetModel.id)
+        .join(Trigger, Trigger.id == AssetWatcherModel.trigger_id)
+        .where(Trigger.triggerer_id == job_id)
+    ).all()
+    return _Scope(
+        tis=frozenset(str(ti_id).replace("-", "") for ti_id, _ in tis),
+        bundles=frozenset(bundles - {None}),
+        asset_names=frozenset(name for name, _ in assets),
+        asset_uris=frozenset(uri for _, uri in assets),
     )
-    return [(str(ti_id).replace("-", ""), dag_id) for ti_id, dag_id in rows]
 
 
 def _unsafe_path(path: str) -> str | None:
@@ -429,41 +464,35 @@ def execution_refusal(
     """(status, message) refusing a running trigger's execution-API request, or None to serve it. ``path``
     is relative to the execution API. The DAGs it may read are exec_guard's rule for a task: those of its
     own triggers (tasks, deadline callbacks), of their bundles, and of the bundles its agent token allows.
-    Writes: a HITL answer to its own trigger's task, the state store of assets its own triggers watch."""
-    from airflow.models.asset import AssetModel, AssetWatcherModel
-    from airflow.models.callback import Callback
-    from airflow.models.dag import DagModel
-
+    Writes: a HITL answer to its own trigger's task, the state store of assets its own triggers watch.
+    The triggerer's scope is reused for :data:`SCOPE_SECONDS`; a refusal is decided again on fresh data
+    (a trigger claimed a moment ago asks at once)."""
     if bad := _unsafe_path(path):
         return 400, f"Execution API path refused: {bad}"
-    owned = _owned_tis(session, row.job_id)
+    token_bundles = frozenset(token.bundles or ())
+    scope = exec_guard._remember(_scopes, row.job_id, SCOPE_SECONDS, lambda: _load_scope(session, row.job_id))
+    answer = _decide(scope, token_bundles, method, path, query)
+    if answer is not None and answer[0] == 403:
+        scope = _load_scope(session, row.job_id)
+        _scopes[row.job_id] = (time.monotonic(), scope)
+        answer = _decide(scope, token_bundles, method, path, query)
+    return answer
+
+
+def _decide(scope: _Scope, token_bundles: frozenset[str], method: str, path: str, query: str) -> tuple[int, str] | None:
     if m := exec_guard.TI_ROUTES.match(path):
-        if not path.startswith("hitlDetails/") or m.group(1).replace("-", "") not in {ti for ti, _ in owned}:
+        if not path.startswith("hitlDetails/") or m.group(1).replace("-", "") not in scope.tis:
             return 403, "An agent triggerer may act on a task instance only through the HITL details of its own triggers' tasks"
         return None if method in ("GET", "PATCH") else (403, _READ_ONLY)
     if path.startswith("store/asset/") and method != "GET":
-        watched = session.execute(
-            select(AssetModel.name, AssetModel.uri)
-            .join(AssetWatcherModel, AssetWatcherModel.asset_id == AssetModel.id)
-            .join(Trigger, Trigger.id == AssetWatcherModel.trigger_id)
-            .where(Trigger.triggerer_id == row.job_id)
-        ).all()
         params = parse_qs(query)
         names, uris = params.get("name", []), params.get("uri", [])
-        if (names or uris) and all(n in {a.name for a in watched} for n in names) and all(
-            u in {a.uri for a in watched} for u in uris
-        ):
+        if (names or uris) and set(names) <= scope.asset_names and set(uris) <= scope.asset_uris:
             return None
         return 403, "An agent triggerer may write the state store only of assets its own triggers watch"
     if method != "GET":
         return 403, _READ_ONLY
-    dag_ids = {dag_id for _, dag_id in owned}
-    own_bundles = set(session.scalars(select(DagModel.bundle_name).where(DagModel.dag_id.in_(dag_ids)))) if dag_ids else set()
-    own_bundles |= set(session.scalars(
-        select(Callback.bundle_name).join(Trigger, Trigger.id == Callback.trigger_id).where(Trigger.triggerer_id == row.job_id)
-    ))
-    bundles = frozenset({*(token.bundles or ()), *own_bundles} - {None})
-    return exec_guard.refusal(exec_guard.Grant(dead=None, bundles=bundles), method, path, query)
+    return exec_guard.refusal(exec_guard.Grant(dead=None, bundles=token_bundles | scope.bundles), method, path, query)
 
 
 @cache

@@ -50,6 +50,7 @@ def adb(db, monkeypatch):
     monkeypatch.setenv("AIRFLOW__CORE__FERNET_KEY", Fernet.generate_key().decode())
     get_fernet.cache_clear()
     _wipe(db)
+    triggers._scopes.clear()
     yield db
     _wipe(db)
     get_fernet.cache_clear()
@@ -318,6 +319,7 @@ def sqlite_adb(sqlite_engine, monkeypatch):
     monkeypatch.setenv("AIRFLOW__CORE__FERNET_KEY", Fernet.generate_key().decode())
     get_fernet.cache_clear()
     _wipe(db)
+    triggers._scopes.clear()
     yield db
     _wipe(db)
     wipe(sqlite_engine)
@@ -437,20 +439,23 @@ def _other_dag(s, dag_id: str, bundle: str) -> None:
 
 
 def test_a_triggers_reads_are_scoped_to_its_own_dags_bundles_and_its_tokens(adb):
-    trigger = deferred(adb, "t")
-    with adb.session() as s:
-        _other_dag(s, "same_bundle_dag", "bundle")
     job = triggerer(adb, "agent-a", ["default"])
-    with adb.session() as s:
-        _other_dag(s, "team_b_dag", "team_b")
-        _other_dag(s, "team_c_dag", "team_c")
-    assert sync(adb, job).assigned == [trigger]
-    own_ti = str(ti_row(adb, "t").id)
 
     def decide(method: str, path: str, query: str = ""):
         with adb.session() as s:
             token = s.get(AgentTokenModel, _token_of_job[job])
             return triggers.execution_refusal(s, token, triggers.for_agent(s, token, job), method, path, query)
+
+    assert decide("GET", "task-instances/count", f"dag_id={DAG}")[0] == 403  # no trigger of that DAG yet
+    trigger = deferred(adb, "t")
+    with adb.session() as s:
+        _other_dag(s, "same_bundle_dag", "bundle")
+        _other_dag(s, "team_b_dag", "team_b")
+        _other_dag(s, "team_c_dag", "team_c")
+    assert sync(adb, job).assigned == [trigger]
+    own_ti = str(ti_row(adb, "t").id)
+    # Claimed a moment ago (within the scope's reuse time): the refusal is decided again on fresh data.
+    assert decide("GET", "task-instances/count", f"dag_id={DAG}") is None
 
     # Its own DAG and its bundle's: every read a trigger makes.
     for path, query in [
