@@ -26,13 +26,14 @@ _MAX_TAG = 100  # a queue or agent name is at most 250 characters; StatsD names 
 _lock = threading.Lock()
 _ready_pid: int | None = None
 _legacy = True
+_off = False  # no [metrics] backend configured: names are not even built
 
 
 def _stats():
     """The SDK's stats module, initialized from ``[metrics]`` once per process unless something already did
     (the Task SDK and its serde do; the scheduler and the api-server initialize only core's own copy). Not
     initialized twice: with OpenTelemetry that would be a second meter provider exporting beside the first."""
-    global _ready_pid, _legacy
+    global _ready_pid, _legacy, _off
     import os
 
     from airflow.sdk.observability import stats
@@ -41,12 +42,14 @@ def _stats():
         with _lock:
             if _ready_pid != os.getpid():
                 from airflow.sdk._shared.observability.metrics import stats as singleton
+                from airflow.sdk._shared.observability.metrics.base_stats_logger import NoStatsLogger
                 from airflow.sdk.configuration import conf
                 from airflow.sdk.observability.metrics import stats_utils
 
                 _legacy = conf.getboolean("metrics", "legacy_names_on", fallback=True)
                 if getattr(singleton, "_factory", None) is None:
                     stats.initialize(factory=stats_utils.get_stats_factory(), export_legacy_names=_legacy)
+                _off = getattr(singleton, "_factory", None) is NoStatsLogger
                 _ready_pid = os.getpid()
     return stats
 
@@ -77,6 +80,8 @@ def _names(name: str, tags: dict[str, object]) -> tuple[str, dict[str, str], str
 def _emit(kind: str, name: str, value, tags: dict[str, object]) -> None:
     try:
         stats = _stats()
+        if _off:
+            return
         full, clean, legacy = _names(name, tags)
         for stat, stat_tags in ((full, clean), (legacy, {})):
             if stat is None:
