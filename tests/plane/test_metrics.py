@@ -126,10 +126,12 @@ def otlp(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def fresh_figures(monkeypatch):
-    """Each test reads the figures it just made (the routes share a snapshot for 2 s)."""
+    """Each test reads the figures it just made (the routes share a snapshot for 2 s), with no failed
+    authentications counted against it."""
     from airflow_remote_execution.plane.api import scaling_routes
 
     monkeypatch.setattr(scaling_routes, "_cache", None)
+    monkeypatch.setattr(scaling_routes, "_throttle", scaling_routes._Throttle())
 
 
 @pytest.fixture(scope="module")
@@ -401,6 +403,16 @@ def test_opentelemetry_gets_the_same_metrics_with_tags_as_attributes(otlp):
     assert otlp.wait_for("airflow.remote_execution.queue.queued", {"queue": "otel-queue"}) == 1
     assert otlp.wait_for("airflow.remote_execution.work.requeued", {"queue": "otel-queue", "reason": "lost_agent"}) == 1
     assert otlp.wait_for("airflow.remote_execution.lease.conflict", {"reason": "stale_fence"}) == 1
+
+
+def test_failed_metrics_tokens_are_throttled(client, statsd, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__AUTH_FAILURE_LIMIT", "2")
+    good = metrics_token()
+    codes = [client.get("/metrics/scaling", headers=bearer("rexm_wrong")).status_code for _ in range(3)]
+    assert codes == [401, 401, 429]
+    r = client.get("/metrics/prometheus", headers=bearer(good))
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1 and "metrics token" in r.json()["detail"]
+    assert statsd.wait_for("airflow.remote_execution.auth.failed.throttled", value=1)
 
 
 def test_throttled_authentications_are_counted(statsd, monkeypatch):

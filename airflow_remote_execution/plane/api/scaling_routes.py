@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from airflow.utils.session import create_session
 
+from airflow_remote_execution import config
 from airflow_remote_execution.plane import metrics, metrics_tokens
 from airflow_remote_execution.plane.metrics import MAX_SLOTS_PER_AGENT
 from airflow_remote_execution.plane.tokens import TokenError
@@ -54,14 +56,49 @@ _cache_lock = threading.Lock()
 _cache: tuple[float, metrics.Snapshot] | None = None
 
 
-def _read(authorization: str | None) -> metrics.Snapshot:
+class _Throttle:
+    """As for agents' routes: an address with ``auth_failure_limit`` failed tokens within a minute is answered
+    429 without a database read until the minute has passed (per api-server process)."""
+
+    WINDOW = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failures: dict[str, deque[float]] = {}
+
+    def retry_after(self, client: str) -> int:
+        now = time.monotonic()
+        with self._lock:
+            failures = self._failures.get(client)
+            while failures and now - failures[0] > self.WINDOW:
+                failures.popleft()
+            if not failures or len(failures) < config.getint("auth_failure_limit"):
+                return 0
+            return max(int(self.WINDOW - (now - failures[0])) + 1, 1)
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            if len(self._failures) > 100_000:
+                self._failures.clear()
+            self._failures.setdefault(client, deque()).append(time.monotonic())
+
+
+_throttle = _Throttle()
+
+
+def _read(authorization: str | None, client: str) -> metrics.Snapshot:
     """The token checked on every read; the figures (one snapshot of every queue) shared for SNAPSHOT_TTL."""
     global _cache
+    if retry_after := _throttle.retry_after(client):
+        metrics.auth_failed("", throttled=True)
+        raise HTTPException(429, f"Too many failed authentications from {client}: retry after {retry_after} s "
+                                 "with a valid metrics token", headers={"Retry-After": str(retry_after)})
     with create_session() as session:
         try:
             metrics_tokens.verify(session, authorization)
         except TokenError as e:
             metrics.auth_failed(str(e))
+            _throttle.failed(client)
             raise
         with _cache_lock:
             if _cache is None or time.monotonic() - _cache[0] > SNAPSHOT_TTL:
@@ -70,18 +107,26 @@ def _read(authorization: str | None) -> metrics.Snapshot:
 
 
 @scaling_router.get("/scaling")
-async def scaling(slots_per_agent: SlotsPerAgent = 1, queues: Queues = None, authorization: Authorization = None) -> dict:
+async def scaling(
+    request: Request, slots_per_agent: SlotsPerAgent = 1, queues: Queues = None, authorization: Authorization = None
+) -> dict:
     """Per queue and in total: the figures and ``suggested_agents`` = ceil((queued + leased + running) /
     ``slots_per_agent``), 0 when there is no work (scale to zero)."""
     names = _queues(queues)
-    snap = await run_in_threadpool(_read, authorization)
+    snap = await run_in_threadpool(_read, authorization, _client(request))
     return metrics.scaling_view(snap, slots_per_agent, names)
 
 
 @scaling_router.get("/prometheus", response_class=PlainTextResponse)
-async def prometheus(slots_per_agent: SlotsPerAgent = 1, authorization: Authorization = None) -> PlainTextResponse:
+async def prometheus(
+    request: Request, slots_per_agent: SlotsPerAgent = 1, authorization: Authorization = None
+) -> PlainTextResponse:
     """The fleet gauges in Prometheus' text exposition format (0.0.4)."""
-    snap = await run_in_threadpool(_read, authorization)
+    snap = await run_in_threadpool(_read, authorization, _client(request))
     return PlainTextResponse(
         metrics.prometheus_text(snap, slots_per_agent), media_type="text/plain; version=0.0.4; charset=utf-8"
     )
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "?"
