@@ -25,6 +25,7 @@ from airflow_remote_execution.wire.triggers import (
 )
 
 Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
+ExecutionPath = Annotated[str, Path(min_length=1, max_length=4096, description="An execution-API path, e.g. task-instances/count")]
 trigger_router = APIRouter(tags=["Agent triggerer"], responses=ERRORS)
 
 
@@ -105,7 +106,7 @@ async def failure(trigger_id: Id, body: TriggerFailureRequest, authorization: Au
 _FORWARDED = ("content-type", "accept", "airflow-api-version")
 
 
-async def execution(triggerer_id: Id, path: str, request: Request, authorization: Authorization = None) -> Response:
+async def execution(triggerer_id: Id, path: ExecutionPath, request: Request, authorization: Authorization = None) -> Response:
     """A running trigger's request to its supervisor (task-instance and DAG-run counts and states, previous
     task instances, XCom reads, HITL details...), served by Airflow's execution API as for the stock
     triggerer, scoped to this triggerer's triggers and its token's bundles; read-only."""

@@ -159,7 +159,8 @@ def plane(airflow_tables):
     assert client.post("/v1/agents/register", json={"concurrency": 2}, headers=headers).status_code == 200
     triggerer = client.post("/v1/triggerers/register", json={"capacity": 5}, headers=headers)
     assert triggerer.status_code == 200, triggerer.text
-    ids = {"work_id": 1, "triggerer_id": triggerer.json()["triggerer_id"], "trigger_id": 1, "bundle": BUNDLE}
+    ids = {"work_id": 1, "triggerer_id": triggerer.json()["triggerer_id"], "trigger_id": 1, "bundle": BUNDLE,
+           "path": "dag-runs/count"}
     return client, headers, ids
 
 
