@@ -26,13 +26,10 @@ agent declared lost, real dispatch p50 < 50 ms.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import random
-import resource
 import shutil
-import statistics
+import asyncio
 import subprocess
 import sys
 import tempfile
@@ -44,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from localplane import Agent, Plane, PostgresCluster  # noqa: E402
+from simulated_agents import pct, raise_fd_limit, simulate  # noqa: E402
 
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 TARGETS = {"agents": 2000, "heartbeat_p99_ms": 200.0, "lost": 0, "dispatch_p50_ms": 50.0}
@@ -60,112 +58,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(q * len(values)))], 1)
-
-
-def raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-# --------------------------------------------------------------------------- the simulated fleet
-
-
-async def simulate(url: str, tokens: list[str], ramp: float, settle: float, duration: float) -> dict:
-    """Run the simulated agents: register over ``ramp`` s, wait ``settle`` s, measure ``duration`` s."""
-    import aiohttp
-
-    api = f"{url}/remote_execution/v1"
-    measuring = asyncio.Event()
-    stop = asyncio.Event()
-    beats: list[float] = []
-    errors: dict[str, int] = {}
-    lease_returns: list[float] = []
-    intervals: list[float] = []
-
-    def error(kind: str) -> None:
-        errors[kind] = errors.get(kind, 0) + 1
-
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=90)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-
-        async def post(path: str, token: str, body: dict):
-            async with http.post(f"{api}{path}", json=body, headers={"Authorization": f"Bearer {token}"}) as r:
-                return r.status, await r.json(content_type=None)
-
-        async def agent(i: int, token: str) -> None:
-            await asyncio.sleep(ramp * i / len(tokens))
-            while True:
-                try:
-                    status, reply = await post("/agents/register", token, {"concurrency": 1, "hostname": f"sim-{i}"})
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    status, reply = 0, None
-                if status == 200:
-                    break
-                error(f"register {status}")
-                await asyncio.sleep(1)
-            interval = reply["heartbeat_interval"]
-
-            async def heartbeats() -> None:
-                nonlocal interval
-                await asyncio.sleep(random.uniform(0, interval))
-                while not stop.is_set():
-                    started = time.monotonic()
-                    try:
-                        status, reply = await post("/agents/heartbeat", token, {"free_slots": 1, "running": []})
-                    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                        status, reply = type(e).__name__, None
-                    took = (time.monotonic() - started) * 1000
-                    if measuring.is_set() and not stop.is_set():
-                        if status == 200:
-                            beats.append(took)
-                            intervals.append(reply["heartbeat_interval"])
-                        else:
-                            error(f"heartbeat {status}")
-                    if status == 200:
-                        interval = reply["heartbeat_interval"]
-                    await asyncio.sleep(max(interval - took / 1000, 0))
-
-            beating = asyncio.create_task(heartbeats())
-            while not stop.is_set():
-                started = time.monotonic()
-                try:
-                    status, _ = await post("/leases", token, {"slots": 1, "wait": 20})
-                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                    status = type(e).__name__
-                if measuring.is_set() and not stop.is_set():
-                    if status == 200:
-                        lease_returns.append(time.monotonic() - started)
-                    else:
-                        error(f"lease {status}")
-                if status != 200:
-                    await asyncio.sleep(1)
-            beating.cancel()
-
-        tasks = [asyncio.create_task(agent(i, t)) for i, t in enumerate(tokens)]
-        await asyncio.sleep(ramp + settle)
-        measuring.set()
-        began = time.time()
-        await asyncio.sleep(duration)
-        stop.set()
-        ended = time.time()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return {
-        "window": [began, ended],
-        "heartbeats": len(beats),
-        "heartbeat_ms": {"p50": pct(beats, 0.5), "p95": pct(beats, 0.95), "p99": pct(beats, 0.99), "max": pct(beats, 1.0)},
-        "heartbeat_interval_dictated_s": sorted(set(intervals)),
-        "lease_requests_returned": len(lease_returns),
-        "lease_request_s_median": round(statistics.median(lease_returns), 1) if lease_returns else None,
-        "errors": errors,
-    }
+# --------------------------------------------------------------------------- the plane side
 
 
 def simulator_main(args) -> None:

@@ -9,22 +9,33 @@ and its request waits (on the event loop, no thread) for that batch's answer. Wi
 is one heartbeat and nothing waits longer than before; with thousands, one transaction records
 hundreds (see :func:`airflow_remote_execution.plane.agents.record_heartbeats`).
 
-A lease request is a sign of life too: it joins a batch without waiting for it (:meth:`Heartbeats.seen`).
+A lease request the agent holds open is a sign of life too (:meth:`Heartbeats.holding`): when it arrives,
+and then every heartbeat interval (at least :data:`HELD_EVERY` seconds) while it waits here connected, its agent joins a batch without
+anyone waiting for it. So liveness does not hang on each heartbeat getting through in time: a plane too
+busy to take every request at once still sees the connections agents hold, all in one batch, and never
+counts a live agent lost because its heartbeat waited in a queue. An agent whose process ended hangs up
+(the wait ends); one whose host vanished without a word is seen at most ``long_poll_wait`` longer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
 
 from airflow.sdk import timezone
 
 from airflow_remote_execution.plane import agents
+from airflow_remote_execution.plane.own_connections import own_session
 from airflow_remote_execution.wire.api import HeartbeatRequest, HeartbeatResponse
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 2000
+HELD_EVERY = 0.5  # least seconds between signs of life of agents holding a lease request here (else: the interval)
 
 
 class Heartbeats:
@@ -36,6 +47,9 @@ class Heartbeats:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self.batches = self.written = 0  # transactions and heartbeats written by this process (tests, metrics)
+        self._held: Counter[str] = Counter()  # agent name -> lease requests it holds open here
+        self._held_at = time.monotonic()
+        self.interval = 0.0  # the heartbeat interval last dictated
 
     async def beat(self, agent_name: str, req: HeartbeatRequest) -> HeartbeatResponse:
         """Record a heartbeat; returns once it is committed, with the answer for the agent."""
@@ -44,8 +58,22 @@ class Heartbeats:
         return await future
 
     def seen(self, agent_name: str) -> None:
-        """The agent was heard from (a lease request): recorded with the next batch, nobody waits."""
+        """The agent was heard from: recorded with the next batch, nobody waits."""
         self._add(agents.Beat(agent_name, None, timezone.utcnow()), None)
+
+    @contextlib.contextmanager
+    def holding(self, agent_name: str) -> Iterator[None]:
+        """While the agent holds a (connected) lease request here, it is seen every HELD_EVERY seconds."""
+        with self._lock:
+            self._held[agent_name] += 1
+        self.seen(agent_name)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held[agent_name] -= 1
+                if not self._held[agent_name]:
+                    del self._held[agent_name]
 
     def _add(self, beat: agents.Beat, future: asyncio.Future | None) -> None:
         with self._lock:
@@ -57,7 +85,13 @@ class Heartbeats:
 
     def _run(self) -> None:
         while True:
-            self._ready.wait()
+            every = max(HELD_EVERY, self.interval)
+            self._ready.wait(every)
+            if time.monotonic() - self._held_at >= every:
+                self._held_at = time.monotonic()
+                now = timezone.utcnow()
+                with self._lock:
+                    self._pending += [(agents.Beat(name, None, now), None) for name in list(self._held)]
             with self._lock:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 if not self._pending:
@@ -66,13 +100,12 @@ class Heartbeats:
                 self._write(batch)
 
     def _write(self, batch: list[tuple[agents.Beat, asyncio.Future | None]]) -> None:
-        from airflow.utils.session import create_session
-
         try:
-            with create_session() as session:
+            with own_session() as session:
                 answers: list = agents.record_heartbeats(session, [beat for beat, _ in batch])
             self.batches += 1
             self.written += len(batch)
+            self.interval = next((a.heartbeat_interval for a in answers if hasattr(a, "heartbeat_interval")), self.interval)
         except Exception as e:  # noqa: BLE001 - the database: every heartbeat of the batch gets the error
             if not any(future for _, future in batch):
                 log.warning("Could not record %d agents' lease requests as signs of life: %s", len(batch), e)

@@ -13,6 +13,7 @@ process within that second; anything else about a token (its agent, queues, bund
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ from airflow.sdk import timezone
 from airflow_remote_execution.models import AgentTokenModel
 from airflow_remote_execution.plane import tokens
 
-CHECK_EVERY = 1.0  # seconds between re-reads of cached tokens' revocation and expiry
+log = logging.getLogger(__name__)
+CHECK_EVERY = 0.5  # seconds between re-reads of cached tokens' revocation and expiry
+VALID_FOR = 1.0  # a remembered identity is used while the last re-read is at most this old
 FORGET_AFTER = 600.0  # a token unused this long leaves the cache
 _CHUNK = 1000
 
@@ -62,24 +65,27 @@ class IdentityCache:
 
     def __init__(self) -> None:
         self._known: dict[bytes, tuple[Identity, float]] = {}  # sha256(header) -> identity, last used
-        self._checked_at = float("-inf")
+        self._checked_at = float("-inf")  # when the last re-read started
         self._lock = threading.Lock()
+        self._checker: threading.Thread | None = None
 
     @staticmethod
     def key(authorization: str | None) -> bytes:
         return hashlib.sha256((authorization or "").encode()).digest()
 
     def cached(self, authorization: str | None) -> Identity | None:
-        """The identity if known and checked within the last second; no I/O (safe on the event loop)."""
+        """The identity if known and re-read within VALID_FOR; no I/O (safe on the event loop)."""
         now = time.monotonic()
-        if now - self._checked_at > CHECK_EVERY:
+        if now - self._checked_at > VALID_FOR:
             return None
         return self._hit(self.key(authorization), now)
 
     def resolve(self, authorization: str | None) -> Identity:
         """The identity of a live token, or TokenError saying what is wrong. Blocking (database)."""
-        self._check_if_due()
+        self._ensure_checker()
         now = time.monotonic()
+        if now - self._checked_at > VALID_FOR:  # the checker is behind: re-read here, once
+            self._check()
         key = self.key(authorization)
         if (identity := self._hit(key, now)) is not None:
             return identity
@@ -102,30 +108,43 @@ class IdentityCache:
         return identity
 
     def forget(self, token_id: str) -> None:
-        """Drop a token at once in this process (revoked here); others drop it within CHECK_EVERY."""
+        """Drop a token at once in this process (revoked here); others drop it within VALID_FOR."""
         with self._lock:
             for key in [k for k, (i, _) in self._known.items() if i.token_id == token_id]:
                 del self._known[key]
 
-    def _check_if_due(self) -> None:
-        if time.monotonic() - self._checked_at <= CHECK_EVERY:
-            return
+    def _ensure_checker(self) -> None:
+        if self._checker is None or not self._checker.is_alive():
+            with self._lock:
+                if self._checker is None or not self._checker.is_alive():
+                    self._checker = threading.Thread(target=self._run, name="remote-execution-tokens", daemon=True)
+                    self._checker.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._check()
+            except Exception:  # noqa: BLE001 - the database: requests verify in it themselves meanwhile
+                log.warning("Could not re-read agent tokens' revocation; retrying", exc_info=True)
+            time.sleep(CHECK_EVERY)
+
+    def _check(self) -> None:
         with self._lock:  # one thread re-reads; the others wait for its answer
             started = time.monotonic()
-            if started - self._checked_at <= CHECK_EVERY:
+            if started - self._checked_at <= CHECK_EVERY / 2:
                 return
             self._recheck(started)
             self._checked_at = started
 
     def _recheck(self, now: float) -> None:
-        from airflow.utils.session import create_session
+        from airflow_remote_execution.plane.own_connections import own_session
 
         stale = [k for k, (_, used) in self._known.items() if now - used > FORGET_AFTER]
         for key in stale:
             del self._known[key]
         ids = sorted({identity.token_id for identity, _ in self._known.values()})
         current: dict[str, tuple] = {}
-        with create_session() as session:
+        with own_session() as session:
             for start in range(0, len(ids), _CHUNK):
                 rows = session.execute(
                     select(AgentTokenModel.id, AgentTokenModel.revoked_at, AgentTokenModel.expires_at).where(
@@ -145,7 +164,7 @@ identities = IdentityCache()
 
 
 def revoke(session: Session, token_id: str) -> AgentTokenModel:
-    """Revoke a token: at once in this process, within :data:`CHECK_EVERY` in every other."""
+    """Revoke a token: at once in this process, within :data:`VALID_FOR` in every other."""
     row = tokens.revoke(session, token_id)
     identities.forget(token_id)
     return row

@@ -123,11 +123,15 @@ class Waker:
                         del self._waiters[queue]
 
     @staticmethod
-    async def wait(waiter: Waiter, timeout: float) -> bool:
-        """Whether ``waiter`` was woken within ``timeout`` seconds."""
-        if timeout > 0:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(waiter.event.wait(), timeout)
+    async def wait(waiter: Waiter, timeout: float, gone: asyncio.Future | None = None) -> bool:
+        """Whether ``waiter`` was woken within ``timeout`` seconds (before ``gone`` completes: its client left)."""
+        if timeout > 0 and not waiter.event.is_set():
+            woken = asyncio.ensure_future(waiter.event.wait())
+            try:
+                await asyncio.wait([woken, gone] if gone is not None else [woken], timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
         return waiter.event.is_set()
 
     def pass_on(self, waiter: Waiter) -> None:

@@ -24,7 +24,6 @@ import re
 import time
 from collections import deque
 
-from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from airflow_remote_execution import config
@@ -110,6 +109,7 @@ class Admission:
         return time.monotonic() - self._verified.get(key, float("-inf")) < KNOWN_FOR
 
     async def _authenticated(self, scope: Scope, authorization: str | None, key: bytes, client: str, send: Send) -> bool:
+        from airflow_remote_execution.plane.api.db_threads import in_db_thread
         from airflow_remote_execution.plane.identity import identities
         from airflow_remote_execution.plane.tokens import TokenError
 
@@ -117,7 +117,7 @@ class Admission:
         who = identities.cached(authorization)
         if who is None:
             try:
-                who = await run_in_threadpool(identities.resolve, authorization)
+                who = await in_db_thread(identities.resolve, authorization)
             except TokenError as e:
                 self._failed(client, now)
                 metrics.auth_failed(str(e))

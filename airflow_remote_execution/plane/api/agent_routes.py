@@ -21,6 +21,7 @@ from airflow_remote_execution.plane.heartbeats import heartbeats
 from airflow_remote_execution import config
 from airflow_remote_execution.plane import exec_guard, metrics
 from airflow_remote_execution.plane.api import task_start
+from airflow_remote_execution.plane.api.db_threads import in_db_thread
 from airflow_remote_execution.models import AgentModel, AgentTokenModel, WorkItemModel
 from airflow_remote_execution.wire.api import (
     FencedRequest,
@@ -60,7 +61,7 @@ async def _identity(request: Request, authorization: str | None) -> identity.Ide
     """The token's identity: as the admission middleware resolved it, or resolved now."""
     found = getattr(request.state, "rex_identity", None)
     if found is None:
-        found = await run_in_threadpool(identity.identities.resolve, authorization)
+        found = await in_db_thread(identity.identities.resolve, authorization)
     return found
 
 
@@ -104,7 +105,7 @@ async def register(body: RegisterRequest, authorization: Authorization = None) -
                 warnings=_starved_by_bundles(session, token, agent),
             )
 
-    return await run_in_threadpool(run)
+    return await in_db_thread(run)
 
 
 def _starved_by_bundles(session, token: AgentTokenModel, agent: AgentModel) -> list[str]:
@@ -153,50 +154,66 @@ async def lease(
     Long-poll for work: returns as soon as work for the agent's queues is queued (up to ``slots``
     items), or empty after ``wait`` seconds (capped by ``[remote_execution] long_poll_wait``). A token
     already holding ``max_long_polls_per_token`` long-polls here is answered at once, empty, with
-    ``Retry-After``. A lease request also counts as a heartbeat's sign of life.
+    ``Retry-After``.
 
     A waiting request costs no thread and no query: it looks once, then sleeps until the wake-up for
-    one of its queues (plane/wakeup.py) picks it, or its time is up.
+    one of its queues (plane/wakeup.py) picks it, its time is up, or the agent hangs up. While it waits,
+    connected, it is a sign of life of its agent, recorded with the heartbeats (plane/heartbeats.py): a
+    plane too busy to take every heartbeat in time still sees the agent's held connection.
     """
     wait = min(body.wait, config.getfloat("long_poll_wait"))
     who = await _identity(request, authorization)
     if _long_polls[who.token_id] >= config.getint("max_long_polls_per_token"):
         response.headers["Retry-After"] = str(max(int(wait), 1))
         return LeaseResponse(leases=[])
-    heartbeats.seen(who.agent_name)
     deadline = time.monotonic() + wait
     _long_polls[who.token_id] += 1
-    metrics.long_polls(sum(_long_polls.values()))
+    metrics.long_polls(_long_polls.total())
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        queues: list[str] = list(who.queues)
-        woken: Waiter | None = None  # the waiter whose wake-up this turn answers
-        while True:
-            waiter, again = waker.arm(queues), False
-            try:
-                if await request.is_disconnected():
-                    return LeaseResponse(leases=[])
-                found, queues, taking, refuses = await run_in_threadpool(_take, who, body.slots)
-                if woken and (len(found) >= body.slots or (not found and refuses)):
-                    waker.pass_on(woken)  # there may be more, or work this agent may not take
-                if found or time.monotonic() >= deadline:
-                    return LeaseResponse(leases=found)
-                if not taking:  # drained or not active: no use waking it for work
-                    waker.disarm(waiter)
-                    await asyncio.sleep(max(deadline - time.monotonic(), 0))
-                    return LeaseResponse(leases=[])
-                again = await waker.wait(waiter, deadline - time.monotonic())
-                if not again:
-                    return LeaseResponse(leases=[])
-                woken = waiter
-            finally:
-                waker.disarm(waiter)
-                if waiter.woken and not again:  # woken, but leaving without looking: another waiter looks
-                    waker.pass_on(waiter)
+        with heartbeats.holding(who.agent_name):  # a sign of life while it waits here, connected
+            return LeaseResponse(leases=await _long_poll(who, body.slots, deadline, gone))
     finally:
+        gone.cancel()
         _long_polls[who.token_id] -= 1
         if not _long_polls[who.token_id]:
             del _long_polls[who.token_id]
-        metrics.long_polls(sum(_long_polls.values()))
+        metrics.long_polls(_long_polls.total())
+
+
+async def _long_poll(who: identity.Identity, slots: int, deadline: float, gone: asyncio.Future) -> list[Lease]:
+    queues: list[str] = list(who.queues)
+    woken: Waiter | None = None  # the waiter whose wake-up this turn answers
+    while True:
+        waiter, again = waker.arm(queues), False
+        try:
+            if gone.done():
+                if woken:
+                    waker.pass_on(woken)
+                return []
+            found, queues, taking, refuses = await in_db_thread(_take, who, slots)
+            if woken and (len(found) >= slots or (not found and refuses)):
+                waker.pass_on(woken)  # there may be more, or work this agent may not take
+            if found or time.monotonic() >= deadline:
+                return found
+            if not taking:  # drained or not active: no use waking it for work
+                waker.disarm(waiter)
+                await asyncio.wait([gone], timeout=max(deadline - time.monotonic(), 0))
+                return []
+            again = await waker.wait(waiter, deadline - time.monotonic(), gone)
+            if not again:
+                return []
+            woken = waiter
+        finally:
+            waker.disarm(waiter)
+            if waiter.woken and not again:  # woken, but leaving without looking: another waiter looks
+                waker.pass_on(waiter)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the agent hangs up (its process ended, or it gave up on this request)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 _long_polls: Counter[str] = Counter()  # open long-polls per agent token, in this process
@@ -229,7 +246,7 @@ async def start(work_id: WorkId, body: StartRequest, request: Request, authoriza
             report = (item.workload, min(max(stamped, item.leased_at), item.started_at), (item.id, item.fence, token.id))
         return StartResponse(work_id=item.id, state=item.state, fence=item.fence), report
 
-    reply, report = await run_in_threadpool(_as_agent(authorization, run))
+    reply, report = await in_db_thread(_as_agent(authorization, run))
     if report is not None:  # the confirmation is committed: the task may start
         workload, start_date, lease = report
         reply.task_run = await task_start.report_started(request.scope, workload, start_date, body.task, lease)
@@ -255,7 +272,7 @@ async def _report(authorization: str | None, transition) -> WorkStateResponse:
         item = transition(session, agent)
         return WorkStateResponse(work_id=item.id, state=item.state, fence=item.fence)
 
-    return await run_in_threadpool(_as_agent(authorization, run))
+    return await in_db_thread(_as_agent(authorization, run))
 
 
 @agent_router.get("/agents/me", response_model=WhoAmIResponse)

@@ -620,3 +620,25 @@ def test_a_locked_sqlite_database_is_a_503_saying_to_use_postgresql(client, sqli
         locker.close()
     assert r.status_code == 503, r.text
     assert r.headers["Retry-After"] == "1" and "PostgreSQL" in r.json()["detail"]
+
+
+def test_a_held_lease_request_keeps_its_agent_alive(client, monkeypatch):
+    """Late is not lost: while an agent holds a long-poll here, it is seen, whether its heartbeats get through or not."""
+    from airflow_remote_execution.plane import heartbeats as heartbeats_module
+
+    monkeypatch.setattr(heartbeats_module, "HELD_EVERY", 0.3)
+    monkeypatch.setattr(heartbeats_module.heartbeats, "interval", 0.0)
+    token = registered(client)
+    seen: list = []
+
+    def watch() -> None:
+        for _ in range(25):
+            with create_session() as s:
+                seen.append(s.query(AgentModel.last_heartbeat_at).filter(AgentModel.name == "agent-1").scalar())
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    assert post(client, "/leases", token, {"slots": 1, "wait": 2.5}).json() == {"leases": []}
+    watcher.join()
+    assert len(set(seen)) >= 4, f"seen only at {sorted(set(seen))}"
