@@ -77,6 +77,9 @@ class LogShipper:
         self._thread.start()
         return self
 
+    def task_ended(self, work_id: int, fence: int) -> None:
+        """Nothing to do: Airflow's own final upload appends the rest when the supervisor exits."""
+
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
@@ -286,18 +289,6 @@ class PlaneLogSender:
         return sent
 
 
-def _send_rest_before_finish(client, sender: PlaneLogSender) -> None:
-    """The worker reports each task's end with ``client.finish`` while the task is still listed as running:
-    the rest of its log goes to the plane just before (:meth:`PlaneLogSender.task_ended`)."""
-    report = client.finish
-
-    def finish(work_id: int, fence: int, *args, **kwargs):
-        sender.task_ended(work_id, fence)
-        return report(work_id, fence, *args, **kwargs)
-
-    client.finish = finish
-
-
 def start_trigger_log_sender(client, triggers: Callable[[], Iterable[TaskLog]], stopped: threading.Event):
     """In an agent triggerer: send the logs of the triggers ``triggers`` names to the plane, if the task logs
     go there (no remote logging; with it, Airflow's triggerer uploads them when each trigger ends)."""
@@ -365,9 +356,7 @@ def start_log_shipper(
         log.info("Sending task logs to the plane's log store (no [logging] remote_logging; every %ss while "
                  "tasks run); [remote_execution] plane_task_logs = False keeps them here", interval)
         folder = Path(conf.get("logging", "base_log_folder"))
-        sender = PlaneLogSender(client, running, folder, max(interval, 0.0), stopped).start()
-        _send_rest_before_finish(client, sender)
-        return sender
+        return PlaneLogSender(client, running, folder, max(interval, 0.0), stopped).start()
     if interval <= 0:
         log.info("Partial log uploads are off ([remote_execution] log_upload_interval = %s)", interval)
         return None

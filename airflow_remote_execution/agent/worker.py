@@ -84,6 +84,7 @@ class AgentWorker:
         self.long_poll_wait = 20.0
         self.name = "?"
         self.pool: RunnerPool | None = None
+        self.log_sender = None  # what sends running tasks' logs away (agent/log_shipper.py), if anything
         self._token_warned_at = float("-inf")
         self.status = StatusPublisher()  # read by the sentinel beside the agent
 
@@ -171,7 +172,7 @@ class AgentWorker:
         try:
             self.pool.fill()
             # Task logs to object storage (remote logging) or the plane's log store; before any fork.
-            start_log_shipper(self.task_logs, self.exited, self.client)
+            self.log_sender = start_log_shipper(self.task_logs, self.exited, self.client)
             self.status.publish(self.figures())
             self.register()
             self.status.publish(self.figures())
@@ -423,6 +424,8 @@ class AgentWorker:
         agent_metrics.finished(run.lease, outcome.value, run.killed)
         info = None if code == 0 else (f"killed by signal {-code}" if code and code < 0 else f"exit code {code}")
         log.info("Work %s finished: %s%s", run.lease.work_id, outcome.value, f" ({info})" if info else "")
+        if self.log_sender is not None:  # the rest of its log first: the plane shows it finished once told
+            self.log_sender.task_ended(run.lease.work_id, run.lease.fence)
         attempt = 0
         while True:
             try:

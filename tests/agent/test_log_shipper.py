@@ -415,6 +415,7 @@ def test_a_tasks_whole_log_is_on_the_plane_before_its_end_is_reported(leased, tm
     shipper = start_log_shipper(lambda: [task], stop, client)
     try:
         append(local, line(1) + '{"event": "the last line, no newline yet"}')
+        shipper.task_ended(task.work_id, task.fence)  # as the worker's reaper does before it reports the end
         client.finish(task.work_id, task.fence, WorkState.SUCCESS)
         assert stored().rstrip("\n") == local.read_text()
         with create_session() as s:
