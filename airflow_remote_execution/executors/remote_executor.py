@@ -48,6 +48,10 @@ class RemoteExecutor(BaseExecutor):
         self._gauges = metrics.GaugeEmitter()  # fleet gauges per queue, every few seconds (docs/metrics.md)
 
     def start(self) -> None:
+        from airflow_remote_execution.plane import exec_guard
+
+        # Deadline callbacks of DAGs agents parse get triggers that only agents' triggerers run.
+        exec_guard.park_agents_triggers()
         self.log.info("RemoteExecutor started (parallelism=%s)", self.parallelism)
 
     # -------------------------------------------------------------- queuing

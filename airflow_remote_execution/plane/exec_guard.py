@@ -36,6 +36,8 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache
@@ -270,14 +272,39 @@ def _other_dag(dag_id: str) -> str:
 
 
 def _park_agents_triggers(session, _flush_context, _instances) -> None:
-    """``before_flush``: a Trigger inserted while a bound request is served gets :data:`AGENTS_ONLY_QUEUE`."""
-    if not _SERVING_BOUND.get():
-        return
+    """``before_flush``: a Trigger inserted on agents' behalf gets :data:`AGENTS_ONLY_QUEUE`, so no plane triggerer
+    runs it: while a bound token's request is served (a task deferring), while an agent's parsing result is
+    stored (asset watchers of its DAGs), and a deadline callback's trigger of a DAG in a bundle agents parse
+    (made by the scheduler)."""
     from airflow.models.trigger import Trigger
 
-    for obj in session.new:
-        if isinstance(obj, Trigger):
-            obj.queue = AGENTS_ONLY_QUEUE
+    new = [obj for obj in session.new if isinstance(obj, Trigger) and obj.queue != AGENTS_ONLY_QUEUE]
+    if not new:
+        return
+    if _SERVING_BOUND.get():
+        for trigger in new:
+            trigger.queue = AGENTS_ONLY_QUEUE
+        return
+    callbacks = [t for t in new if t.callback is not None and getattr(t.callback, "bundle_name", None)]
+    if callbacks:
+        from airflow_remote_execution.plane.parsing import bundles_parsed_by_agents
+
+        with session.no_autoflush:
+            agents_bundles = bundles_parsed_by_agents(session)
+        for trigger in callbacks:
+            if trigger.callback.bundle_name in agents_bundles:
+                trigger.queue = AGENTS_ONLY_QUEUE
+
+
+@contextmanager
+def on_agents_behalf() -> Iterator[None]:
+    """Triggers created inside are agents' (see :func:`_park_agents_triggers`)."""
+    park_agents_triggers()
+    marker = _SERVING_BOUND.set(True)
+    try:
+        yield
+    finally:
+        _SERVING_BOUND.reset(marker)
 
 
 def park_agents_triggers() -> None:
@@ -335,8 +362,5 @@ class ExecutionApiGuard:
                     headers["refreshed-api-token"] = rebind(fresh, claims)
             await send(message)
 
-        marker = _SERVING_BOUND.set(True)
-        try:
+        with on_agents_behalf():
             await self.app(scope, receive, send_rebound)
-        finally:
-            _SERVING_BOUND.reset(marker)

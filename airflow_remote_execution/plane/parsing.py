@@ -28,7 +28,7 @@ from airflow.models.dagcode import DagCode
 from airflow.models.errors import ParseImportError
 from airflow.sdk import timezone
 
-from airflow_remote_execution.plane import dag_policy
+from airflow_remote_execution.plane import dag_policy, exec_guard
 from airflow_remote_execution.plane.agents import AgentForbidden
 from airflow_remote_execution.models import AgentTokenModel
 from airflow_remote_execution.wire.parsing import (
@@ -238,8 +238,9 @@ def store_result(session: Session, token: AgentTokenModel, result: ParsingResult
         warnings=warnings,
         import_errors=result.import_errors,
     )
-    # Airflow's own persistence; it uses nothing of the manager instance, so none is built here.
-    with _from_agent(result):
+    # Airflow's own persistence; it uses nothing of the manager instance, so none is built here. Triggers it
+    # makes (asset watchers of these DAGs) are parked for agents' triggerers (exec_guard).
+    with _from_agent(result), exec_guard.on_agents_behalf():
         DagFileProcessorManager.persist_parsing_result(
             None,  # type: ignore[arg-type]
             bundle_name=result.bundle_name,

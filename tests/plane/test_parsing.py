@@ -300,3 +300,58 @@ def test_import_error_listeners_get_the_agents_path():
     with parsing._from_agent(result):
         assert error.full_file_path() == "/agent/bundles/team-a/dags/broken.py"
         assert DagCode.get_code_from_file("/agent/bundles/team-a/dags/x.py") == parsing.source_note(result)
+
+
+WATCHED = """
+from airflow.providers.standard.triggers.file import FileDeleteTrigger
+from airflow.sdk import DAG, Asset, AssetWatcher
+from airflow.providers.standard.operators.empty import EmptyOperator
+
+landing = Asset("landing", watchers=[AssetWatcher(name="w", trigger=FileDeleteTrigger(filepath="/nowhere/ready"))])
+with DAG("watched", schedule=[landing]):
+    EmptyOperator(task_id="consume")
+"""
+
+
+def test_an_agents_asset_watcher_trigger_is_parked_for_agent_triggerers(adb, tmp_path, monkeypatch):
+    """An agent-parsed DAG's asset watcher never runs in a plane triggerer: its trigger is made parked."""
+    from airflow.models.trigger import Trigger
+
+    from airflow_remote_execution.plane.exec_guard import AGENTS_ONLY_QUEUE
+
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__PARSED_DAG_IMPORT_ALLOWLIST", "airflow.providers.standard.triggers.*")
+    token = _token(adb)
+    _write(tmp_path, "watched.py", WATCHED)
+    with adb.session() as s:
+        parsing.sync_bundles(s, token, [BUNDLE])
+        assert parsing.store_result(s, token, _parse(tmp_path, "watched.py")) == ["watched"]
+    with adb.session() as s:  # Airflow makes watchers' triggers for unpaused DAGs only
+        s.get(DagModel, "watched").is_paused = False
+    with adb.session() as s:
+        parsing.store_result(s, token, _parse(tmp_path, "watched.py"))
+    with adb.session() as s:
+        triggers = s.scalars(select(Trigger)).all()
+        assert [(t.classpath.rsplit(".", 1)[-1], t.queue) for t in triggers] == [("FileDeleteTrigger", AGENTS_ONLY_QUEUE)]
+
+
+def test_a_deadline_callback_of_an_agents_dag_gets_a_parked_trigger(adb, monkeypatch):
+    """The scheduler makes a missed deadline's AsyncCallback trigger; for a DAG agents parse, only agents run it."""
+    from airflow.models.callback import TriggererCallback
+    from airflow.sdk.definitions.callback import AsyncCallback
+
+    from airflow_remote_execution.plane import exec_guard
+
+    monkeypatch.setattr(parsing, "_parsed_by_agents", (float("-inf"), frozenset()))
+    _token(adb)  # an agent token that may parse BUNDLE
+    exec_guard.park_agents_triggers()  # as the RemoteExecutor does in the scheduler
+    with adb.session() as s:
+        for bundle in (BUNDLE, "plane-only"):
+            callback = TriggererCallback(AsyncCallback("callbacks.on_miss", kwargs={}))
+            callback.bundle_name = bundle
+            s.add(callback)
+            callback.queue(session=s)
+    with adb.session() as s:
+        from airflow.models.callback import Callback
+
+        queues = {c.bundle_name: c.trigger.queue for c in s.scalars(select(Callback))}
+    assert queues == {BUNDLE: exec_guard.AGENTS_ONLY_QUEUE, "plane-only": None}
