@@ -102,7 +102,12 @@ class Waker:
     def __init__(self) -> None:
         self._waiters: dict[str, dict[Waiter, None]] = defaultdict(dict)  # queue -> waiters, oldest first
         self._lock = threading.Lock()
+        # Counts of wake-ups for new work per queue, and of times every waiter had to look again: equal
+        # counts mean no work was announced meanwhile (see ``mark``/``unchanged_since``).
+        self._announced: dict[str, int] = defaultdict(int)
+        self._resets = 0
         self._thread: threading.Thread | None = None
+        self._listening = False  # the listener is connected and delivering wake-ups
 
     def arm(self, queues: Iterable[str]) -> Waiter:
         """Register interest before looking for work, so a notify in between is not missed."""
@@ -134,6 +139,15 @@ class Waker:
                 woken.cancel()
         return waiter.event.is_set()
 
+    def mark(self, queues: Iterable[str]) -> tuple:
+        """What has been announced for ``queues`` so far; take it *before* looking for work."""
+        with self._lock:
+            return (self._resets, self._listening, *(self._announced[q] for q in sorted(queues)))
+
+    def unchanged_since(self, mark: tuple, queues: Iterable[str]) -> bool:
+        """Whether no new work was announced for ``queues`` since ``mark``, with the listener up throughout."""
+        return self._listening and self.mark(queues) == mark
+
     def pass_on(self, waiter: Waiter) -> None:
         """A woken waiter that may have left work behind wakes another waiter of the queue that woke it."""
         self.wake([waiter.woken_for] if waiter.woken_for else waiter.queues, one=True)
@@ -144,6 +158,8 @@ class Waker:
         chosen = []
         with self._lock:
             for queue in queues:
+                if not one:
+                    self._announced[queue] += 1
                 for waiter in self._waiters.get(queue, ()):
                     if not waiter.woken:
                         waiter.woken, waiter.woken_for = True, queue
@@ -157,6 +173,7 @@ class Waker:
     def wake_all(self) -> None:
         """Wake every waiter (after wake-ups may have been missed: the listener reconnected)."""
         with self._lock:
+            self._resets += 1
             chosen = {w for waiters in self._waiters.values() for w in waiters if not w.woken}
             for waiter in chosen:
                 waiter.woken = True
@@ -193,6 +210,7 @@ class Waker:
                 else:
                     self._poll(settings.engine)
             except Exception:
+                self._listening = False
                 log.exception("Remote execution waker failed; restarting in 1s")
                 time.sleep(1)
 
@@ -202,6 +220,7 @@ class Waker:
             conn = raw.driver_connection
             conn.autocommit = True
             conn.cursor().execute(f"LISTEN {CHANNEL}")
+            self._listening = True
             self.wake_all()  # what was notified before this LISTEN (or while it was down) is not missed
             if hasattr(conn, "poll"):  # psycopg2
                 while True:
@@ -232,6 +251,7 @@ class Waker:
         )
         woken_by_datagram = False
         with self._local_socket() as sock:
+            self._listening = True
             while True:
                 with self._lock:
                     waiting = any(self._waiters.values())

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Header, Path, Request, Response
@@ -182,7 +183,8 @@ async def lease(
 
 
 async def _long_poll(who: identity.Identity, slots: int, deadline: float, gone: asyncio.Future) -> list[Lease]:
-    queues: list[str] = list(who.queues)
+    known = _nothing_for.get(who.token_id)
+    queues: list[str] = list(known.queues) if known else list(who.queues)
     woken: Waiter | None = None  # the waiter whose wake-up this turn answers
     while True:
         waiter, again = waker.arm(queues), False
@@ -191,7 +193,17 @@ async def _long_poll(who: identity.Identity, slots: int, deadline: float, gone: 
                 if woken:
                     waker.pass_on(woken)
                 return []
-            found, queues, taking, refuses = await in_db_thread(_take, who, slots)
+            if known and not woken and time.monotonic() < known.until and waker.unchanged_since(known.mark, queues):
+                found, taking, refuses = [], True, False  # nothing announced since it last looked: no query
+            else:
+                mark = waker.mark(queues)
+                found, queues, taking, refuses = await in_db_thread(_take, who, slots)
+                if taking and not found:
+                    until = known.until if known and time.monotonic() < known.until else time.monotonic() + RECHECK_EVERY
+                    known = _nothing_for[who.token_id] = _Nothing(mark, tuple(queues), until)
+                else:
+                    _nothing_for.pop(who.token_id, None)
+                    known = None
             if woken and (len(found) >= slots or (not found and refuses)):
                 waker.pass_on(woken)  # there may be more, or work this agent may not take
             if found or time.monotonic() >= deadline:
@@ -208,6 +220,25 @@ async def _long_poll(who: identity.Identity, slots: int, deadline: float, gone: 
             waker.disarm(waiter)
             if waiter.woken and not again:  # woken, but leaving without looking: another waiter looks
                 waker.pass_on(waiter)
+
+
+RECHECK_EVERY = 120.0  # seconds an agent's long-polls may go without a query while nothing is announced
+
+
+@dataclass(frozen=True)
+class _Nothing:
+    """A token's agent found nothing to lease when the waker's announcements stood at ``mark``: its next
+    long-polls on this process skip the query while nothing new is announced for ``queues`` (each looked once
+    on arrival before: an idle fleet's main cost), but look again at the latest at ``until``. Anything that
+    queues work announces it (``leases`` notifies on every transition to QUEUED); a listener reconnect
+    counts as an announcement for all."""
+
+    mark: tuple
+    queues: tuple[str, ...]
+    until: float
+
+
+_nothing_for: dict[str, _Nothing] = {}
 
 
 async def _disconnected(request: Request) -> None:

@@ -642,3 +642,36 @@ def test_a_held_lease_request_keeps_its_agent_alive(client, monkeypatch):
     assert post(client, "/leases", token, {"slots": 1, "wait": 2.5}).json() == {"leases": []}
     watcher.join()
     assert len(set(seen)) >= 4, f"seen only at {sorted(set(seen))}"
+
+
+def test_an_idle_agents_long_polls_query_nothing_until_work_is_announced(client, sqlite_engine, monkeypatch):
+    from sqlalchemy import event
+
+    from airflow_remote_execution.plane.api import agent_routes
+
+    monkeypatch.setattr(agent_routes, "RECHECK_EVERY", 1.5)
+    token = registered(client)
+    for _ in range(2):  # looked: nothing (the first also starts this process's wake-up listener)
+        assert post(client, "/leases", token, {"slots": 1, "wait": 0.3}).json() == {"leases": []}
+    lease_queries: list[str] = []
+
+    def count(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith(("UPDATE REMOTE_WORK_ITEM", "WITH PICKED")):
+            lease_queries.append(statement)
+
+    event.listen(sqlite_engine, "before_cursor_execute", count)
+    try:
+        for _ in range(3):
+            assert post(client, "/leases", token, {"slots": 1, "wait": 0.1}).json() == {"leases": []}
+        assert lease_queries == [], "an idle agent's long-poll queried although nothing was announced"
+        work_id = enqueue("announced")  # leases.enqueue notifies
+        assert [l["work_id"] for l in post(client, "/leases", token, {"slots": 1, "wait": 2}).json()["leases"]] == [work_id]
+        assert len(lease_queries) == 1
+    finally:
+        event.remove(sqlite_engine, "before_cursor_execute", count)
+    # Work that appears unannounced (nothing in the product does that) is still found within RECHECK_EVERY.
+    assert post(client, "/leases", token, {"slots": 1, "wait": 0.1}).json() == {"leases": []}
+    with create_session() as s:
+        s.query(WorkItemModel).filter(WorkItemModel.id == work_id).update({"state": "queued", "agent_id": None})
+    time.sleep(1.6)
+    assert [l["work_id"] for l in post(client, "/leases", token, {"slots": 1, "wait": 0.1}).json()["leases"]] == [work_id]
