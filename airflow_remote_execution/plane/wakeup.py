@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import select as select_mod
 import socket
 import tempfile
@@ -79,21 +80,35 @@ def _send_local(session: Session) -> None:
 class Waiter:
     """A waiting lease request: woken at most once, through :meth:`Waker.wake`."""
 
-    __slots__ = ("event", "loop", "queues", "woken", "woken_for")
+    __slots__ = ("event", "loop", "queues", "rank", "woken", "woken_for")
 
-    def __init__(self, queues: tuple[str, ...]) -> None:
+    def __init__(self, queues: tuple[str, ...], rank: tuple = ()) -> None:
         self.loop = asyncio.get_running_loop()
         self.event = asyncio.Event()
         self.queues = queues
+        self.rank = rank
         self.woken = False
         self.woken_for: str | None = None  # the queue whose work woke it (None: wake_all)
+
+
+def rank(agent_name: str) -> tuple:
+    """An agent's place in line for work: names in natural order (``workers-2`` before ``workers-10``).
+
+    Work goes to the lowest-numbered idle agents, so the highest-numbered ones of a group are the idle ones:
+    those a StatefulSet removes first when it shrinks (scale-in takes idle agents, not busy ones)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", agent_name) if part)
+
+
+def _by_rank(waiter: Waiter) -> tuple:
+    return waiter.rank  # min() keeps the first (longest waiting) of equal ranks: dicts keep insertion order
 
 
 class Waker:
     """
     In-process registry of waiting lease requests, fed by a LISTEN or polling thread.
 
-    A wake-up for a queue wakes **one** waiter of that queue (the longest waiting), not all of them:
+    A wake-up for a queue wakes **one** waiter of that queue (the lowest :func:`rank`, then the longest
+    waiting), not all of them:
     with thousands of idle agents on one queue, waking all for one task would make thousands of lease
     queries to give one of them work. The woken one passes the wake-up on when there may be more
     (it filled all its slots, or it could not take what was there): :meth:`wake` again.
@@ -109,10 +124,11 @@ class Waker:
         self._thread: threading.Thread | None = None
         self._listening = False  # the listener is connected and delivering wake-ups
 
-    def arm(self, queues: Iterable[str]) -> Waiter:
-        """Register interest before looking for work, so a notify in between is not missed."""
+    def arm(self, queues: Iterable[str], rank: tuple = ()) -> Waiter:
+        """Register interest before looking for work, so a notify in between is not missed. Of the waiters of
+        a queue, a wake-up picks the lowest ``rank`` (then the longest waiting): see :func:`rank`."""
         self._ensure_listener()
-        waiter = Waiter(tuple(queues))
+        waiter = Waiter(tuple(queues), rank)
         with self._lock:
             for queue in waiter.queues:
                 self._waiters[queue][waiter] = None
@@ -160,11 +176,10 @@ class Waker:
             for queue in queues:
                 if not one:
                     self._announced[queue] += 1
-                for waiter in self._waiters.get(queue, ()):
-                    if not waiter.woken:
-                        waiter.woken, waiter.woken_for = True, queue
-                        chosen.append(waiter)
-                        break
+                waiter = min((w for w in self._waiters.get(queue, ()) if not w.woken), key=_by_rank, default=None)
+                if waiter is not None:
+                    waiter.woken, waiter.woken_for = True, queue
+                    chosen.append(waiter)
                 if one and chosen:
                     break
         for waiter in chosen:

@@ -341,3 +341,22 @@ def test_pg_listener_works_with_psycopg3(pg_engine):
         if not listener.done.is_set():
             listener.stop()
         engine.dispose()
+
+
+def test_work_goes_to_the_lowest_numbered_waiting_agent(airflow_db):
+    """So a shrinking StatefulSet, which removes the highest ordinals first, removes idle agents."""
+    assert sorted(["w-10", "w-2", "w-1", "v-3"], key=wakeup.rank) == ["v-3", "w-1", "w-2", "w-10"]
+    w = Waker()
+
+    async def main():
+        waiters = {name: w.arm(["q"], wakeup.rank(name)) for name in ["workers-10", "workers-2", "workers-0", "workers-1"]}
+        woken = []
+        for _ in range(4):
+            w.wake(["q"])
+            await asyncio.sleep(0.02)
+            woken += [n for n, x in waiters.items() if x.event.is_set() and n not in woken]
+        for x in waiters.values():
+            w.disarm(x)
+        return woken
+
+    assert asyncio.run(main()) == ["workers-0", "workers-1", "workers-2", "workers-10"]

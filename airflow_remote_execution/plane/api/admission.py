@@ -65,6 +65,7 @@ class Admission:
         self.app = app
         self._verified: dict[bytes, float] = {}
         self._failures: dict[str, deque[float]] = {}
+        self._served = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,6 +78,11 @@ class Admission:
         if not _AGENT_ROUTES.match(path):
             await self.app(scope, receive, send)
             return
+        if not self._served:  # what the api-server loaded after our app, out of full collections too
+            from airflow_remote_execution.plane.api.app import freeze_startup_heap
+
+            self._served = True
+            freeze_startup_heap()
         client = (scope.get("client") or ("?", 0))[0]
         authorization = _header(scope, b"authorization")
         key = hashlib.sha256((authorization or "").encode()).digest()

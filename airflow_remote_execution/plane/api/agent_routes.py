@@ -42,6 +42,7 @@ from airflow_remote_execution.wire.api import (
     WhoAmIResponse,
     WorkStateResponse,
 )
+from airflow_remote_execution.plane import wakeup
 from airflow_remote_execution.plane.wakeup import Waiter, waker
 
 T = TypeVar("T")
@@ -183,11 +184,12 @@ async def lease(
 
 
 async def _long_poll(who: identity.Identity, slots: int, deadline: float, gone: asyncio.Future) -> list[Lease]:
-    known = _nothing_for.get(who.token_id)
-    queues: list[str] = list(known.queues) if known else list(who.queues)
+    queues: list[str] = list(_queues_of.get(who.token_id, who.queues))
+    known = _nothing_for.get((tuple(sorted(queues)), who.bundles))
     woken: Waiter | None = None  # the waiter whose wake-up this turn answers
+    place = wakeup.rank(who.agent_name)
     while True:
-        waiter, again = waker.arm(queues), False
+        waiter, again = waker.arm(queues, place), False
         try:
             if gone.done():
                 if woken:
@@ -197,12 +199,19 @@ async def _long_poll(who: identity.Identity, slots: int, deadline: float, gone: 
                 found, taking, refuses = [], True, False  # nothing announced since it last looked: no query
             else:
                 mark = waker.mark(queues)
-                found, queues, taking, refuses = await in_db_thread(_take, who, slots)
+                try:
+                    found, queues, taking, refuses = await in_db_thread(_take, who, slots)
+                except Exception:  # e.g. no longer registered: whoever woke it is not lost
+                    if woken:
+                        waker.pass_on(woken)
+                    raise
+                _queues_of[who.token_id] = tuple(queues)
+                scope = (tuple(sorted(queues)), who.bundles)
                 if taking and not found:
                     until = known.until if known and time.monotonic() < known.until else time.monotonic() + RECHECK_EVERY
-                    known = _nothing_for[who.token_id] = _Nothing(mark, tuple(queues), until)
+                    known = _nothing_for[scope] = _Nothing(mark, until)
                 else:
-                    _nothing_for.pop(who.token_id, None)
+                    _nothing_for.pop(scope, None)
                     known = None
             if woken and (len(found) >= slots or (not found and refuses)):
                 waker.pass_on(woken)  # there may be more, or work this agent may not take
@@ -210,6 +219,8 @@ async def _long_poll(who: identity.Identity, slots: int, deadline: float, gone: 
                 return found
             if not taking:  # drained or not active: no use waking it for work
                 waker.disarm(waiter)
+                if woken:
+                    waker.pass_on(woken)
                 await asyncio.wait([gone], timeout=max(deadline - time.monotonic(), 0))
                 return []
             again = await waker.wait(waiter, deadline - time.monotonic(), gone)
@@ -227,18 +238,20 @@ RECHECK_EVERY = 120.0  # seconds an agent's long-polls may go without a query wh
 
 @dataclass(frozen=True)
 class _Nothing:
-    """A token's agent found nothing to lease when the waker's announcements stood at ``mark``: its next
-    long-polls on this process skip the query while nothing new is announced for ``queues`` (each looked once
-    on arrival before: an idle fleet's main cost), but look again at the latest at ``until``. Anything that
-    queues work announces it (``leases`` notifies on every transition to QUEUED); a listener reconnect
-    counts as an announcement for all."""
+    """An agent serving these queues, with these token bundles, found nothing to lease when the waker's
+    announcements stood at ``mark``: long-polls of agents with the same scope (or a subset of its queues) on
+    this process skip the query while nothing new is announced for those queues (each looked once on
+    arrival before: an idle fleet's main cost), but one of them looks again at the latest at ``until``.
+    Anything that queues work announces it (``leases`` notifies on every transition to QUEUED); a listener
+    reconnect counts as an announcement for all. A skipped look also skips the registration and drain
+    checks of ``_take``: the next look (a wake-up, or ``until``) makes them."""
 
     mark: tuple
-    queues: tuple[str, ...]
     until: float
 
 
-_nothing_for: dict[str, _Nothing] = {}
+_nothing_for: dict[tuple, _Nothing] = {}  # (sorted queues, token bundles) -> the last empty look
+_queues_of: dict[str, tuple[str, ...]] = {}  # token id -> the queues its agent serves (as its last look found)
 
 
 async def _disconnected(request: Request) -> None:

@@ -675,3 +675,27 @@ def test_an_idle_agents_long_polls_query_nothing_until_work_is_announced(client,
         s.query(WorkItemModel).filter(WorkItemModel.id == work_id).update({"state": "queued", "agent_id": None})
     time.sleep(1.6)
     assert [l["work_id"] for l in post(client, "/leases", token, {"slots": 1, "wait": 0.1}).json()["leases"]] == [work_id]
+
+
+def test_a_drained_agent_woken_for_work_passes_the_wake_up_on(client):
+    """Parked without a look (nothing announced), a drained agent can be the one woken: the work still goes out."""
+    from airflow_remote_execution.plane import agents
+
+    first, second = registered(client, "pool-0"), registered(client, "pool-1")
+    for token in (first, second):  # each looks once and finds nothing
+        assert post(client, "/leases", token, {"slots": 1, "wait": 0.1}).json() == {"leases": []}
+    with create_session() as s:
+        agents.set_drained(s, "pool-0", True)  # pool-0 ranks first for wake-ups
+    results: dict[str, list] = {}
+
+    def poll(name: str, token: str) -> None:
+        results[name] = post(client, "/leases", token, {"slots": 1, "wait": 4}).json()["leases"]
+
+    threads = [threading.Thread(target=poll, args=item) for item in (("pool-0", first), ("pool-1", second))]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    work_id = enqueue("for-pool")
+    for t in threads:
+        t.join(10)
+    assert results["pool-0"] == [] and [l["work_id"] for l in results["pool-1"]] == [work_id]
