@@ -287,7 +287,7 @@ def _park_agents_triggers(session, _flush_context, _instances) -> None:
         return
     callbacks = [t for t in new if t.callback is not None and getattr(t.callback, "bundle_name", None)]
     if callbacks:
-        from airflow_remote_execution.plane.parsing import bundles_parsed_by_agents
+        from airflow_remote_execution.plane.tokens import bundles_parsed_by_agents
 
         with session.no_autoflush:
             agents_bundles = bundles_parsed_by_agents(session)

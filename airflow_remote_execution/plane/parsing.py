@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from datetime import timedelta
@@ -26,9 +25,8 @@ from airflow.models.dag import DagModel
 from airflow.models.dagbundle import DagBundleModel
 from airflow.models.dagcode import DagCode
 from airflow.models.errors import ParseImportError
-from airflow.sdk import timezone
 
-from airflow_remote_execution.plane import dag_policy, exec_guard
+from airflow_remote_execution.plane import dag_policy, exec_guard, tokens
 from airflow_remote_execution.plane.agents import AgentForbidden
 from airflow_remote_execution.models import AgentTokenModel
 from airflow_remote_execution.wire.parsing import (
@@ -50,29 +48,9 @@ def allowed_bundles(token: AgentTokenModel) -> list[str]:
     return list(token.bundles or [])
 
 
-_parsed_by_agents: tuple[float, frozenset[str]] = (float("-inf"), frozenset())
-
-
-def bundles_parsed_by_agents(session: Session) -> frozenset[str]:
-    """Bundles some live agent token may parse (re-read at most once a second). Work of such a bundle came
-    from agents' DAGs, so only agents whose token allows the bundle may run it (``leases.lease``)."""
-    global _parsed_by_agents
-    now = time.monotonic()
-    if now - _parsed_by_agents[0] >= 1.0:
-        rows = session.execute(
-            select(AgentTokenModel.bundles, AgentTokenModel.expires_at).where(
-                AgentTokenModel.revoked_at.is_(None), AgentTokenModel.bundles.is_not(None)
-            )
-        ).all()
-        utcnow = timezone.utcnow()
-        names = frozenset(b for bundles, expires in rows if expires is None or expires > utcnow for b in bundles or ())
-        _parsed_by_agents = (now, names)
-    return _parsed_by_agents[1]
-
-
 def bundles_refused_to(session: Session, token: AgentTokenModel) -> list[str]:
     """Agent-parsed bundles whose work ``token`` may not lease."""
-    return sorted(bundles_parsed_by_agents(session) - set(allowed_bundles(token)))
+    return sorted(tokens.bundles_parsed_by_agents(session) - set(allowed_bundles(token)))
 
 
 def check_bundles(token: AgentTokenModel, bundles: Iterable[str]) -> list[str]:

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -183,3 +184,23 @@ def revoke(session: Session, token_id: str) -> AgentTokenModel:
     if row.revoked_at is None:
         row.revoked_at = timezone.utcnow()
     return row
+
+
+_parsed_by_agents: tuple[float, frozenset[str]] = (float("-inf"), frozenset())
+
+
+def bundles_parsed_by_agents(session: Session) -> frozenset[str]:
+    """Bundles some live agent token may parse (re-read at most once a second). Work of such a bundle came
+    from agents' DAGs, so only agents whose token allows the bundle may run it (``leases.lease``)."""
+    global _parsed_by_agents
+    now = time.monotonic()
+    if now - _parsed_by_agents[0] >= 1.0:
+        rows = session.execute(
+            select(AgentTokenModel.bundles, AgentTokenModel.expires_at).where(
+                AgentTokenModel.revoked_at.is_(None), AgentTokenModel.bundles.is_not(None)
+            )
+        ).all()
+        utcnow = timezone.utcnow()
+        names = frozenset(b for bundles, expires in rows if expires is None or expires > utcnow for b in bundles or ())
+        _parsed_by_agents = (now, names)
+    return _parsed_by_agents[1]

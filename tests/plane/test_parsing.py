@@ -341,7 +341,7 @@ def test_a_deadline_callback_of_an_agents_dag_gets_a_parked_trigger(adb, monkeyp
 
     from airflow_remote_execution.plane import exec_guard
 
-    monkeypatch.setattr(parsing, "_parsed_by_agents", (float("-inf"), frozenset()))
+    monkeypatch.setattr(tokens, "_parsed_by_agents", (float("-inf"), frozenset()))
     _token(adb)  # an agent token that may parse BUNDLE
     exec_guard.park_agents_triggers()  # as the RemoteExecutor does in the scheduler
     with adb.session() as s:

@@ -149,7 +149,7 @@ def test_triggers_of_an_agent_parsed_bundle_go_only_to_tokens_allowing_it(adb):
     trigger = deferred(adb, "t")
     with adb.session() as s:
         tokens.create(s, agent_name="bundle-parser", queues=["default"], bundles=["bundle"])
-    parsing._parsed_by_agents = (float("-inf"), frozenset())
+    tokens._parsed_by_agents = (float("-inf"), frozenset())
     other = triggerer(adb, "other-team", ["default"])
     with adb.session() as s:
         token = s.get(AgentTokenModel, _token_of_job[other])

@@ -79,10 +79,10 @@ class Admission:
             await self.app(scope, receive, send)
             return
         if not self._served:  # what the api-server loaded after our app, out of full collections too
-            from airflow_remote_execution.plane.api.app import freeze_startup_heap
+            from airflow_remote_execution.plane import gc_tuning
 
             self._served = True
-            freeze_startup_heap()
+            gc_tuning.freeze_startup_heap()
         client = (scope.get("client") or ("?", 0))[0]
         authorization = _header(scope, b"authorization")
         key = hashlib.sha256((authorization or "").encode()).digest()

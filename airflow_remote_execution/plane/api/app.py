@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from airflow_remote_execution import __version__
+from airflow_remote_execution.plane import gc_tuning
 from airflow_remote_execution.plane.agents import AgentForbidden, AgentNotRegistered
 from airflow_remote_execution.plane.leases import LeaseConflict
 from airflow_remote_execution.plane.tokens import TokenError
@@ -65,26 +66,8 @@ def create_app() -> FastAPI:
     app.add_exception_handler(OperationalError, _database_busy)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     _warn_if_sqlite_with_workers()
-    freeze_startup_heap()
+    gc_tuning.freeze_startup_heap()
     return app
-
-
-def freeze_startup_heap() -> None:
-    """Make Python's garbage collector cheap for a process holding thousands of parked long-polls.
-
-    Airflow's api-server holds ~700k long-lived objects (modules, ORM mappers, pydantic schemas), and every
-    parked lease request holds ~400 more (~50 coroutines through Airflow's middleware stack): at 1,000 idle
-    agents ~380k. Full collections walked all of them every second or two, 200-700 ms each (measured with gc
-    callbacks): the heartbeats' slowest answers. So what is loaded at start is frozen out of collections
-    (``gc.freeze``), and collections run less often (``gc.set_threshold``): garbage cycles are freed later,
-    a few MB at most. Called when the app is made and again on the first agent request (what loaded late)."""
-    import gc
-
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
-GC_THRESHOLDS = (50_000, 20, 100)  # Python's defaults: (700, 10, 10)
 
 
 def _warn_if_sqlite_with_workers() -> None:

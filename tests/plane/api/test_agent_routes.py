@@ -500,13 +500,12 @@ def test_admin_agents_and_work(client, jwt_for):
 def test_registration_says_when_queued_work_is_out_of_the_tokens_bundles(client):
     """Work of a bundle agents parse goes only to tokens allowing it: an agent whose token does not is told
     at registration, instead of polling and waiting silently."""
-    from airflow_remote_execution.plane import parsing
 
     with create_session() as s:
         tokens.create(s, agent_name="bundle-owner", queues=["default"], bundles=["team-b"])
         leases.enqueue(s, key=TaskInstanceKey(dag_id="b", task_id="t", run_id="r", try_number=1, map_index=-1),
                        kind="task", queue="default", priority_weight=1, workload="{}", bundle="team-b")
-    parsing._parsed_by_agents = (float("-inf"), frozenset())
+    tokens._parsed_by_agents = (float("-inf"), frozenset())
     token = new_token("plain-worker", ("default",))
     warnings = post(client, "/agents/register", token, {"concurrency": 1}).json()["warnings"]
     assert len(warnings) == 1 and warnings[0].startswith("1 queued work item(s) on this agent's queues belong to DAG "
