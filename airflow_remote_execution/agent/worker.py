@@ -55,6 +55,7 @@ class Running:
     slot_released: bool = False  # the task process is gone; only the supervisor is finishing up
     gated: bool = False  # a task whose runner must reach its gate within START_TIMEOUT of the start
     started: float = field(default_factory=time.monotonic)
+    ended: bool = False  # its runner has finished it (and may run other work now): nothing left to kill
 
 
 class AgentWorker:
@@ -416,6 +417,7 @@ class AgentWorker:
         while not run.runner.done(1.0):
             pass
         code = run.runner.result()
+        run.ended = True  # before the runner goes back: a late "kill" must not reach its next workload
         if run.killed:
             run.runner.stop()
         else:
@@ -495,7 +497,7 @@ class AgentWorker:
         for work_id in reply.kill:
             with self.lock:
                 run = self.running.get(work_id)
-            if run is not None:
+            if run is not None and not run.ended:  # ended: its outcome is on its way (the plane saw it first)
                 log.warning("Plane took work %s away; killing it", work_id)
                 self._kill(run)
         if reply.drain != self.paused:
