@@ -9,7 +9,6 @@ tokens, only SHA-256 of the 256-bit secret is stored.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 import secrets
@@ -20,23 +19,11 @@ from sqlalchemy.orm import Session
 from airflow.sdk import timezone
 
 from airflow_remote_execution.models.tables import MetricsTokenModel
-from airflow_remote_execution.plane.tokens import TokenError, parse_duration
+from airflow_remote_execution.plane.tokens import TokenError, parse_duration, secret_hash, token_status
 
 PREFIX = "rexm"
 _TOKEN_RE = re.compile(rf"^{PREFIX}_([0-9a-f]{{16}})_([A-Za-z0-9_\-]{{43}})$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,250}$")
-
-
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def status(row: MetricsTokenModel) -> str:
-    if row.revoked_at is not None:
-        return "revoked"
-    if row.expires_at is not None and row.expires_at <= timezone.utcnow():
-        return "expired"
-    return "active"
 
 
 def create(
@@ -50,7 +37,7 @@ def create(
     row = MetricsTokenModel(
         id=token_id,
         name=name,
-        secret_hash=_hash(secret),
+        secret_hash=secret_hash(secret),
         description=description,
         created_at=now,
         expires_at=now + parse_duration(expires_in) if expires_in else None,
@@ -75,9 +62,9 @@ def verify(session: Session, authorization: str | None) -> MetricsTokenModel:
         raise TokenError("Malformed metrics token: expected the 'rexm_...' value printed by `metrics-tokens create`")
     token_id, secret = match.groups()
     row = session.get(MetricsTokenModel, token_id)
-    if row is None or not hmac.compare_digest(row.secret_hash, _hash(secret)):
+    if row is None or not hmac.compare_digest(row.secret_hash, secret_hash(secret)):
         raise TokenError("Invalid metrics token: no such token (wrong value or deleted)")
-    state = status(row)
+    state = token_status(row)
     if state == "revoked":
         raise TokenError(f"Metrics token {row.id} was revoked at {row.revoked_at.isoformat()}")
     if state == "expired":
@@ -103,7 +90,7 @@ def revoke(session: Session, token_id: str) -> MetricsTokenModel:
 
 def info(row: MetricsTokenModel) -> dict:
     return {
-        "id": row.id, "name": row.name, "description": row.description, "status": status(row),
+        "id": row.id, "name": row.name, "description": row.description, "status": token_status(row),
         "created_at": row.created_at.isoformat(), "expires_at": row.expires_at and row.expires_at.isoformat(),
         "revoked_at": row.revoked_at and row.revoked_at.isoformat(),
         "last_used_at": row.last_used_at and row.last_used_at.isoformat(),

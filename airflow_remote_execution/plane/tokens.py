@@ -56,7 +56,8 @@ def check_agent_name(name: object) -> str:
     return name
 
 
-def _hash(secret: str) -> str:
+def secret_hash(secret: str) -> str:
+    """What is stored of a token's secret (agent and metrics tokens alike)."""
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
@@ -117,7 +118,7 @@ def create(
         agent_name=agent_name,
         queues=queues,
         bundles=bundles,
-        secret_hash=_hash(secret),
+        secret_hash=secret_hash(secret),
         description=description,
         created_at=now,
         expires_at=now + parse_duration(expires_in) if expires_in else None,
@@ -136,7 +137,7 @@ def verify(session: Session, token: str | None) -> AgentTokenModel:
         raise TokenError("Malformed agent token: expected the 'rex_...' value printed by `tokens create`")
     token_id, secret = match.groups()
     row = session.get(AgentTokenModel, token_id)
-    if row is None or not hmac.compare_digest(row.secret_hash, _hash(secret)):
+    if row is None or not hmac.compare_digest(row.secret_hash, secret_hash(secret)):
         raise TokenError("Invalid agent token: no such token (wrong value or deleted)")
     now = timezone.utcnow()
     status = token_status(row, now)
