@@ -257,6 +257,19 @@ def get_provider_info() -> dict:
                         "integer",
                         "2592000",
                     ),
+                    "agent_metrics_port": _opt(
+                        "Agent: port of its own Prometheus endpoint (``/metrics``: the worker's counters, "
+                        "gauges and timers, and the sentinel's checks on the sentinel's probe port). 0: off. "
+                        "Your Prometheus scrapes it; the plane never connects to an agent.",
+                        "integer",
+                        "0",
+                        "9108",
+                    ),
+                    "agent_metrics_host": _opt(
+                        "Agent: address its Prometheus endpoint listens on (``agent_metrics_port``).",
+                        "string",
+                        "0.0.0.0",
+                    ),
                     # --- sentinel (beside the agent) ---
                     "status_file": _opt(
                         "Where the agent writes its status for the sentinel (JSON, rewritten every "

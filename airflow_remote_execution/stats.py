@@ -7,6 +7,12 @@ tags, as Airflow 3 names do. Plain StatsD has no tags, so with ``[metrics] legac
 default) each metric is also sent once under its legacy-style name with the tag values appended
 (``remote_execution.queue.queued.<queue>``), as Airflow does for pools. docs/metrics.md lists them all.
 
+With :func:`serve_prometheus` (the agent's ``agent_metrics_port``), every metric of this process also
+updates a process-local ``prometheus_client`` registry served as Prometheus text on ``/metrics``:
+``remote_execution_<name, dots as _>`` with the tags as labels; counters end in ``_total``, timers are
+histograms in seconds (``_seconds``). This is a pod's own endpoint for the customer's Prometheus; the
+plane never connects to it.
+
 Nothing here may fail the caller: a broken metrics backend costs a log line, never a lease.
 """
 
@@ -27,6 +33,7 @@ _lock = threading.Lock()
 _ready_pid: int | None = None
 _legacy = True
 _off = False  # no [metrics] backend configured: names are not even built
+_prom: PrometheusRegistry | None = None  # set by serve_prometheus: this process's /metrics
 
 
 def _stats():
@@ -78,6 +85,8 @@ def _names(name: str, tags: dict[str, object]) -> tuple[str, dict[str, str], str
 
 
 def _emit(kind: str, name: str, value, tags: dict[str, object]) -> None:
+    if _prom is not None:
+        _prom.record(kind, name, value, tags)
     try:
         stats = _stats()
         if _off:
@@ -123,3 +132,83 @@ def gauge(name: str, value: float, **tags: object) -> None:
 def timing(name: str, seconds: float, **tags: object) -> None:
     """A duration in seconds, sent as a timer (milliseconds in StatsD)."""
     _emit("timing", name, timedelta(seconds=max(0.0, seconds)), tags)
+
+
+# ---------------------------------------------------------------- Prometheus text of this process
+
+# Seconds: lease->start and plane backoff run from milliseconds to minutes.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, float("inf"))
+MAX_SERIES = 2_000  # label sets per metric: tag values come from queue and agent names, bounded anyway
+
+
+class PrometheusRegistry:
+    """The metrics of this process as ``prometheus_client`` families, created at their first use."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._families: dict[tuple[str, str], object] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def metric_name(name: str) -> str:
+        return (PREFIX + name).replace(".", "_").replace("-", "_")
+
+    def _family(self, kind: str, name: str, labels: tuple[str, ...]):
+        from prometheus_client import Counter, Gauge, Histogram
+
+        with self._lock:
+            family = self._families.get((kind, name))
+            if family is None:
+                base = self.metric_name(name)
+                doc = f"{PREFIX}{name} (docs/metrics.md)"
+                if kind == "incr":
+                    family = Counter(base, doc, labels, registry=self.registry)
+                elif kind == "gauge":
+                    family = Gauge(base, doc, labels, registry=self.registry)
+                else:
+                    family = Histogram(f"{base}_seconds", doc, labels, registry=self.registry, buckets=BUCKETS)
+                self._families[(kind, name)] = family
+            return family
+
+    def record(self, kind: str, name: str, value, tags: dict[str, object]) -> None:
+        """Never raises (a metric whose labels changed between calls is logged and skipped)."""
+        try:
+            family = self._family(kind, name, tuple(tags))
+            if tags:
+                if len(family._metrics) >= MAX_SERIES and tuple(tag(v) for v in tags.values()) not in family._metrics:
+                    return
+                family = family.labels(*(tag(v) for v in tags.values()))
+            if kind == "incr":
+                family.inc(value)
+            elif kind == "gauge":
+                family.set(value)
+            else:
+                family.observe(value.total_seconds() if isinstance(value, timedelta) else float(value))
+        except Exception:  # noqa: BLE001
+            log.debug("Could not record metric %s for Prometheus", name, exc_info=True)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def prometheus() -> PrometheusRegistry:
+    """This process's registry (made on first use): metrics are recorded in it from then on."""
+    global _prom
+    with _lock:
+        if _prom is None:
+            _prom = PrometheusRegistry()
+        return _prom
+
+
+def serve_prometheus(host: str, port: int) -> tuple[str, int]:
+    """Serve this process's metrics as Prometheus text on ``http://host:port/metrics`` (a daemon thread);
+    returns the bound address (``port`` 0: any free port)."""
+    from prometheus_client import start_http_server
+
+    registry = prometheus()
+    server, _thread = start_http_server(port, addr=host, registry=registry.registry)
+    return server.server_address[:2]

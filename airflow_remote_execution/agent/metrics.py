@@ -6,6 +6,7 @@ name as the ``agent`` tag once it registered (before: ``unregistered``). docs/me
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from airflow_remote_execution import stats
 if TYPE_CHECKING:
     from airflow_remote_execution.wire.api import Lease
 
+log = logging.getLogger(__name__)
 _agent = "unregistered"
 _leased_at: dict[int, float] = {}  # work id -> when its lease arrived (monotonic)
 _lock = threading.Lock()
@@ -27,6 +29,42 @@ def _named(name: str | None) -> str:
     if name:
         _agent = name
     return _agent
+
+
+def serve_from_config() -> tuple[str, int] | None:
+    """Start this process's Prometheus endpoint if ``[remote_execution] agent_metrics_port`` is set (the
+    worker calls this; the sentinel answers ``/metrics`` on its probe port instead). A port already in use
+    is a clear error at start, not a silent gap in the metrics."""
+    from airflow_remote_execution import config
+
+    port = config.getint("agent_metrics_port")
+    if not port:
+        return None
+    if not 0 < port < 65536:
+        raise SystemExit(f"[remote_execution] agent_metrics_port {port} is not a TCP port (0 turns it off)")
+    host = config.get("agent_metrics_host") or "0.0.0.0"
+    try:
+        bound = stats.serve_prometheus(host, port)
+    except OSError as e:
+        raise SystemExit(f"Cannot serve the agent's metrics on {host}:{port} ([remote_execution] "
+                         f"agent_metrics_host/agent_metrics_port): {e}") from e
+    log.info("Agent metrics for Prometheus on http://%s:%s/metrics", *bound)
+    return bound
+
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def sentinel_prometheus() -> stats.PrometheusRegistry | None:
+    """The sentinel is a process (often a container) of its own: when the agent's endpoint is on
+    (``agent_metrics_port``), its probe server answers ``/metrics`` with its checks from this registry."""
+    from airflow_remote_execution import config
+
+    try:
+        on = config.getint("agent_metrics_port") > 0
+    except Exception:  # noqa: BLE001 - an unreadable option: off
+        on = False
+    return stats.prometheus() if on else None
 
 
 @stats.never_raises

@@ -365,6 +365,7 @@ class Sentinel:
 
     def start(self, host: str, port: int) -> tuple[str, int]:
         """Serve the probes and start the loops; returns the bound address."""
+        self.prometheus = metrics.sentinel_prometheus()  # /metrics here too when agent_metrics_port is on
         self.server = ThreadingHTTPServer((host, port), _handler(self))
         self.server.daemon_threads = True
         self._threads = [
@@ -402,6 +403,8 @@ def _handler(sentinel: Sentinel) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             path = self.path.split("?", 1)[0].rstrip("/") or "/"
+            if path == "/metrics" and getattr(sentinel, "prometheus", None) is not None:
+                return self._send(200, sentinel.prometheus.text(), metrics.PROMETHEUS_CONTENT_TYPE)
             if path == "/livez":
                 result = sentinel._self_check()
                 code, body = (200 if result.ok else 503), {"status": "ok" if result.ok else "failing",
@@ -414,9 +417,11 @@ def _handler(sentinel: Sentinel) -> type[BaseHTTPRequestHandler]:
                 code, body = (200 if evaluation.ready else 503), evaluation.body()
             else:
                 code, body = 404, {"detail": "not found: use /livez, /healthz or /readyz"}
-            data = json.dumps(body).encode()
+            self._send(code, json.dumps(body).encode(), "application/json")
+
+        def _send(self, code: int, data: bytes, content_type: str) -> None:
             self.send_response(code)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

@@ -23,9 +23,11 @@ log = logging.getLogger("airflow_remote_execution.agent")
 
 
 def _run_worker(args) -> int:
+    from airflow_remote_execution.agent import metrics
     from airflow_remote_execution.agent.client import PlaneClient
     from airflow_remote_execution.agent.worker import AgentWorker
 
+    metrics.serve_from_config()  # the worker's own /metrics for Prometheus, if agent_metrics_port is set
     worker = AgentWorker(
         PlaneClient.from_config(),
         concurrency=getattr(args, "concurrency", None) or config.getint("concurrency"),
