@@ -19,4 +19,4 @@ class RemoteExecutionDBManager(BaseDBManager):
     migration_dir = (PACKAGE_DIR / "migrations").as_posix()
     alembic_file = (PACKAGE_DIR / "migrations" / "alembic.ini").as_posix()
     supports_table_dropping = True
-    revision_heads_map = {"0.1.0": "0005_metrics_token"}
+    revision_heads_map = {"0.1.0": "0006_event_count"}

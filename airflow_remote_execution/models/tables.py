@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, MetaData, String, Text, desc
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, MetaData, String, Text, desc
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from airflow.models.base import _get_schema, naming_convention
@@ -185,3 +185,16 @@ class MetricsTokenModel(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class EventCountModel(Base):
+    """Plane events counted cluster-wide (requeues by queue and reason, lost agents, fencing conflicts),
+    upserted in the transaction of the event, so every api-server's Prometheus text shows the same totals.
+    ``queue`` and ``reason`` are ``""`` where the event has none."""
+
+    __tablename__ = "remote_event_count"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    queue: Mapped[str] = mapped_column(String(256), primary_key=True, default="")
+    reason: Mapped[str] = mapped_column(String(64), primary_key=True, default="")
+    value: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)

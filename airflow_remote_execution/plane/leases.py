@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -161,8 +162,9 @@ def _requeue_where(session: Session, condition, reason: str = "expired_lease") -
         .returning(WorkItemModel.queue)
         .execution_options(synchronize_session=False)
     ).all()
-    for queue in {r.queue for r in rows}:
+    for queue, n in Counter(r.queue for r in rows).items():
         wakeup.notify(session, queue)
+        metrics.count_event(session, "work_requeued", n, queue=queue, reason=reason)
     metrics.requeued([r.queue for r in rows], reason)
     return len(rows)
 
@@ -180,8 +182,9 @@ def reclaim_from_lost(
     mine = WorkItemModel.agent_id == agent.id
     if keep:
         mine = mine & WorkItemModel.id.not_in(list(keep))
-    requeued = _requeue_where(session, mine, "lost_agent" if why.startswith("lost") else "agent_restarted")
-    failed = session.execute(
+    lost = why.startswith("lost")
+    requeued = _requeue_where(session, mine, "lost_agent" if lost else "agent_restarted")
+    failed_queues = session.execute(
         update(WorkItemModel)
         .where(mine, WorkItemModel.state == WorkState.RUNNING.value)
         .values(
@@ -190,9 +193,14 @@ def reclaim_from_lost(
             finished_at=now,
             info=f"agent {agent.name} {why}",
         )
+        .returning(WorkItemModel.queue)
         .execution_options(synchronize_session=False)
-    ).rowcount
-    return requeued, failed
+    ).scalars().all()
+    if lost:  # counted cluster-wide with the reclaim (metrics.agent_lost sends the StatsD side)
+        metrics.count_event(session, "agent_lost")
+        for queue, n in Counter(failed_queues).items():
+            metrics.count_event(session, "work_failed_on_lost_agent", n, queue=queue)
+    return requeued, len(failed_queues)
 
 
 def pending_reports(session: Session) -> list[WorkItemModel]:
@@ -346,6 +354,7 @@ def release(session: Session, agent: AgentModel, work_id: int, fence: int) -> Wo
         state=WorkState.QUEUED.value, agent_id=None, agent_name=None, leased_at=None, lease_expires_at=None,
     )
     wakeup.notify(session, row.queue)
+    metrics.count_event(session, "work_requeued", queue=row.queue, reason="released")
     metrics.requeued([row.queue], "released")
     return row
 

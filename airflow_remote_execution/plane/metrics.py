@@ -6,6 +6,10 @@ agents, fencing conflicts, authentication failures, lease timers, long-polls, he
 Gauges are read, not counted: :func:`snapshot` runs one grouped query over unfinished work and one
 over agents, so every scheduler (and every scrape) sees the same figures whatever process changed
 them. The RemoteExecutor emits them every :data:`EMIT_EVERY` seconds from its sync loop.
+
+Events of the scheduler and of any api-server (requeues, lost agents, fencing conflicts) are also counted
+in ``remote_event_count`` by :func:`count_event`, in the transaction of the event, so the Prometheus text
+of whichever api-server is scraped shows cluster totals.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
 from sqlalchemy import func, select
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from airflow.sdk import timezone
 
 from airflow_remote_execution import stats
 from airflow_remote_execution.models import AgentModel, WorkItemModel
+from airflow_remote_execution.models.tables import EventCountModel
 from airflow_remote_execution.wire.api import AgentState, WorkState
 
 EMIT_EVERY = 5.0
@@ -75,6 +81,7 @@ class Snapshot:
     queues: dict[str, QueueFigures] = field(default_factory=dict)
     agents_by_state: dict[str, int] = field(default_factory=dict)
     agents: list[AgentFigures] = field(default_factory=list)
+    events: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (name, queue, reason) -> count
     taken_at: datetime = field(default_factory=timezone.utcnow)
 
 
@@ -111,6 +118,7 @@ def snapshot(session: Session, queues: Iterable[str] = ()) -> Snapshot:
             q = figures.setdefault(queue, QueueFigures())
             q.agents += 1
             q.free_slots += max(0, free or 0)
+    result.events = event_counts(session)
     return result
 
 
@@ -174,6 +182,92 @@ def emit_gauges(snap: Snapshot, known_states: set[str] | None = None) -> None:
         stats.gauge("agents", snap.agents_by_state.get(state, 0), state=state)
 
 
+# ---------------------------------------------------------------- cluster-wide event counters (database)
+
+EVENTS = {  # name in remote_event_count -> (Prometheus counter, its labels, help)
+    "work_requeued": ("remote_execution_work_requeued_total", ("queue", "reason"),
+                      "Leased work put back in the queue, by queue and reason (cluster total)"),
+    "agent_lost": ("remote_execution_agent_lost_total", (), "Agents declared lost (cluster total)"),
+    "work_failed_on_lost_agent": ("remote_execution_work_failed_on_lost_agent_total", ("queue",),
+                                  "Running work failed because its agent was lost (cluster total)"),
+    "lease_conflict": ("remote_execution_lease_conflict_total", ("reason",),
+                       "Reports refused with 409, fencing conflicts, by reason (cluster total)"),
+}
+
+
+def count_event(session: Session, name: str, n: int = 1, queue: str = "", reason: str = "") -> None:
+    """Add ``n`` to a cluster-wide counter, in the caller's transaction, with one upsert statement (it
+    commits or rolls back with the event it counts)."""
+    if not n:
+        return
+    table = EventCountModel.__table__
+    values = {"name": name, "queue": queue[:256], "reason": reason[:64], "value": n}
+    dialect = session.get_bind().dialect.name
+    if dialect == "mysql":
+        stmt = mysql.insert(table).values(values)
+        stmt = stmt.on_duplicate_key_update(value=table.c.value + stmt.inserted.value)
+    else:
+        stmt = (postgresql if dialect == "postgresql" else sqlite).insert(table).values(values)
+        stmt = stmt.on_conflict_do_update(index_elements=["name", "queue", "reason"],
+                                          set_={"value": table.c.value + stmt.excluded.value})
+    session.execute(stmt)
+
+
+def event_counts(session: Session) -> dict[tuple[str, str, str], int]:
+    return {(r.name, r.queue, r.reason): int(r.value) for r in session.execute(
+        select(EventCountModel.name, EventCountModel.queue, EventCountModel.reason, EventCountModel.value))}
+
+
+class _LaterCounts:
+    """Counts of events whose own transaction rolls back (a refused report: the 409 answer undoes the
+    route's session), written by one thread of this process in a transaction of their own, so the
+    api-server's event loop never waits on the database for them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: Counter[tuple[str, str, str]] = Counter()
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._pid: int | None = None
+
+    def add(self, name: str, queue: str = "", reason: str = "") -> None:
+        import os
+
+        with self._lock:
+            self._pending[(name, queue, reason)] += 1
+            self._idle.clear()
+            if self._pid != os.getpid():  # first use in this process (api-server workers fork)
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="event-counts", daemon=True).start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        from airflow.utils.session import create_session
+
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                pending, self._pending = self._pending, Counter()
+            try:
+                with create_session() as session:
+                    for (name, queue, reason), n in pending.items():
+                        count_event(session, name, n, queue, reason)
+            except Exception:  # noqa: BLE001 - a lost count costs a log line, never a request
+                log.warning("Could not count %d plane event(s) in the database", sum(pending.values()), exc_info=True)
+            with self._lock:
+                if not self._pending:
+                    self._idle.set()
+
+    def flush(self, timeout: float = 30) -> bool:
+        """Wait until every count added so far is written (tests)."""
+        return self._idle.wait(timeout)
+
+
+later = _LaterCounts()
+
+
 # ---------------------------------------------------------------- events, where they happen
 
 
@@ -199,7 +293,6 @@ def requeued(queues: Iterable[str], reason: str) -> None:
     ``agent_restarted``."""
     for queue, count in Counter(queues).items():
         stats.incr("work.requeued", count, queue=queue, reason=reason)
-        _count(f"requeued|{queue}|{reason}", count)
 
 
 @stats.never_raises
@@ -207,7 +300,6 @@ def agent_lost(name: str, failed: int) -> None:
     """An agent declared lost (no heartbeat); ``failed``: its running work failed with it."""
     stats.incr("agent.lost", agent=name)
     stats.incr("work.failed_on_lost_agent", failed, agent=name)
-    _count("lost_agents")
 
 
 _CONFLICTS = (("Stale fencing token", "stale_fence"), ("is not leased to agent", "other_agent"))
@@ -218,7 +310,7 @@ def lease_conflict(message: str) -> None:
     """A report refused with 409 (wrong agent, stale fence, wrong state): a fencing conflict."""
     reason = next((r for text, r in _CONFLICTS if text in message), "wrong_state")
     stats.incr("lease.conflict", reason=reason)
-    _count(f"conflict|{reason}")
+    later.add("lease_conflict", reason=reason)
 
 
 _AUTH_REASONS = (
@@ -318,7 +410,8 @@ def _label(value: str) -> str:
 
 
 def prometheus_text(snap: Snapshot, slots_per_agent: int) -> str:
-    """The fleet gauges (and this api-server process's event counters) in Prometheus' text format 0.0.4."""
+    """The fleet gauges, the cluster-wide event counters, and this api-server process's own counters
+    (leases, authentication failures, long-polls) in Prometheus' text format 0.0.4."""
     lines: list[str] = []
     for name, (kind, help_text) in _HELP.items():
         metric = f"remote_execution_queue_{name}"
@@ -330,20 +423,15 @@ def prometheus_text(snap: Snapshot, slots_per_agent: int) -> str:
     for state in sorted(set(snap.agents_by_state) | {s.value for s in AgentState}):
         lines.append(f'remote_execution_agents{{state="{state}"}} {snap.agents_by_state.get(state, 0)}')
     lines += _agent_lines(snap.agents)
+    lines += _event_lines(snap.events)
     counters = process_counters()
     families: dict[str, list[str]] = {}
     for key, value in sorted(counters.items()):
         kind, *labels = key.split("|")
-        if kind == "requeued":
-            families.setdefault("work_requeued", []).append(
-                f'remote_execution_work_requeued_total{{queue="{_label(labels[0])}",reason="{labels[1]}"}} {value}')
-        elif kind == "conflict":
-            families.setdefault("lease_conflict", []).append(
-                f'remote_execution_lease_conflict_total{{reason="{labels[0]}"}} {value}')
-        elif kind == "auth":
+        if kind == "auth":
             families.setdefault("auth_failed", []).append(
                 f'remote_execution_auth_failed_total{{reason="{labels[0]}"}} {value}')
-        elif kind in ("leases", "lost_agents"):
+        elif kind == "leases":
             families.setdefault(kind, []).append(f"remote_execution_{kind}_total {value}")
     for family, samples in families.items():
         lines += [f"# HELP remote_execution_{family}_total Events seen by this api-server process",
@@ -352,6 +440,23 @@ def prometheus_text(snap: Snapshot, slots_per_agent: int) -> str:
               "# TYPE remote_execution_lease_long_polls gauge",
               f"remote_execution_lease_long_polls {counters.get('long_polls', 0)}"]
     return "\n".join(lines) + "\n"
+
+
+def _event_lines(events: dict[tuple[str, str, str], int]) -> list[str]:
+    """The cluster-wide counters: every family is declared; one without labels always has its sample (0
+    before the first event), one with labels has a sample per queue and reason seen."""
+    lines: list[str] = []
+    for name, (metric, labels, help_text) in EVENTS.items():
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
+        samples = sorted((k, v) for k, v in events.items() if k[0] == name)
+        if not labels:
+            lines.append(f"{metric} {sum(v for _, v in samples)}")
+            continue
+        for (_, queue, reason), value in samples:
+            given = {"queue": queue, "reason": reason}
+            text = ",".join(f'{label}="{_label(given[label])}"' for label in labels)
+            lines.append(f"{metric}{{{text}}} {value}")
+    return lines
 
 
 _SENTINEL_STATUS = {"ok": 0, "degraded": 1, "failing": 2}

@@ -7,6 +7,7 @@ import contextlib
 import json
 import threading
 import time
+from collections import Counter
 from datetime import timedelta
 
 import pytest
@@ -20,7 +21,7 @@ from airflow.utils.session import create_session
 
 from airflow_remote_execution import stats
 from airflow_remote_execution.models import AgentModel, WorkItemModel
-from airflow_remote_execution.models.tables import MetricsTokenModel
+from airflow_remote_execution.models.tables import EventCountModel, MetricsTokenModel
 from airflow_remote_execution.plane import agents, leases, metrics, metrics_tokens, tokens
 from airflow_remote_execution.plane.api.app import create_app
 from airflow_remote_execution.wire.api import RegisterRequest, SentinelCheck, SentinelReport
@@ -468,3 +469,121 @@ def test_a_broken_metric_never_breaks_the_transition_it_measures():
     metrics.leased([Odd()], timezone.utcnow())
     metrics.confirmed(Odd())
     metrics.requeued(None, "expired_lease")
+
+
+# ------------------------------------------------------------------ cluster-wide event counters (database)
+
+
+def _db_agent(db, name: str, queues: list[str]) -> int:
+    with db.session() as s:
+        _, token = tokens.create(s, agent_name=name, queues=queues)
+        return agents.register(s, token, RegisterRequest(concurrency=4)).id
+
+
+def _db_enqueue(db, task: str, queue: str) -> None:
+    with db.session() as s:
+        leases.enqueue(s, key=key(task), kind="task", queue=queue, priority_weight=1, workload=json.dumps({}))
+
+
+def _db_counts(db) -> dict[tuple[str, str, str], int]:
+    with db.session() as s:
+        return metrics.event_counts(s)
+
+
+@pytest.fixture
+def no_event_counts(db):
+    with db.engine.begin() as conn:
+        conn.execute(delete(EventCountModel))
+    yield
+    with db.engine.begin() as conn:
+        conn.execute(delete(EventCountModel))
+
+
+def test_requeues_and_lost_agents_are_counted_in_the_database_with_the_event(db, no_event_counts):
+    agent_id = _db_agent(db, "counted", ["q1", "q2"])
+    for i in range(3):
+        _db_enqueue(db, f"c{i}", "q1")
+    _db_enqueue(db, "c3", "q2")
+    with db.session() as s:
+        taken = leases.lease(s, s.get(AgentModel, agent_id), ["q1", "q2"], 4, 30)
+        leases.confirm_start(s, s.get(AgentModel, agent_id), taken[0].id, taken[0].fence)
+    running_queue = taken[0].queue
+    # Expired leases: two, counted by queue, one upsert per queue and event.
+    with db.session() as s:
+        s.execute(update(WorkItemModel).where(WorkItemModel.id.in_([t.id for t in taken[1:3]])).values(
+            lease_expires_at=timezone.utcnow() - timedelta(seconds=1)))
+        assert leases.requeue_expired_leases(s) == 2
+    expired = Counter(t.queue for t in taken[1:3])
+    counts = _db_counts(db)
+    for queue, n in expired.items():
+        assert counts[("work_requeued", queue, "expired_lease")] == n
+    # An event whose transaction rolls back is not counted.
+    with contextlib.suppress(RuntimeError), db.session() as s:
+        s.execute(update(WorkItemModel).where(WorkItemModel.id == taken[3].id).values(
+            lease_expires_at=timezone.utcnow() - timedelta(seconds=1)))
+        assert leases.requeue_expired_leases(s) == 1
+        raise RuntimeError("the transition fails after the requeue")
+    assert _db_counts(db) == counts
+    # The agent is lost: its unstarted lease requeued, its running work failed, and the agent counted.
+    with db.session() as s:
+        assert leases.reclaim_from_lost(s, s.get(AgentModel, agent_id)) == (1, 1)
+    counts = _db_counts(db)
+    assert counts[("work_requeued", taken[3].queue, "lost_agent")] == 1
+    assert counts[("agent_lost", "", "")] == 1
+    assert counts[("work_failed_on_lost_agent", running_queue, "")] == 1
+    # Requeued again later: the same row grows.
+    with db.session() as s:
+        again = leases.lease(s, s.get(AgentModel, agent_id), [taken[3].queue], 1, 30)
+        leases.reclaim_from_lost(s, s.get(AgentModel, agent_id))
+    assert len(again) == 1
+    assert _db_counts(db)[("work_requeued", taken[3].queue, "lost_agent")] == 2
+    assert _db_counts(db)[("agent_lost", "", "")] == 2
+    # A restarted agent's work is requeued as such; no agent is counted lost for it.
+    with db.session() as s:
+        leases.lease(s, s.get(AgentModel, agent_id), [taken[3].queue], 1, 30)
+        leases.reclaim_from_lost(s, s.get(AgentModel, agent_id), why="restarted")
+    counts = _db_counts(db)
+    assert counts[("work_requeued", taken[3].queue, "agent_restarted")] == 1
+    assert counts[("agent_lost", "", "")] == 2
+
+
+def test_concurrent_counts_from_many_sessions_add_up(db, no_event_counts):
+    def bump() -> None:
+        for _ in range(20):
+            with db.session() as s:
+                metrics.count_event(s, "work_requeued", 1, queue="busy", reason="expired_lease")
+
+    threads = [threading.Thread(target=bump) for _ in range(4 if db.name == "postgresql" else 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _db_counts(db)[("work_requeued", "busy", "expired_lease")] == 20 * len(threads)
+
+
+def test_prometheus_serves_the_cluster_wide_counters(client, airflow_db):
+    """Counts another process wrote (here straight into the table) and a conflict refused by this api-server
+    (counted after its rolled-back request, by the process's counting thread) are served as counters."""
+    with airflow_db.begin() as conn:
+        conn.execute(delete(EventCountModel))
+    with create_session() as s:
+        metrics.count_event(s, "work_requeued", 3, queue="gpu", reason="lost_agent")
+        metrics.count_event(s, "agent_lost", 2)
+        metrics.count_event(s, "work_failed_on_lost_agent", 1, queue="gpu")
+    clear, agent_id = agent("conflicted", ["default"])
+    enqueue("x1", "default")
+    [item] = lease(agent_id, ["default"], 1)
+    r = client.post(f"/v1/work/{item.id}/start", json={"fence": item.fence + 1}, headers=bearer(clear))
+    assert r.status_code == 409
+    assert metrics.later.flush()
+    r = client.get("/metrics/prometheus", headers=bearer(metrics_token("prometheus")))
+    assert r.status_code == 200
+    families = {family.name: family for family in text_string_to_metric_families(r.text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert families["remote_execution_work_requeued"].type == "counter"
+    assert samples[("remote_execution_work_requeued_total", (("queue", "gpu"), ("reason", "lost_agent")))] == 3
+    assert samples[("remote_execution_agent_lost_total", ())] == 2
+    assert samples[("remote_execution_work_failed_on_lost_agent_total", (("queue", "gpu"),))] == 1
+    assert samples[("remote_execution_lease_conflict_total", (("reason", "stale_fence"),))] == 1
+    with airflow_db.begin() as conn:
+        conn.execute(delete(EventCountModel))

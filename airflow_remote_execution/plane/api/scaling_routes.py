@@ -4,8 +4,9 @@ Fleet figures for autoscalers and Prometheus, read with a metrics token (``metri
 * ``GET /metrics/scaling?slots_per_agent=4&queues=a,b``: per queue and in total, queued work and the age
   of the oldest, leased, running, free slots, agents, and the suggested agent count, in the JSON shape
   KEDA's ``metrics-api`` scaler reads (``valueLocation: total.suggested_agents``);
-* ``GET /metrics/prometheus``: the same gauges in Prometheus' text format, plus the event counters of the
-  api-server process that answers.
+* ``GET /metrics/prometheus``: the same gauges in Prometheus' text format, the cluster-wide event counters
+  (requeues, lost agents, fencing conflicts: the same from every api-server), and the answering process's own
+  counters (leases, authentication failures, long-polls).
 
 Not under ``/v1/``: agents' admission (agent tokens) does not apply, and an agent token is refused here.
 GET routes have no body; the token is checked from the header alone.
