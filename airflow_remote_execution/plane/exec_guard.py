@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from starlette.concurrency import run_in_threadpool
@@ -49,6 +50,9 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from airflow_remote_execution import config
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 EXECUTION_PREFIX = "/execution/"
 CACHE_SECONDS = 1.0
@@ -196,30 +200,37 @@ def grant_for(claims: dict) -> Grant:
 _bundles_of_dags: dict[str, tuple[float, str | None]] = {}
 
 
-def _dag_bundle(dag_id: str) -> str | None:
-    """The bundle a DAG was parsed from (remembered a minute: a DAG moves between bundles rarely)."""
+def _dag_bundle(dag_id: str, session: Session | None = None) -> str | None:
+    """The bundle a DAG was parsed from (remembered a minute: a DAG moves between bundles rarely), read with
+    the caller's ``session`` if it has one (no second connection while it holds one)."""
     from sqlalchemy import select
 
     from airflow.models.dag import DagModel
     from airflow.utils.session import create_session
 
     def load() -> str | None:
-        with create_session() as session:
-            return session.scalar(select(DagModel.bundle_name).where(DagModel.dag_id == dag_id))
+        query = select(DagModel.bundle_name).where(DagModel.dag_id == dag_id)
+        if session is not None:
+            return session.scalar(query)
+        with create_session() as own:
+            return own.scalar(query)
 
     return _remember(_bundles_of_dags, dag_id, 60, load)
 
 
-def dag_allowed(grant: Grant, dag_id: str) -> bool:
-    return dag_id == grant.dag_id or (bool(grant.bundles) and _dag_bundle(dag_id) in grant.bundles)
+def dag_allowed(grant: Grant, dag_id: str, session: Session | None = None) -> bool:
+    return dag_id == grant.dag_id or (bool(grant.bundles) and _dag_bundle(dag_id, session) in grant.bundles)
 
 
 # ------------------------------------------------------------------------------------------- decisions
 
 
-def refusal(grant: Grant, method: str, path: str, query: str) -> tuple[int, str] | None:
+def refusal(
+    grant: Grant, method: str, path: str, query: str, session: Session | None = None
+) -> tuple[int, str] | None:
     """(status, message) to answer instead of Airflow, or None to let the request through. ``path`` is
-    relative to ``/execution/``. Blocking (a DB read for another DAG's bundle): call in a thread."""
+    relative to ``/execution/``. Blocking (a DB read for another DAG's bundle, with ``session`` if given,
+    else a session of its own): call in a thread."""
     if grant.dead:
         return 403, f"Execution API token refused: {grant.dead}"
     if path.startswith(("connections/", "variables/")):
@@ -247,16 +258,16 @@ def refusal(grant: Grant, method: str, path: str, query: str) -> tuple[int, str]
             if map_index is not None and grant.map_index is not None and str(map_index) != str(grant.map_index):
                 return 403, "This token may write XComs only of its own task instance (map_index)"
             return None
-        return None if dag_allowed(grant, dag_id) else (403, _other_dag(dag_id))
+        return None if dag_allowed(grant, dag_id, session) else (403, _other_dag(dag_id))
     if m := _DAG_ROUTES.match(path):
         dag_id = m.group(1)
         if path.split("/")[0] == "dag-runs" and dag_id in ("count", "previous"):
             dag_id = None
         if dag_id is not None:
-            return None if dag_allowed(grant, dag_id) else (403, _other_dag(dag_id))
+            return None if dag_allowed(grant, dag_id, session) else (403, _other_dag(dag_id))
     if path.rstrip("/") in _DAG_QUERY_ROUTES:
         for dag_id in parse_qs(query).get("dag_id", []):
-            if not dag_allowed(grant, dag_id):
+            if not dag_allowed(grant, dag_id, session):
                 return 403, _other_dag(dag_id)
     return None
 
@@ -272,28 +283,62 @@ def _other_dag(dag_id: str) -> str:
 
 
 def _park_agents_triggers(session, _flush_context, _instances) -> None:
-    """``before_flush``: a Trigger inserted on agents' behalf gets :data:`AGENTS_ONLY_QUEUE`, so no plane triggerer
+    """``before_flush``: a Trigger made on agents' behalf gets :data:`AGENTS_ONLY_QUEUE`, so no plane triggerer
     runs it: while a bound token's request is served (a task deferring), while an agent's parsing result is
-    stored (asset watchers of its DAGs), and a deadline callback's trigger of a DAG in a bundle agents parse
-    (made by the scheduler)."""
+    stored (asset watchers of its DAGs), and, made by the scheduler for a DAG in a bundle agents parse, a
+    deadline callback's trigger or a ``start_from_trigger`` task's. The latter is flushed alone first and
+    linked to its task instance (``TaskInstance.defer_task``) in a later flush of the same transaction, so
+    it is parked in that one, when a task instance's ``trigger_id`` changes: before anything commits it."""
     from airflow.models.trigger import Trigger
 
     new = [obj for obj in session.new if isinstance(obj, Trigger) and obj.queue != AGENTS_ONLY_QUEUE]
-    if not new:
-        return
     if _SERVING_BOUND.get():
         for trigger in new:
             trigger.queue = AGENTS_ONLY_QUEUE
         return
     callbacks = [t for t in new if t.callback is not None and getattr(t.callback, "bundle_name", None)]
-    if callbacks:
-        from airflow_remote_execution.plane.tokens import bundles_parsed_by_agents
+    linked = _newly_linked_triggers(session)
+    if not callbacks and not linked:
+        return
+    from airflow_remote_execution.plane.tokens import bundles_parsed_by_agents
 
-        with session.no_autoflush:
-            agents_bundles = bundles_parsed_by_agents(session)
+    with session.no_autoflush:
+        agents_bundles = bundles_parsed_by_agents(session)
+        if not agents_bundles:
+            return
         for trigger in callbacks:
             if trigger.callback.bundle_name in agents_bundles:
                 trigger.queue = AGENTS_ONLY_QUEUE
+        if linked:
+            from sqlalchemy import select
+
+            from airflow.models.dag import DagModel
+
+            bundles = dict(session.execute(
+                select(DagModel.dag_id, DagModel.bundle_name).where(DagModel.dag_id.in_(set(linked.values())))
+            ).all())
+            for trigger_id, dag_id in linked.items():
+                if bundles.get(dag_id) in agents_bundles:
+                    trigger = session.get(Trigger, trigger_id)
+                    if trigger is not None and trigger.queue != AGENTS_ONLY_QUEUE:
+                        trigger.queue = AGENTS_ONLY_QUEUE
+
+
+def _newly_linked_triggers(session) -> dict[int, str]:
+    """Trigger id → DAG id of the task instances in this flush whose ``trigger_id`` was set (ORM changes only:
+    the execution API's deferral is a Core UPDATE, and its triggers are parked by :data:`_SERVING_BOUND`)."""
+    from sqlalchemy import inspect
+
+    from airflow.models.taskinstance import TaskInstance
+
+    linked: dict[int, str] = {}
+    for obj in (*session.new, *session.dirty):
+        if isinstance(obj, TaskInstance):
+            # .history loads nothing: an expired task instance costs no query here
+            added = [i for i in inspect(obj).attrs.trigger_id.history.added if i is not None]
+            if added:
+                linked[added[-1]] = obj.dag_id
+    return linked
 
 
 @contextmanager

@@ -471,15 +471,17 @@ def execution_refusal(
         return 400, f"Execution API path refused: {bad}"
     token_bundles = frozenset(token.bundles or ())
     scope = exec_guard._remember(_scopes, row.job_id, SCOPE_SECONDS, lambda: _load_scope(session, row.job_id))
-    answer = _decide(scope, token_bundles, method, path, query)
+    answer = _decide(session, scope, token_bundles, method, path, query)
     if answer is not None and answer[0] == 403:
         scope = _load_scope(session, row.job_id)
         _scopes[row.job_id] = (time.monotonic(), scope)
-        answer = _decide(scope, token_bundles, method, path, query)
+        answer = _decide(session, scope, token_bundles, method, path, query)
     return answer
 
 
-def _decide(scope: _Scope, token_bundles: frozenset[str], method: str, path: str, query: str) -> tuple[int, str] | None:
+def _decide(
+    session: Session, scope: _Scope, token_bundles: frozenset[str], method: str, path: str, query: str
+) -> tuple[int, str] | None:
     if m := exec_guard.TI_ROUTES.match(path):
         if not path.startswith("hitlDetails/") or m.group(1).replace("-", "") not in scope.tis:
             return 403, "An agent triggerer may act on a task instance only through the HITL details of its own triggers' tasks"
@@ -492,7 +494,8 @@ def _decide(scope: _Scope, token_bundles: frozenset[str], method: str, path: str
         return 403, "An agent triggerer may write the state store only of assets its own triggers watch"
     if method != "GET":
         return 403, _READ_ONLY
-    return exec_guard.refusal(exec_guard.Grant(dead=None, bundles=token_bundles | scope.bundles), method, path, query)
+    grant = exec_guard.Grant(dead=None, bundles=token_bundles | scope.bundles)
+    return exec_guard.refusal(grant, method, path, query, session)
 
 
 @cache

@@ -38,7 +38,7 @@ def test_decisions_for_a_live_grant(method, path, query, status):
 
 
 def test_other_dags_need_their_bundle_in_the_agent_token(monkeypatch):
-    monkeypatch.setattr(exec_guard, "_dag_bundle", lambda dag_id: {"shared": "team-a", "theirs": "team-b"}[dag_id])
+    monkeypatch.setattr(exec_guard, "_dag_bundle", lambda dag_id, session=None: {"shared": "team-a", "theirs": "team-b"}[dag_id])
     assert exec_guard.refusal(GRANT, "GET", "xcoms/theirs/r/t/k", "")[0] == 403
     assert exec_guard.refusal(GRANT, "GET", "dag-runs/count", "dag_id=theirs")[0] == 403
     allowed = Grant(dead=None, ti_id=TI, dag_id="mine", bundles=frozenset({"team-a"}))  # own or token's bundle

@@ -355,3 +355,75 @@ def test_a_deadline_callback_of_an_agents_dag_gets_a_parked_trigger(adb, monkeyp
 
         queues = {c.bundle_name: c.trigger.queue for c in s.scalars(select(Callback))}
     assert queues == {BUNDLE: exec_guard.AGENTS_ONLY_QUEUE, "plane-only": None}
+
+
+STARTS_FROM_TRIGGER = """
+from airflow.sdk import DAG
+from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
+
+with DAG("{dag_id}", schedule=None):
+    DateTimeSensorAsync(task_id="wait", target_time="2000-01-01T00:00:00+00:00", start_from_trigger=True)
+"""
+
+
+def _scheduled_run(s, dag_id: str) -> None:
+    """What the scheduler does with a new run of ``dag_id`` (``_schedule_dag_run``): its state, then its
+    schedulable tasks, where ``TaskInstance.defer_task`` makes a start_from_trigger task's trigger."""
+    from airflow.models.dagbag import DBDagBag
+    from airflow.utils.db import synchronize_log_template
+    from airflow.utils.state import DagRunState
+    from airflow.utils.types import DagRunTriggeredByType, DagRunType
+
+    synchronize_log_template(session=s)  # the row `airflow db migrate` writes, which runs point at
+    s.flush()
+    dag = DBDagBag().get_latest_version_of_dag(dag_id, session=s)
+    run = dag.create_dagrun(run_id="r1", run_after=timezone.utcnow(), run_type=DagRunType.MANUAL,
+                            triggered_by=DagRunTriggeredByType.TEST, state=DagRunState.RUNNING, session=s)
+    run.dag = dag
+    schedulable, _ = run.update_state(session=s, execute_callbacks=False)
+    assert run.schedule_tis(schedulable, session=s) == 0  # deferred straight away, nothing for a worker
+
+
+def test_the_scheduler_parks_start_from_trigger_triggers_of_agents_dags(adb, tmp_path, monkeypatch):
+    """A start_from_trigger task's trigger, made by the scheduler for a DAG of a bundle agents parse, is parked
+    for agents' triggerers (a stock triggerer never takes it); one of a plane-only bundle's DAG is not."""
+    from airflow.dag_processing.manager import DagFileProcessorManager
+    from airflow.dag_processing.processor import DagFileParsingResult
+    from airflow.jobs.job import Job
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.trigger import Trigger
+    from airflow.serialization.serialized_objects import LazyDeserializedDAG
+
+    from airflow_remote_execution.plane import exec_guard
+
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__PARSED_DAG_IMPORT_ALLOWLIST", "airflow.providers.standard.triggers.*")
+    monkeypatch.setattr(tokens, "_parsed_by_agents", (float("-inf"), frozenset()))
+    token = _token(adb)  # an agent token that may parse BUNDLE
+    exec_guard.park_agents_triggers()  # as the RemoteExecutor does in the scheduler
+    _write(tmp_path, "agents.py", STARTS_FROM_TRIGGER.format(dag_id="agents_dag"))
+    _write(tmp_path, "planes.py", STARTS_FROM_TRIGGER.format(dag_id="planes_dag"))
+    with adb.session() as s:
+        parsing.sync_bundles(s, token, [BUNDLE])
+        assert parsing.store_result(s, token, _parse(tmp_path, "agents.py")) == ["agents_dag"]
+        # The plane's own dag processor stores a DAG of a bundle no agent token names.
+        s.add(DagBundleModel(name="plane-only"))
+        s.flush()
+        planes = _parse(tmp_path, "planes.py", bundle="plane-only")
+        DagFileProcessorManager.persist_parsing_result(
+            None, bundle_name="plane-only", bundle_version=None, version_data=None, run_duration=0.1,
+            relative_fileloc="planes.py", session=s, parsing_result=DagFileParsingResult(
+                fileloc="planes.py", serialized_dags=[LazyDeserializedDAG(data=d.data) for d in planes.serialized_dags]),
+        )
+    with adb.session() as s:
+        _scheduled_run(s, "agents_dag")
+        _scheduled_run(s, "planes_dag")
+    with adb.session() as s:
+        queues = {ti.dag_id: (ti.state, s.get(Trigger, ti.trigger_id).queue) for ti in s.scalars(select(TaskInstance))}
+        stock = Job(job_type="TriggererJob", state="running")
+        s.add(stock)
+        s.flush()
+        Trigger.assign_unassigned(stock.id, 100, 30, session=s)
+    assert queues == {"agents_dag": ("deferred", exec_guard.AGENTS_ONLY_QUEUE), "planes_dag": ("deferred", None)}
+    with adb.session() as s:
+        taken = {ti.dag_id: ti.trigger.triggerer_id is not None for ti in s.scalars(select(TaskInstance))}
+    assert taken == {"agents_dag": False, "planes_dag": True}

@@ -26,7 +26,7 @@ from airflow.models.trigger import Trigger
 from airflow.sdk.serde import serialize
 from airflow.triggers.base import TaskSuccessEvent
 
-from airflow_remote_execution.plane import tokens, triggers
+from airflow_remote_execution.plane import exec_guard, tokens, triggers
 from airflow_remote_execution.models.tables import AgentTokenModel, AgentTriggererModel
 from airflow_remote_execution.wire.triggers import TriggererRegisterRequest, TriggerSyncRequest
 
@@ -51,6 +51,7 @@ def adb(db, monkeypatch):
     get_fernet.cache_clear()
     _wipe(db)
     triggers._scopes.clear()
+    exec_guard._bundles_of_dags.clear()  # per process, not per database
     yield db
     _wipe(db)
     get_fernet.cache_clear()
@@ -320,6 +321,7 @@ def sqlite_adb(sqlite_engine, monkeypatch):
     get_fernet.cache_clear()
     _wipe(db)
     triggers._scopes.clear()
+    exec_guard._bundles_of_dags.clear()  # per process, not per database
     yield db
     _wipe(db)
     wipe(sqlite_engine)
