@@ -339,6 +339,10 @@ airflow-remote-execution/group: {{ .c.id }}
     "components" $c.components
     "shutdown_timeout" (toString (int $v.shutdownTimeout))
     "status_file" "/var/run/airflow-agent/status.json" -}}
+{{- if and $v.metrics.enabled (eq $c.kind "worker") -}}
+{{- $_ := set $re "agent_metrics_port" (toString (int $v.metrics.port)) -}}
+{{- $_ := set $re "agent_metrics_host" "0.0.0.0" -}}
+{{- end -}}
 {{- if and $v.sentinel.enabled (eq $c.kind "worker") -}}
 {{- $_ := set $re "sentinel_host" "0.0.0.0" -}}
 {{- $_ := set $re "sentinel_port" (toString (int $v.sentinel.port)) -}}

@@ -99,3 +99,58 @@ def test_a_damaged_status_file_keeps_the_sentinel_metrics(statsd):
 
     metrics.sentinel("ok", [CheckResult("agent_alive", True, "up")], damaged)
     assert statsd.wait_for("agent.remote_execution.sentinel.status.eu-4") == 0
+
+
+# ------------------------------------------------------------------ Prometheus endpoints (agent_metrics_port)
+
+
+def test_the_worker_endpoint_follows_the_option(monkeypatch):
+    import requests
+
+    from localplane import free_port
+
+    monkeypatch.setattr(stats, "_prom", None)
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__AGENT_METRICS_PORT", "0")
+    assert metrics.serve_from_config() is None and stats._prom is None  # off: nothing recorded either
+    port = free_port()
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__AGENT_METRICS_PORT", str(port))
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__AGENT_METRICS_HOST", "127.0.0.1")
+    assert metrics.serve_from_config() == ("127.0.0.1", port)
+    metrics.plane_error("heartbeat")
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'remote_execution_agent_plane_errors_total{agent="unregistered",operation="heartbeat"} 1.0' in text
+    with pytest.raises(SystemExit, match="agent_metrics_port"):  # the port is taken: a clear error at start
+        metrics.serve_from_config()
+
+
+def test_the_sentinel_serves_its_checks_on_its_probe_port(monkeypatch, tmp_path):
+    """The sentinel is a process of its own: with the endpoint on, its probe server answers /metrics."""
+    import requests
+
+    from airflow_remote_execution.agent.client import PlaneClient
+    from airflow_remote_execution.agent.sentinel import Sentinel
+    from localplane import wait_for
+
+    monkeypatch.setattr(stats, "_prom", None)
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__STATUS_FILE", str(tmp_path / "status.json"))
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__AGENT_METRICS_PORT", "9")
+    monkeypatch.setattr(Sentinel, "integration_names", lambda self: [])
+    sentinel = Sentinel(PlaneClient("http://127.0.0.1:9", "rex_x", timeout=1), report_interval=0.2)
+    host, port = sentinel.start("127.0.0.1", 0)
+    try:
+        def scraped() -> str | None:
+            text = requests.get(f"http://{host}:{port}/metrics", timeout=10).text
+            return text if 'remote_execution_sentinel_check{agent="unregistered",check="agent_alive"} 0.0' in text else None
+
+        text = wait_for(scraped, 30, "the sentinel's checks on /metrics")
+        assert 'remote_execution_sentinel_status{agent="unregistered"} 2.0' in text  # no agent: failing
+    finally:
+        sentinel.shutdown()
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__AGENT_METRICS_PORT", "0")
+    monkeypatch.setattr(stats, "_prom", None)
+    off = Sentinel(PlaneClient("http://127.0.0.1:9", "rex_x", timeout=1), report_interval=60)
+    host, port = off.start("127.0.0.1", 0)
+    try:
+        assert requests.get(f"http://{host}:{port}/metrics", timeout=10).status_code == 404
+    finally:
+        off.shutdown()
