@@ -144,9 +144,10 @@ MAX_SERIES = 2_000  # label sets per metric: tag values come from queue and agen
 class PrometheusRegistry:
     """The metrics of this process as ``prometheus_client`` families, created at their first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, kinds: frozenset[str] = frozenset({"incr", "gauge", "timing"})) -> None:
         from prometheus_client import CollectorRegistry
 
+        self.kinds = kinds  # what this process records (the api-server: only its timers)
         self.registry = CollectorRegistry(auto_describe=True)
         self._families: dict[tuple[str, str], object] = {}
         self._lock = threading.Lock()
@@ -174,6 +175,8 @@ class PrometheusRegistry:
 
     def record(self, kind: str, name: str, value, tags: dict[str, object]) -> None:
         """Never raises (a metric whose labels changed between calls is logged and skipped)."""
+        if kind not in self.kinds:
+            return
         try:
             family = self._family(kind, name, tuple(tags))
             if tags:
@@ -195,13 +198,18 @@ class PrometheusRegistry:
         return generate_latest(self.registry)
 
 
-def prometheus() -> PrometheusRegistry:
-    """This process's registry (made on first use): metrics are recorded in it from then on."""
+def prometheus(kinds: frozenset[str] | None = None) -> PrometheusRegistry:
+    """This process's registry (made on first use, recording ``kinds``: all by default): metrics are
+    recorded in it from then on."""
     global _prom
     with _lock:
         if _prom is None:
-            _prom = PrometheusRegistry()
+            _prom = PrometheusRegistry(kinds) if kinds else PrometheusRegistry()
         return _prom
+
+
+def prometheus_if_on() -> PrometheusRegistry | None:
+    return _prom
 
 
 def serve_prometheus(host: str, port: int) -> tuple[str, int]:

@@ -439,7 +439,9 @@ def prometheus_text(snap: Snapshot, slots_per_agent: int) -> str:
     lines += ["# HELP remote_execution_lease_long_polls Lease requests waiting in this api-server process",
               "# TYPE remote_execution_lease_long_polls gauge",
               f"remote_execution_lease_long_polls {counters.get('long_polls', 0)}"]
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    own = stats.prometheus_if_on()  # this process's timers (histograms), recorded by stats.py
+    return text + own.text().decode() if own is not None else text
 
 
 def _event_lines(events: dict[tuple[str, str, str], int]) -> list[str]:

@@ -161,6 +161,11 @@ def test_queue_depth_and_suggested_agents_drive_a_scale_up(fleet):
     prometheus.wait_value(suggested, 0)
     prometheus.wait_value(f'remote_execution_queue_agents{{queue="{QUEUE}"}}', want)
     assert prometheus.value("sum(remote_execution_leases_total)") >= 1
+    # The answering api-server's timers, as histograms (per process, like its other own counters).
+    wait_for(lambda: (prometheus.value(
+        f'sum(remote_execution_work_leased_to_confirmed_seconds_count{{job="remote_execution",queue="{QUEUE}"}})')
+        or 0) >= 1, 30, "leased -> confirmed histogram in Prometheus")
+    assert prometheus.value('sum(remote_execution_heartbeat_duration_seconds_count{job="remote_execution"})') >= 1
     # Each agent's health, as the plane knows it.
     for i in range(want):
         prometheus.wait_value(f'remote_execution_agent_slots_free{{job="remote_execution",agent="fleet-{i}"}}', SLOTS)

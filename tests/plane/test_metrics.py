@@ -585,5 +585,8 @@ def test_prometheus_serves_the_cluster_wide_counters(client, airflow_db):
     assert samples[("remote_execution_agent_lost_total", ())] == 2
     assert samples[("remote_execution_work_failed_on_lost_agent_total", (("queue", "gpu"),))] == 1
     assert samples[("remote_execution_lease_conflict_total", (("reason", "stale_fence"),))] == 1
+    # This api-server's own timers, as histograms in seconds (the lease above, in this process).
+    assert families["remote_execution_work_queued_to_leased_seconds"].type == "histogram"
+    assert samples[("remote_execution_work_queued_to_leased_seconds_count", (("queue", "default"),))] >= 1
     with airflow_db.begin() as conn:
         conn.execute(delete(EventCountModel))

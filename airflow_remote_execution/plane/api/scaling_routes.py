@@ -25,11 +25,15 @@ from starlette.concurrency import run_in_threadpool
 
 from airflow.utils.session import create_session
 
-from airflow_remote_execution import config
+from airflow_remote_execution import config, stats
 from airflow_remote_execution.plane import metrics, metrics_tokens
 from airflow_remote_execution.plane.metrics import MAX_SLOTS_PER_AGENT
 from airflow_remote_execution.plane.tokens import TokenError
 from airflow_remote_execution.wire.api import Problem
+
+# This api-server's timers (queued -> leased, leased -> confirmed, heartbeat handling) as histograms in its
+# Prometheus text, per process like its other own counters; counters and gauges come from the database.
+stats.prometheus(frozenset({"timing"}))
 
 scaling_router = APIRouter(
     tags=["Metrics"],
