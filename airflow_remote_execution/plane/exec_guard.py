@@ -28,7 +28,9 @@ Requests with unbound tokens (other executors' workers, Airflow's own triggerer)
 Triggers such a request creates (an agent's task deferring) are **parked**: their ``queue`` becomes
 :data:`AGENTS_ONLY_QUEUE`, whatever the agent asked, so a stock ``airflow triggerer`` on the plane never
 runs them (it takes only triggers without a queue or of its ``--queues``); agent triggerers claim them by
-the task's queue (``plane/triggers.py``).
+the task's queue (``plane/triggers.py``). The same hook parks the triggers the scheduler makes for DAGs of
+bundles an agent token may parse (deadline callbacks, ``start_from_trigger`` tasks): the one place that
+decides parking.
 """
 
 from __future__ import annotations

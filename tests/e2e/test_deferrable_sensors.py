@@ -16,7 +16,8 @@ serves queue ``default`` and bundle ``team_a``; it runs a worker and, in its own
 3. An asset watcher (FileDeleteTrigger on the agent's filesystem) and a deadline alert's AsyncCallback run
    on the agent's triggerer: its token allows their DAGs' bundle.
 4. With a stock ``airflow triggerer`` running on the plane and the agent's triggerer stopped, a trigger an
-   agent's task created is never taken by the plane's triggerer; the agent's triggerer, back, runs it.
+   agent's task created, and one the scheduler made for a ``start_from_trigger`` task of team_a, are never
+   taken by the plane's triggerer; the agent's triggerer, back, runs both.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class Cluster:
 def cluster(tmp_path_factory, pg_url):
     base = tmp_path_factory.mktemp("sensors")
     for bundle, files in (("team_a", ("remote_deferrable_sensors.py", "remote_sensor_target_a.py",
-                                      "remote_watchers_and_deadlines.py")),
+                                      "remote_watchers_and_deadlines.py", "remote_start_from_trigger.py")),
                           ("team_b", ("remote_sensor_target_b.py",))):
         (base / bundle).mkdir()
         for name in files:
@@ -257,29 +258,38 @@ def test_each_request_a_trigger_can_make_is_served_or_refused_by_the_plane(clust
 
 
 def test_a_plane_triggerer_never_runs_a_trigger_an_agents_task_created(cluster):
+    """Nor one the scheduler made for a start_from_trigger task of a bundle an agent token names."""
     plane = cluster.plane
     cluster.stop_triggerer()
     plane.start_component("triggerer")
     try:
         flag = cluster.base / "parked-flag"
-        run_id = cluster.trigger("parked_deferral", datetime.now(timezone.utc).isoformat(), conf={"flag": str(flag)})
-        wait_for(lambda: cluster.states("parked_deferral", run_id).get("wait") == "deferred", 180, "the task to defer")
-        [ti] = plane.task_instances("parked_deferral", run_id)
-        trigger_id = ti["trigger"]["id"]
-        # The plane's triggerer polls for free triggers every second; give it many chances to take this one.
+        now = datetime.now(timezone.utc).isoformat()
+        runs = {"parked_deferral": cluster.trigger("parked_deferral", now, conf={"flag": str(flag)}),
+                "start_from_trigger": cluster.trigger("start_from_trigger", now)}
+        for dag_id, run_id in runs.items():
+            wait_for(lambda d=dag_id, r=run_id: cluster.states(d, r).get("wait") == "deferred", 180,
+                     f"{dag_id}'s task to defer")
+        # The plane's triggerer polls for free triggers every second; give it many chances to take them
+        # (start_from_trigger's moment has passed: taken, it would fire at once).
         time.sleep(15)
-        [ti] = plane.task_instances("parked_deferral", run_id)
-        assert ti["state"] == "deferred"
-        assert ti["trigger"]["triggerer_id"] is None, ti["trigger"]
-        assert ti["trigger"]["queue"] == "remote-execution:agents-only"
+        trigger_ids = {}
+        for dag_id, run_id in runs.items():
+            [ti] = plane.task_instances(dag_id, run_id)
+            assert ti["state"] == "deferred", (dag_id, ti)
+            assert ti["trigger"]["triggerer_id"] is None, (dag_id, ti["trigger"])
+            assert ti["trigger"]["queue"] == "remote-execution:agents-only", (dag_id, ti["trigger"])
+            trigger_ids[dag_id] = ti["trigger"]["id"]
         assert not list((plane.home / "logs").glob("**/*.trigger.*.log"))
 
         flag.write_text("go")
-        cluster.start_triggerer()  # the agent's triggerer, back, claims and runs it
-        assert plane.wait_run("parked_deferral", run_id, timeout=180) == "success", cluster.states("parked_deferral", run_id)
-        assert f"Starting trigger {trigger_id} " in cluster.triggerer_log()
-        assert cluster.trigger_logs(cluster.agent.home, "parked_deferral", run_id)
+        cluster.start_triggerer()  # the agent's triggerer, back, claims and runs them
+        plane_log = plane.procs["triggerer"].log_path
+        for dag_id, run_id in runs.items():
+            assert plane.wait_run(dag_id, run_id, timeout=180) == "success", cluster.states(dag_id, run_id)
+            assert f"Starting trigger {trigger_ids[dag_id]} " in cluster.triggerer_log()
+            assert cluster.trigger_logs(cluster.agent.home, dag_id, run_id)
+            assert f"(ID {trigger_ids[dag_id]})" not in plane_log.read_text(errors="replace")
         assert not list((plane.home / "logs").glob("**/*.trigger.*.log"))
-        assert f"(ID {trigger_id})" not in plane.procs["triggerer"].log_path.read_text(errors="replace")
     finally:
         plane.stop_component("triggerer")
