@@ -329,17 +329,20 @@ def _park_agents_triggers(session, _flush_context, _instances) -> None:
 def _newly_linked_triggers(session) -> dict[int, str]:
     """Trigger id → DAG id of the task instances in this flush whose ``trigger_id`` was set (ORM changes only:
     the execution API's deferral is a Core UPDATE, and its triggers are parked by :data:`_SERVING_BOUND`)."""
-    from sqlalchemy import inspect
+    from sqlalchemy.orm.attributes import instance_state
 
     from airflow.models.taskinstance import TaskInstance
 
+    # Read from the instances' state, never loading an attribute: an expired task instance costs no query.
     linked: dict[int, str] = {}
-    for obj in (*session.new, *session.dirty):
-        if isinstance(obj, TaskInstance):
-            # .history loads nothing: an expired task instance costs no query here
-            added = [i for i in inspect(obj).attrs.trigger_id.history.added if i is not None]
-            if added:
-                linked[added[-1]] = obj.dag_id
+    for obj in session.new:
+        if isinstance(obj, TaskInstance) and (trigger_id := instance_state(obj).dict.get("trigger_id")) is not None:
+            linked[trigger_id] = obj.dag_id
+    for obj in session.dirty:
+        if isinstance(obj, TaskInstance) and "trigger_id" in (state := instance_state(obj)).committed_state:
+            trigger_id = state.dict.get("trigger_id")
+            if trigger_id is not None and trigger_id != state.committed_state["trigger_id"]:
+                linked[trigger_id] = obj.dag_id
     return linked
 
 
