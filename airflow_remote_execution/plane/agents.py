@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow.sdk import timezone
@@ -106,6 +106,9 @@ class Beat:
     received_at: datetime
 
 
+_ROWS_PER_UPDATE = 200  # 4 bound values a row: within every database's limit
+
+
 def record_heartbeats(session: Session, beats: Sequence[Beat]) -> list[HeartbeatResponse | Exception | None]:
     """Record many agents' heartbeats with a few statements, whatever their number: one read of the agents,
     one of the work they say they run, one bulk update. Answers in the order of ``beats``."""
@@ -149,21 +152,33 @@ not_registered(beat.agent_name) if beat.req else None
                 drain=row.drained,
             )
         )
-    # Two executemany statements (Core: the ORM's bulk update costs more than the rest of the batch), by
-    # primary key, ordered by it: concurrent batches never deadlock.
+    # Core statements by primary key, each covering many agents (an executemany is a round trip per row, and
+    # a round trip of a thread that waits for the GIL each time the event loop is busy), in id order: concurrent
+    # batches never deadlock.
     table = AgentModel.__table__
-    full = [{"b_id": i, "b_at": c["last_heartbeat_at"], "b_slots": c["free_slots"], "b_state": c["state"]}
-              for i, c in sorted(changes.items()) if "state" in c]
+    full = [(i, c) for i, c in sorted(changes.items()) if "state" in c]
     seen = [{"b_id": i, "b_at": c["last_heartbeat_at"]} for i, c in sorted(changes.items()) if "state" not in c]
-    if full:
+    for start in range(0, len(full), _ROWS_PER_UPDATE):
+        part = dict(full[start:start + _ROWS_PER_UPDATE])
         session.execute(
-            update(table).where(table.c.id == bindparam("b_id")).values(
-                last_heartbeat_at=bindparam("b_at"), free_slots=bindparam("b_slots"), state=bindparam("b_state")
-            ),
-            full,
+            update(table)
+            .where(table.c.id.in_(list(part)))
+            .values(
+                last_heartbeat_at=case({i: c["last_heartbeat_at"] for i, c in part.items()}, value=table.c.id),
+                free_slots=case({i: c["free_slots"] for i, c in part.items()}, value=table.c.id),
+                state=case({i: c["state"] for i, c in part.items()}, value=table.c.id),
+            )
         )
-    if seen:
-        session.execute(update(table).where(table.c.id == bindparam("b_id")).values(last_heartbeat_at=bindparam("b_at")), seen)
+    # A batch gathers what arrived within a moment (plane/heartbeats.py): its signs of life are stamped with
+    # the latest of them.
+    if seen:  # signs of life only (held lease requests): one statement for all, however many
+        at = max(c["b_at"] for c in seen)
+        session.execute(
+            update(table)
+            .where(table.c.id.in_([c["b_id"] for c in seen]))
+            .where(or_(table.c.last_heartbeat_at.is_(None), table.c.last_heartbeat_at < at))
+            .values(last_heartbeat_at=at)
+        )
     return answers
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -78,17 +79,23 @@ def _send_local(session: Session) -> None:
 
 
 class Waiter:
-    """A waiting lease request: woken at most once, through :meth:`Waker.wake`."""
+    """A waiting lease request: woken at most once, through :meth:`Waker.wake`. ``done`` resolves when it
+    is woken or its wait ends; a bare future, because thousands of these are parked at a time."""
 
-    __slots__ = ("event", "loop", "queues", "rank", "woken", "woken_for")
+    __slots__ = ("done", "loop", "queues", "rank", "woken", "woken_for")
 
     def __init__(self, queues: tuple[str, ...], rank: tuple = ()) -> None:
         self.loop = asyncio.get_running_loop()
-        self.event = asyncio.Event()
+        self.done: asyncio.Future[None] = self.loop.create_future()
         self.queues = queues
         self.rank = rank
         self.woken = False
         self.woken_for: str | None = None  # the queue whose work woke it (None: wake_all)
+
+
+def _resolve(future: asyncio.Future, *_: object) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def rank(agent_name: str) -> tuple:
@@ -146,14 +153,18 @@ class Waker:
     @staticmethod
     async def wait(waiter: Waiter, timeout: float, gone: asyncio.Future | None = None) -> bool:
         """Whether ``waiter`` was woken within ``timeout`` seconds (before ``gone`` completes: its client left)."""
-        if timeout > 0 and not waiter.event.is_set():
-            woken = asyncio.ensure_future(waiter.event.wait())
+        if timeout > 0 and not waiter.woken:
+            timer = waiter.loop.call_later(timeout, _resolve, waiter.done)
+            left = functools.partial(_resolve, waiter.done)
+            if gone is not None:
+                gone.add_done_callback(left)
             try:
-                await asyncio.wait([woken, gone] if gone is not None else [woken], timeout=timeout,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await waiter.done
             finally:
-                woken.cancel()
-        return waiter.event.is_set()
+                timer.cancel()
+                if gone is not None:
+                    gone.remove_done_callback(left)
+        return waiter.woken
 
     def mark(self, queues: Iterable[str]) -> tuple:
         """What has been announced for ``queues`` so far; take it *before* looking for work."""
@@ -202,7 +213,7 @@ class Waker:
     @staticmethod
     def _set(waiter: Waiter) -> None:
         with contextlib.suppress(RuntimeError):  # its event loop is closed: nobody waits any more
-            waiter.loop.call_soon_threadsafe(waiter.event.set)
+            waiter.loop.call_soon_threadsafe(_resolve, waiter.done)
 
     # ------------------------------------------------------------ listener thread
 

@@ -34,10 +34,16 @@ _SERVED = _ON_API_SERVER and config.getboolean("api_enabled")
 
 
 def _root_middlewares() -> list[dict]:
-    """The guard in front of Airflow's execution API for tokens handed to agents (plane/exec_guard.py)."""
+    """The guard in front of Airflow's execution API for tokens handed to agents (plane/exec_guard.py), and
+    the fast path of agents' long-polls and heartbeats past Airflow's UI middlewares (plane/api/root_app.py)."""
     from airflow_remote_execution.plane.exec_guard import ExecutionApiGuard
 
-    return [{"middleware": ExecutionApiGuard, "args": [], "kwargs": {}, "name": "Remote Execution token guard"}]
+    guard = {"middleware": ExecutionApiGuard, "args": [], "kwargs": {}, "name": "Remote Execution token guard"}
+    if not _SERVED:
+        return [guard]
+    from airflow_remote_execution.plane.api.root_app import RootAppHooks
+
+    return [guard, {"middleware": RootAppHooks, "args": [], "kwargs": {}, "name": "Remote Execution fast path"}]
 
 
 class RemoteExecutionPlugin(AirflowPlugin):

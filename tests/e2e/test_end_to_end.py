@@ -101,6 +101,10 @@ def test_fan_out_fan_in_runs_on_agent(cluster):
     ended = {line.split("task-instances/")[1].split("/")[0] for line in access.splitlines() if "/state query=" in line}
     assert {t["id"] for t in tis} <= ended
     assert "/run query=" not in access
+    # Agents' long-polls and heartbeats skip Airflow's root middlewares (plane/api/root_app.py), the access
+    # log among them; their other calls do not.
+    assert "path=/remote_execution/v1/work/" in access
+    assert "path=/remote_execution/v1/leases" not in access and "path=/remote_execution/v1/agents/heartbeat" not in access
 
 
 def test_queues_route_to_different_agents(cluster):

@@ -24,7 +24,7 @@ def key(task: str) -> TaskInstanceKey:
 
 async def woken(waiter: wakeup.Waiter, timeout: float) -> bool:
     try:
-        await asyncio.wait_for(waiter.event.wait(), timeout)
+        await asyncio.wait_for(asyncio.shield(waiter.done), timeout)
         return True
     except TimeoutError:
         return False
@@ -98,14 +98,14 @@ def test_a_wake_up_wakes_the_longest_waiting_one_and_can_be_passed_on(airflow_db
         waiters = [w.arm(["herd"]) for _ in range(50)]
         w.wake(["herd"])
         await asyncio.sleep(0.05)
-        assert [x.event.is_set() for x in waiters] == [True] + [False] * 49
+        assert [x.done.done() for x in waiters] == [True] + [False] * 49
         w.disarm(waiters[0])
         w.wake(["herd"])  # passed on by the first (it took what it could, there may be more)
         await asyncio.sleep(0.05)
-        assert [x.event.is_set() for x in waiters[1:]] == [True] + [False] * 48
+        assert [x.done.done() for x in waiters[1:]] == [True] + [False] * 48
         w.wake_all()
         await asyncio.sleep(0.05)
-        assert all(x.event.is_set() for x in waiters)
+        assert all(x.done.done() for x in waiters)
         assert w.waiting() == 49
         for x in waiters:
             w.disarm(x)
@@ -140,7 +140,7 @@ def test_sqlite_poller_wakes_a_waiter_when_work_is_queued(airflow_db):
         event = w.arm(["poll-q"])
         try:
             await asyncio.sleep(0.1)  # let the poller take its first look
-            assert not event.event.is_set()
+            assert not event.done.done()
             later(0, lambda: enqueue("poll-other", "other")).join()
             assert not await woken(event, 0.2), "work on another queue must not wake this waiter"
             queued_at = time.monotonic()
@@ -286,7 +286,7 @@ def test_pg_notify_on_commit_wakes_a_waiter_quickly(pg_engine, pg_waker):
             assert await woken(event, 2.0)
             woke = time.monotonic()
             thread.join(5)
-            assert not other.event.is_set()
+            assert not other.done.done()
             return woke - committed_at[0]
         finally:
             pg_waker.disarm(event)
@@ -354,7 +354,7 @@ def test_work_goes_to_the_lowest_numbered_waiting_agent(airflow_db):
         for _ in range(4):
             w.wake(["q"])
             await asyncio.sleep(0.02)
-            woken += [n for n, x in waiters.items() if x.event.is_set() and n not in woken]
+            woken += [n for n, x in waiters.items() if x.done.done() and n not in woken]
         for x in waiters.values():
             w.disarm(x)
         return woken

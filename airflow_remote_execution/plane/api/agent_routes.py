@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from airflow_remote_execution.plane.heartbeats import heartbeats
 
 from airflow_remote_execution import config
 from airflow_remote_execution.plane import exec_guard, metrics
-from airflow_remote_execution.plane.api import task_start
+from airflow_remote_execution.plane.api import root_app, task_start
 from airflow_remote_execution.plane.api.db_threads import in_db_thread
 from airflow_remote_execution.models import AgentModel, AgentTokenModel, WorkItemModel
 from airflow_remote_execution.wire.api import (
@@ -171,12 +172,23 @@ async def lease(
     deadline = time.monotonic() + wait
     _long_polls[who.token_id] += 1
     metrics.long_polls(_long_polls.total())
-    gone = asyncio.ensure_future(_disconnected(request))
+    waiting = functools.partial(_wait_for_work, who, body.slots, deadline)
+    if (parking := request.scope.get(root_app.PARK)) is not None:
+        parking(waiting)  # the root app's fast path waits and answers, with this request's machinery gone
+        return LeaseResponse(leases=[])  # not sent
+    gone = asyncio.ensure_future(root_app.disconnected(request.receive))
     try:
-        with heartbeats.holding(who.agent_name):  # a sign of life while it waits here, connected
-            return LeaseResponse(leases=await _long_poll(who, body.slots, deadline, gone))
+        return await waiting(gone)
     finally:
         gone.cancel()
+
+
+async def _wait_for_work(who: identity.Identity, slots: int, deadline: float, gone: asyncio.Future) -> LeaseResponse:
+    """The long-poll counted in ``_long_polls`` by the route: its leases, and the end of its count."""
+    try:
+        with heartbeats.holding(who.agent_name):  # a sign of life while it waits here, connected
+            return LeaseResponse(leases=await _long_poll(who, slots, deadline, gone))
+    finally:
         _long_polls[who.token_id] -= 1
         if not _long_polls[who.token_id]:
             del _long_polls[who.token_id]
@@ -252,12 +264,6 @@ class _Nothing:
 
 _nothing_for: dict[tuple, _Nothing] = {}  # (sorted queues, token bundles) -> the last empty look
 _queues_of: dict[str, tuple[str, ...]] = {}  # token id -> the queues its agent serves (as its last look found)
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the agent hangs up (its process ended, or it gave up on this request)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 _long_polls: Counter[str] = Counter()  # open long-polls per agent token, in this process
