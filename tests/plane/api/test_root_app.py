@@ -80,3 +80,19 @@ def test_an_error_while_parked_is_the_apis_own_answer(root):
     assert "register" in r.json()["detail"]
     r = root.post("/remote_execution/v1/leases", json={"slots": "many"}, headers=auth(token))
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "slots"], r.text
+
+
+def test_airflows_execution_api_is_built_before_the_api_server_serves():
+    """Its first request builds its versioned routes (~3 s in which the process answered nobody): the
+    start-up does it now, not an agent's first task start."""
+    from airflow.api_fastapi.execution_api.app import create_task_execution_api_app
+    from starlette.routing import Mount
+
+    execution = create_task_execution_api_app()
+    app = FastAPI(lifespan=lambda app: execution.router.lifespan_context(execution))  # as Airflow's enters mounts'
+    app.router.routes.append(Mount("/execution", execution))
+    app.mount("/remote_execution", create_app())
+    app.add_middleware(root_app.RootAppHooks)
+    assert not execution._cadwyn_initialized
+    with TestClient(app):
+        assert execution._cadwyn_initialized
