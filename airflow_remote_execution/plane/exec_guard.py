@@ -28,8 +28,10 @@ Requests with unbound tokens (other executors' workers, Airflow's own triggerer)
 Triggers such a request creates (an agent's task deferring) are **parked**: their ``queue`` becomes
 :data:`AGENTS_ONLY_QUEUE`, whatever the agent asked, so a stock ``airflow triggerer`` on the plane never
 runs them (it takes only triggers without a queue or of its ``--queues``); agent triggerers claim them by
-the task's queue (``plane/triggers.py``). The same hook parks the triggers the scheduler makes for DAGs of
-bundles an agent token may parse (deadline callbacks, ``start_from_trigger`` tasks): the one place that
+the task's queue (``plane/triggers.py``). The same hook decides every other trigger made in the scheduler
+and the api-server, deny by default (:func:`parks`): only a trigger known to be of a DAG whose bundle the
+plane parses itself (its ``[dag_processor] dag_bundle_config_list``) and no live agent token names keeps
+its queue; one of any other bundle, or of no DAG known when it is made, is parked. The one place that
 decides parking.
 """
 
@@ -61,6 +63,9 @@ CACHE_SECONDS = 1.0
 CLAIMS = ("rex_work", "rex_fence", "rex_token")
 AGENTS_ONLY_QUEUE = "remote-execution:agents-only"  # Trigger.queue of triggers agents' tasks created
 _SERVING_BOUND: ContextVar[bool] = ContextVar("rex_serving_bound_token", default=False)
+# The task instance an unbound token's state report names (a deferral inserts its trigger unlinked).
+_SERVING_TI: ContextVar[str | None] = ContextVar("rex_serving_unbound_ti", default=None)
+_TI_STATE = re.compile(r"^task-instances/([0-9a-fA-F-]{32,36})/state$")
 _WRITE = {"POST", "PUT", "PATCH", "DELETE"}
 TI_ROUTES = re.compile(r"^(?:task-instances|hitlDetails|task-reschedules|store/ti)/([0-9a-fA-F-]{32,36})(?:/|$)")
 _DAG_ROUTES = re.compile(r"^(?:dag-runs|dags|task-instances/previous)/([^/]+)")
@@ -284,13 +289,49 @@ def _other_dag(dag_id: str) -> str:
 # ------------------------------------------------------------------------------------------- middleware
 
 
+@cache
+def plane_bundles() -> frozenset[str]:
+    """The bundles the plane itself parses: ``[dag_processor] dag_bundle_config_list`` as Airflow's
+    ``DagBundlesManager`` reads it here (example bundles included with ``load_examples``). Read once per
+    process: it comes from config, and the scheduler's every flush may ask. A list Airflow cannot read
+    counts as no bundles (every trigger parked), never as all of them."""
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+
+    try:
+        return frozenset(DagBundlesManager().get_all_bundle_names())
+    except Exception:  # noqa: BLE001 - deny by default: the plane parses nothing we could trust
+        import logging
+
+        logging.getLogger(__name__).exception("Cannot read [dag_processor] dag_bundle_config_list: "
+                                              "every trigger made on the plane is parked for agents")
+        return frozenset()
+
+
+def parks(bundle: str | None, session: Session) -> bool:
+    """Whether a trigger of a DAG in ``bundle`` is parked (agents only): unless the plane parses that bundle
+    itself and no live agent token may parse it. Deny by default: an unknown bundle, one only agents have
+    (whether or not a token names it yet) and one both have are all agents'. The token list is read (at
+    most once a second) only for a bundle the plane parses."""
+    if bundle is None or bundle not in plane_bundles():
+        return True
+    from airflow_remote_execution.plane.tokens import bundles_parsed_by_agents
+
+    return bundle in bundles_parsed_by_agents(session)
+
+
+_PENDING = "remote_execution.pending_triggers"  # Session.info: (Trigger, asked queue) parked in this flush
+_UNDECIDED = "remote_execution.undecided_triggers"  # Session.info: trigger id → queue Airflow asked for
+
+
 def _park_agents_triggers(session, _flush_context, _instances) -> None:
-    """``before_flush``: a Trigger made on agents' behalf gets :data:`AGENTS_ONLY_QUEUE`, so no plane triggerer
-    runs it: while a bound token's request is served (a task deferring), while an agent's parsing result is
-    stored (asset watchers of its DAGs), and, made by the scheduler for a DAG in a bundle agents parse, a
-    deadline callback's trigger or a ``start_from_trigger`` task's. The latter is flushed alone first and
-    linked to its task instance (``TaskInstance.defer_task``) in a later flush of the same transaction, so
-    it is parked in that one, when a task instance's ``trigger_id`` changes: before anything commits it."""
+    """``before_flush``: a new Trigger gets :data:`AGENTS_ONLY_QUEUE` (no plane triggerer runs it) unless it
+    is known to be of a DAG the plane's own triggerers may run (:func:`parks`). Made while a bound token's
+    request is served (a task deferring) or an agent's parsing result is stored (asset watchers of its
+    DAGs): always parked. Otherwise by its DAG's bundle: a deadline callback's ``bundle_name``; the task
+    instance an unbound token's deferral names (:data:`_SERVING_TI`); or, for a trigger made before anything
+    links it (``TaskInstance.defer_task`` flushes a ``start_from_trigger`` trigger alone, then sets the task
+    instance's ``trigger_id`` in a later flush of the same transaction), parked now and decided in the
+    flush that links it, where a plane bundle's trigger gets its queue back."""
     from airflow.models.trigger import Trigger
 
     new = [obj for obj in session.new if isinstance(obj, Trigger) and obj.queue != AGENTS_ONLY_QUEUE]
@@ -298,32 +339,76 @@ def _park_agents_triggers(session, _flush_context, _instances) -> None:
         for trigger in new:
             trigger.queue = AGENTS_ONLY_QUEUE
         return
-    callbacks = [t for t in new if t.callback is not None and getattr(t.callback, "bundle_name", None)]
     linked = _newly_linked_triggers(session)
-    if not callbacks and not linked:
+    if not new and not linked:
         return
-    from airflow_remote_execution.plane.tokens import bundles_parsed_by_agents
-
     with session.no_autoflush:
-        agents_bundles = bundles_parsed_by_agents(session)
-        if not agents_bundles:
-            return
-        for trigger in callbacks:
-            if trigger.callback.bundle_name in agents_bundles:
+        ti_bundle: list[str | None] = []  # looked up once, for the unbound deferral being served
+        for trigger in new:
+            if trigger.callback is not None:
+                bundle = getattr(trigger.callback, "bundle_name", None)
+            elif (ti_id := _SERVING_TI.get()) is not None:
+                if not ti_bundle:
+                    ti_bundle.append(_ti_bundle(session, ti_id))
+                bundle = ti_bundle[0]
+            else:
+                session.info.setdefault(_PENDING, []).append((trigger, trigger.queue))
+                trigger.queue = AGENTS_ONLY_QUEUE
+                continue
+            if parks(bundle, session):
                 trigger.queue = AGENTS_ONLY_QUEUE
         if linked:
-            from sqlalchemy import select
+            _decide_linked(session, linked)
 
-            from airflow.models.dag import DagModel
 
-            bundles = dict(session.execute(
-                select(DagModel.dag_id, DagModel.bundle_name).where(DagModel.dag_id.in_(set(linked.values())))
-            ).all())
-            for trigger_id, dag_id in linked.items():
-                if bundles.get(dag_id) in agents_bundles:
-                    trigger = session.get(Trigger, trigger_id)
-                    if trigger is not None and trigger.queue != AGENTS_ONLY_QUEUE:
-                        trigger.queue = AGENTS_ONLY_QUEUE
+def _decide_linked(session, linked: dict[int, str]) -> None:
+    """Triggers just linked to task instances: parked unless their DAG's bundle is the plane's alone; one
+    parked earlier in this session only for want of a DAG gets back the queue Airflow asked for."""
+    from sqlalchemy import select
+
+    from airflow.models.dag import DagModel
+    from airflow.models.trigger import Trigger
+
+    bundles = dict(session.execute(
+        select(DagModel.dag_id, DagModel.bundle_name).where(DagModel.dag_id.in_(set(linked.values())))
+    ).all())
+    undecided = session.info.get(_UNDECIDED, {})
+    for trigger_id, dag_id in linked.items():
+        trigger = session.get(Trigger, trigger_id)
+        if trigger is None:
+            continue
+        if parks(bundles.get(dag_id), session):
+            trigger.queue = AGENTS_ONLY_QUEUE
+        elif trigger.queue == AGENTS_ONLY_QUEUE and trigger_id in undecided:
+            trigger.queue = undecided.pop(trigger_id)
+
+
+def _remember_undecided(session, _flush_context) -> None:
+    """``after_flush``: key the triggers parked for want of a DAG by the ids the flush gave them (the
+    instances may be gone by the flush that links them). Bounded: emptied past 10,000."""
+    pending = session.info.pop(_PENDING, None)
+    if not pending:
+        return
+    undecided = session.info.setdefault(_UNDECIDED, {})
+    if len(undecided) > 10_000:
+        undecided.clear()
+    for trigger, asked in pending:
+        if trigger.id is not None:
+            undecided[trigger.id] = asked
+
+
+def _ti_bundle(session, ti_id: str) -> str | None:
+    from uuid import UUID
+
+    from sqlalchemy import select
+
+    from airflow.models.dag import DagModel
+    from airflow.models.taskinstance import TaskInstance
+
+    return session.scalar(
+        select(DagModel.bundle_name).join(TaskInstance, TaskInstance.dag_id == DagModel.dag_id)
+        .where(TaskInstance.id == UUID(ti_id))
+    )
 
 
 def _newly_linked_triggers(session) -> dict[int, str]:
@@ -364,6 +449,8 @@ def park_agents_triggers() -> None:
 
     if not event.contains(Session, "before_flush", _park_agents_triggers):
         event.listen(Session, "before_flush", _park_agents_triggers)
+    if not event.contains(Session, "after_flush", _remember_undecided):
+        event.listen(Session, "after_flush", _remember_undecided)
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -388,7 +475,12 @@ class ExecutionApiGuard:
             path = path[len(root):]  # an api-server under a sub-path ([api] base_url)
         claims = bound_claims(_bearer(scope)) if path.startswith(EXECUTION_PREFIX) else None
         if claims is None:
-            await self.app(scope, receive, send)
+            ti = _TI_STATE.match(path[len(EXECUTION_PREFIX):]) if scope.get("method") == "PATCH" else None
+            marker = _SERVING_TI.set(ti.group(1) if ti and path.startswith(EXECUTION_PREFIX) else None)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                _SERVING_TI.reset(marker)
             return
         relative = path[len(EXECUTION_PREFIX):]
         query = scope.get("query_string", b"").decode("latin-1")

@@ -72,3 +72,21 @@ def test_bound_claims_survive_rebinding():
     assert (claims["sub"], claims["rex_work"], claims["rex_fence"], claims["rex_token"]) == (TI, 7, 2, "tok")
     swapped = exec_guard._generator().generate({"sub": TI, "scope": "execution"})
     assert exec_guard.bound_claims(exec_guard.rebind(swapped, claims))["rex_work"] == 7
+
+
+def test_the_guard_names_the_task_instance_an_unbound_state_report_is_for():
+    """A deferral served for an unbound token inserts its trigger before linking it (a Core UPDATE): the guard
+    tells the parking hook whose it is, for PATCH .../state only, and forgets it after the request."""
+    import asyncio
+
+    seen = []
+
+    async def airflow(scope, receive, send):
+        seen.append(exec_guard._SERVING_TI.get())
+
+    guard = exec_guard.ExecutionApiGuard(airflow)
+    for method, path in [("PATCH", f"/execution/task-instances/{TI}/state"), ("GET", f"/execution/task-instances/{TI}/state"),
+                         ("PATCH", f"/execution/task-instances/{TI}/rtif"), ("PATCH", f"/api/v2/task-instances/{TI}/state")]:
+        asyncio.run(guard({"type": "http", "method": method, "path": path, "headers": []}, None, None))
+    assert seen == [TI, None, None, None]
+    assert exec_guard._SERVING_TI.get() is None

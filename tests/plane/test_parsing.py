@@ -334,27 +334,68 @@ def test_an_agents_asset_watcher_trigger_is_parked_for_agent_triggerers(adb, tmp
         assert [(t.classpath.rsplit(".", 1)[-1], t.queue) for t in triggers] == [("FileDeleteTrigger", AGENTS_ONLY_QUEUE)]
 
 
-def test_a_deadline_callback_of_an_agents_dag_gets_a_parked_trigger(adb, monkeypatch):
-    """The scheduler makes a missed deadline's AsyncCallback trigger; for a DAG agents parse, only agents run it."""
-    from airflow.models.callback import TriggererCallback
-    from airflow.sdk.definitions.callback import AsyncCallback
+PLANE_BUNDLES = ("plane-only", "shared")  # the plane's own [dag_processor] dag_bundle_config_list
+
+
+@pytest.fixture
+def plane_bundles(monkeypatch, tmp_path):
+    """The plane parses ``plane-only`` and ``shared`` itself (read by Airflow's DagBundlesManager, cached per
+    process by exec_guard: emptied around the test); the scheduler's trigger-parking hook is installed."""
+    import json
 
     from airflow_remote_execution.plane import exec_guard
 
+    monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", json.dumps([
+        {"name": name, "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+         "kwargs": {"path": str(tmp_path)}} for name in PLANE_BUNDLES
+    ]))
     monkeypatch.setattr(tokens, "_parsed_by_agents", (float("-inf"), frozenset()))
-    _token(adb)  # an agent token that may parse BUNDLE
+    exec_guard.plane_bundles.cache_clear()
     exec_guard.park_agents_triggers()  # as the RemoteExecutor does in the scheduler
-    with adb.session() as s:
-        for bundle in (BUNDLE, "plane-only"):
+    yield exec_guard
+    exec_guard.plane_bundles.cache_clear()
+
+
+def _queue_deadline_callbacks(db, bundles) -> dict[str, str | None]:
+    """What the scheduler does for a missed deadline of a DAG in each bundle: its AsyncCallback's trigger."""
+    from airflow.models.callback import Callback, TriggererCallback
+    from airflow.sdk.definitions.callback import AsyncCallback
+
+    with db.session() as s:
+        for bundle in bundles:
             callback = TriggererCallback(AsyncCallback("callbacks.on_miss", kwargs={}))
             callback.bundle_name = bundle
             s.add(callback)
             callback.queue(session=s)
-    with adb.session() as s:
-        from airflow.models.callback import Callback
+    with db.session() as s:
+        return {c.bundle_name: c.trigger.queue for c in s.scalars(select(Callback))}
 
-        queues = {c.bundle_name: c.trigger.queue for c in s.scalars(select(Callback))}
-    assert queues == {BUNDLE: exec_guard.AGENTS_ONLY_QUEUE, "plane-only": None}
+
+def test_a_deadline_callback_runs_on_the_plane_only_for_a_bundle_the_plane_alone_parses(adb, plane_bundles):
+    """Deny by default: parked unless the plane parses the bundle and no agent token names it; a bundle both
+    parse is the agents' (agents' rule wins); one only agents have is parked whether or not a token names it."""
+    _token(adb, bundles=(BUNDLE, "shared"))
+    queues = _queue_deadline_callbacks(adb, (BUNDLE, "shared", "plane-only", "nobodys"))
+    parked = plane_bundles.AGENTS_ONLY_QUEUE
+    assert queues == {BUNDLE: parked, "shared": parked, "plane-only": None, "nobodys": parked}
+
+
+def test_a_deadline_callback_made_before_any_token_names_its_bundle_is_parked(adb, plane_bundles, monkeypatch):
+    """The race the token list cannot close: the scheduler's list of agents' bundles was read (and is reused
+    for a second) before the token naming BUNDLE existed: still parked, since the plane does not parse
+    BUNDLE itself."""
+    monkeypatch.setattr(tokens, "_parsed_by_agents", (float("inf"), frozenset()))  # read before any token
+    _token(adb)  # names BUNDLE, too late for the scheduler's cached list
+    queues = _queue_deadline_callbacks(adb, (BUNDLE, "plane-only"))
+    assert queues == {BUNDLE: plane_bundles.AGENTS_ONLY_QUEUE, "plane-only": None}
+
+
+def test_with_no_bundles_of_its_own_the_plane_runs_no_trigger(adb, plane_bundles, monkeypatch):
+    """A plane whose dag_bundle_config_list is empty parses nothing itself: every trigger is agents'."""
+    monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", "[]")
+    plane_bundles.plane_bundles.cache_clear()
+    queues = _queue_deadline_callbacks(adb, ("plane-only", "nobodys"))
+    assert set(queues.values()) == {plane_bundles.AGENTS_ONLY_QUEUE}
 
 
 STARTS_FROM_TRIGGER = """
@@ -363,6 +404,16 @@ from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
 
 with DAG("{dag_id}", schedule=None):
     DateTimeSensorAsync(task_id="wait", target_time="2000-01-01T00:00:00+00:00", start_from_trigger=True)
+"""
+TEMPLATED_AND_MAPPED = """
+from airflow.sdk import DAG
+from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
+
+with DAG("{dag_id}", schedule=None):
+    DateTimeSensorAsync(task_id="wait", target_time="{{{{ dag_run.run_after }}}}", start_from_trigger=True)
+    DateTimeSensorAsync.partial(task_id="each", start_from_trigger=True).expand(
+        target_time=["2000-01-01T00:00:00+00:00", "2001-01-01T00:00:00+00:00", "{{{{ ds }}}}T00:00:00+00:00"]
+    )
 """
 
 
@@ -384,46 +435,113 @@ def _scheduled_run(s, dag_id: str) -> None:
     assert run.schedule_tis(schedulable, session=s) == 0  # deferred straight away, nothing for a worker
 
 
-def test_the_scheduler_parks_start_from_trigger_triggers_of_agents_dags(adb, tmp_path, monkeypatch):
-    """A start_from_trigger task's trigger, made by the scheduler for a DAG of a bundle agents parse, is parked
-    for agents' triggerers (a stock triggerer never takes it); one of a plane-only bundle's DAG is not."""
+def _store_as_the_planes_dag_processor(s, tmp_path: Path, rel: str, bundle: str) -> None:
+    """What the plane's own dag processor writes for a file of ``bundle``."""
     from airflow.dag_processing.manager import DagFileProcessorManager
     from airflow.dag_processing.processor import DagFileParsingResult
+    from airflow.serialization.serialized_objects import LazyDeserializedDAG
+
+    if s.get(DagBundleModel, bundle) is None:
+        s.add(DagBundleModel(name=bundle))
+        s.flush()
+    parsed = _parse(tmp_path, rel, bundle=bundle)
+    assert not parsed.import_errors, parsed.import_errors
+    DagFileProcessorManager.persist_parsing_result(
+        None, bundle_name=bundle, bundle_version=None, version_data=None, run_duration=0.1,
+        relative_fileloc=rel, session=s, parsing_result=DagFileParsingResult(
+            fileloc=rel, serialized_dags=[LazyDeserializedDAG(data=d.data) for d in parsed.serialized_dags]),
+    )
+
+
+def _deferred_triggers(db) -> dict[tuple[str, str, int], tuple[str, str | None, dict]]:
+    """(dag, task, map index) → (state, trigger queue, trigger kwargs) of every task instance."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.trigger import Trigger
+
+    with db.session() as s:
+        return {
+            (ti.dag_id, ti.task_id, ti.map_index): (ti.state, (t := s.get(Trigger, ti.trigger_id)).queue, t.kwargs)
+            for ti in s.scalars(select(TaskInstance))
+        }
+
+
+def _taken_by_a_stock_triggerer(db) -> dict[str, bool]:
+    """Which task instances' triggers a stock ``airflow triggerer`` (no ``--queues``) takes."""
     from airflow.jobs.job import Job
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.trigger import Trigger
-    from airflow.serialization.serialized_objects import LazyDeserializedDAG
 
-    from airflow_remote_execution.plane import exec_guard
-
-    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__PARSED_DAG_IMPORT_ALLOWLIST", "airflow.providers.standard.triggers.*")
-    monkeypatch.setattr(tokens, "_parsed_by_agents", (float("-inf"), frozenset()))
-    token = _token(adb)  # an agent token that may parse BUNDLE
-    exec_guard.park_agents_triggers()  # as the RemoteExecutor does in the scheduler
-    _write(tmp_path, "agents.py", STARTS_FROM_TRIGGER.format(dag_id="agents_dag"))
-    _write(tmp_path, "planes.py", STARTS_FROM_TRIGGER.format(dag_id="planes_dag"))
-    with adb.session() as s:
-        parsing.sync_bundles(s, token, [BUNDLE])
-        assert parsing.store_result(s, token, _parse(tmp_path, "agents.py")) == ["agents_dag"]
-        # The plane's own dag processor stores a DAG of a bundle no agent token names.
-        s.add(DagBundleModel(name="plane-only"))
-        s.flush()
-        planes = _parse(tmp_path, "planes.py", bundle="plane-only")
-        DagFileProcessorManager.persist_parsing_result(
-            None, bundle_name="plane-only", bundle_version=None, version_data=None, run_duration=0.1,
-            relative_fileloc="planes.py", session=s, parsing_result=DagFileParsingResult(
-                fileloc="planes.py", serialized_dags=[LazyDeserializedDAG(data=d.data) for d in planes.serialized_dags]),
-        )
-    with adb.session() as s:
-        _scheduled_run(s, "agents_dag")
-        _scheduled_run(s, "planes_dag")
-    with adb.session() as s:
-        queues = {ti.dag_id: (ti.state, s.get(Trigger, ti.trigger_id).queue) for ti in s.scalars(select(TaskInstance))}
+    with db.session() as s:
         stock = Job(job_type="TriggererJob", state="running")
         s.add(stock)
         s.flush()
         Trigger.assign_unassigned(stock.id, 100, 30, session=s)
-    assert queues == {"agents_dag": ("deferred", exec_guard.AGENTS_ONLY_QUEUE), "planes_dag": ("deferred", None)}
+    with db.session() as s:
+        return {f"{ti.dag_id}.{ti.task_id}[{ti.map_index}]": ti.trigger.triggerer_id is not None
+                for ti in s.scalars(select(TaskInstance))}
+
+
+def test_the_scheduler_parks_start_from_trigger_triggers_unless_the_plane_alone_parses_the_bundle(
+    adb, tmp_path, monkeypatch, plane_bundles
+):
+    """A start_from_trigger task's trigger, made by the scheduler, is parked for agents' triggerers (a stock
+    triggerer never takes it) for a DAG of a bundle an agent token names, of one the plane does not parse
+    although no token names it (yet, or any more), and of one both parse; not for the plane's own."""
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__PARSED_DAG_IMPORT_ALLOWLIST", "airflow.providers.standard.triggers.*")
+    token = _token(adb, bundles=(BUNDLE, "shared", "gone"))
+    for name in ("agents_dag", "planes_dag", "shared_dag", "gone_dag"):
+        _write(tmp_path, f"{name}.py", STARTS_FROM_TRIGGER.format(dag_id=name))
     with adb.session() as s:
-        taken = {ti.dag_id: ti.trigger.triggerer_id is not None for ti in s.scalars(select(TaskInstance))}
-    assert taken == {"agents_dag": False, "planes_dag": True}
+        parsing.sync_bundles(s, token, [BUNDLE, "gone"])
+        assert parsing.store_result(s, token, _parse(tmp_path, "agents_dag.py")) == ["agents_dag"]
+        assert parsing.store_result(s, token, _parse(tmp_path, "gone_dag.py", bundle="gone")) == ["gone_dag"]
+        _store_as_the_planes_dag_processor(s, tmp_path, "planes_dag.py", "plane-only")
+        _store_as_the_planes_dag_processor(s, tmp_path, "shared_dag.py", "shared")
+    with adb.session() as s:  # no live agent token names "gone" any more: its DAG is still agents'
+        tokens.revoke(s, _token_id(s, "agent-a"))
+    _token(adb, bundles=(BUNDLE, "shared"), name="agent-b")
+    monkeypatch.setattr(tokens, "_parsed_by_agents", (float("-inf"), frozenset()))
+    with adb.session() as s:
+        for dag_id in ("agents_dag", "planes_dag", "shared_dag", "gone_dag"):
+            _scheduled_run(s, dag_id)
+    queues = {dag: (state, queue) for (dag, _, _), (state, queue, _) in _deferred_triggers(adb).items()}
+    parked = ("deferred", plane_bundles.AGENTS_ONLY_QUEUE)
+    assert queues == {"agents_dag": parked, "planes_dag": ("deferred", None), "shared_dag": parked, "gone_dag": parked}
+    assert _taken_by_a_stock_triggerer(adb) == {
+        "agents_dag.wait[-1]": False, "planes_dag.wait[-1]": True, "shared_dag.wait[-1]": False, "gone_dag.wait[-1]": False,
+    }
+
+
+def _token_id(s, agent_name: str) -> str:
+    from airflow_remote_execution.models import AgentTokenModel
+
+    return s.scalar(select(AgentTokenModel.id).where(AgentTokenModel.agent_name == agent_name))
+
+
+def test_templated_and_mapped_start_from_trigger_tasks_are_parked_for_an_agents_dag(
+    adb, tmp_path, monkeypatch, plane_bundles
+):
+    """Through Airflow's real ``schedule_tis``: a start_from_trigger task whose trigger kwargs are templates
+    (rendered later, by the triggerer that runs it) and a mapped one (one trigger per map index, all made
+    in one scheduling pass) are parked for an agent's DAG, and not for the same DAG of the plane's bundle."""
+    monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__PARSED_DAG_IMPORT_ALLOWLIST", "airflow.providers.standard.triggers.*")
+    token = _token(adb)
+    _write(tmp_path, "agents.py", TEMPLATED_AND_MAPPED.format(dag_id="agents_dag"))
+    _write(tmp_path, "planes.py", TEMPLATED_AND_MAPPED.format(dag_id="planes_dag"))
+    with adb.session() as s:
+        parsing.sync_bundles(s, token, [BUNDLE])
+        assert parsing.store_result(s, token, _parse(tmp_path, "agents.py")) == ["agents_dag"]
+        _store_as_the_planes_dag_processor(s, tmp_path, "planes.py", "plane-only")
+    with adb.session() as s:
+        _scheduled_run(s, "agents_dag")
+        _scheduled_run(s, "planes_dag")
+    triggers = _deferred_triggers(adb)
+    expected_tis = {(dag, "wait", -1) for dag in ("agents_dag", "planes_dag")} | {
+        (dag, "each", i) for dag in ("agents_dag", "planes_dag") for i in range(3)}
+    assert set(triggers) == expected_tis
+    for (dag, task, index), (state, queue, _) in triggers.items():
+        assert state == "deferred"
+        assert queue == (plane_bundles.AGENTS_ONLY_QUEUE if dag == "agents_dag" else None), (dag, task, index)
+    assert "{{ dag_run.run_after }}" in str(triggers[("agents_dag", "wait", -1)][2])  # unrendered on the plane
+    taken = _taken_by_a_stock_triggerer(adb)
+    assert {key for key, took in taken.items() if took} == {k for k in taken if k.startswith("planes_dag.")}

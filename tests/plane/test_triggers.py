@@ -52,9 +52,15 @@ def adb(db, monkeypatch):
     _wipe(db)
     triggers._scopes.clear()
     exec_guard._bundles_of_dags.clear()  # per process, not per database
+    # The plane parses DAG's bundle itself: the triggers it makes for it are not parked (exec_guard.parks).
+    monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", '[{"name": "bundle", "classpath": '
+                       '"airflow.dag_processing.bundles.local.LocalDagBundle", "kwargs": {"path": "/nowhere"}}]')
+    monkeypatch.setattr(tokens, "_parsed_by_agents", (float("-inf"), frozenset()))
+    exec_guard.plane_bundles.cache_clear()
     yield db
     _wipe(db)
     get_fernet.cache_clear()
+    exec_guard.plane_bundles.cache_clear()
 
 
 def _wipe(db) -> None:
@@ -79,19 +85,26 @@ def _dag(s) -> uuid.UUID:
 
 def deferred(db, task_id: str, *, queue: str = "default", trigger_queue: str | None = None, priority: int = 1,
              executor: str | None = None, state: str = "deferred") -> int:
-    """A task instance of DAG run r1 deferred on a fresh DateTimeTrigger; returns the trigger id."""
+    """A task instance of DAG run r1 deferred on a fresh DateTimeTrigger, as the execution API defers one (the
+    trigger inserted while its task instance's state report is served, then linked by a Core UPDATE);
+    returns the trigger id."""
     with db.session() as s:
         version = _dag(s)
+        ti_id = uuid.uuid4()
+        s.execute(insert(TaskInstance.__table__).values(
+            id=ti_id, dag_id=DAG, run_id="r1", task_id=task_id, map_index=-1, try_number=1,
+            pool="default_pool", pool_slots=1, queue=queue, priority_weight=priority, state=state,
+            dag_version_id=version, executor=executor, next_method="execute_complete", next_kwargs={},
+        ))
         trigger = Trigger(classpath=CLASSPATH, kwargs={"moment": MOMENT, "end_from_trigger": False},
                           queue=trigger_queue)
-        s.add(trigger)
-        s.flush()
-        s.execute(insert(TaskInstance.__table__).values(
-            id=uuid.uuid4(), dag_id=DAG, run_id="r1", task_id=task_id, map_index=-1, try_number=1,
-            pool="default_pool", pool_slots=1, queue=queue, priority_weight=priority, state=state,
-            trigger_id=trigger.id, dag_version_id=version, executor=executor, next_method="execute_complete",
-            next_kwargs={},
-        ))
+        serving = exec_guard._SERVING_TI.set(str(ti_id))  # what ExecutionApiGuard sets for the PATCH .../state
+        try:
+            s.add(trigger)
+            s.flush()
+        finally:
+            exec_guard._SERVING_TI.reset(serving)
+        s.execute(update(TaskInstance).where(TaskInstance.id == ti_id).values(trigger_id=trigger.id))
         return trigger.id
 
 
@@ -404,6 +417,25 @@ def _defer_as_agents_task(db, task_id: str, asked_queue: str | None) -> int:
         return deferred(db, task_id, trigger_queue=asked_queue)
     finally:
         exec_guard._SERVING_BOUND.reset(marker)
+
+
+def test_the_planes_own_triggers_are_parked_unless_the_plane_parses_their_dags_bundle(adb, monkeypatch):
+    """Deny by default for triggers made without a bound token too: a deferral the execution API serves for
+    an unbound token keeps its queue only if the task's DAG is in a bundle the plane parses itself; a trigger
+    nothing links to a DAG when it is made is parked (and stays so unless a later flush links it to one)."""
+    exec_guard.park_agents_triggers()  # as the plugin does in the api-server
+    planes = deferred(adb, "planes", trigger_queue="gpu")
+    with adb.session() as s:
+        orphan = Trigger(classpath=CLASSPATH, kwargs={"moment": MOMENT, "end_from_trigger": False})
+        s.add(orphan)
+        s.flush()
+        orphan = orphan.id
+    monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", "[]")  # "bundle" is not the plane's
+    exec_guard.plane_bundles.cache_clear()
+    not_planes = deferred(adb, "not_planes", trigger_queue="gpu")
+    with adb.session() as s:
+        queues = dict(s.execute(select(Trigger.id, Trigger.queue)).all())
+    assert queues == {planes: "gpu", orphan: triggers.AGENTS_ONLY_QUEUE, not_planes: triggers.AGENTS_ONLY_QUEUE}
 
 
 def test_triggers_agents_tasks_create_are_parked_away_from_the_stock_triggerer(adb):
