@@ -123,10 +123,11 @@ class RemoteExecutor(BaseExecutor):
         self.queued_tasks.pop(ti.key, None)
 
     def try_adopt_task_instances(self, tis: Sequence[TaskInstance]) -> Sequence[TaskInstance]:
-        """Adopt task instances whose work item is still live (queued, leased or running)."""
+        """Adopt task instances whose work item is still live (queued, leased or running) or finished with its
+        outcome not yet reported (``sync`` reports it); the scheduler resets the others."""
         digests = {leases.key_digest(leases.key_to_json(ti.key)): ti for ti in tis}
         with _callers_session() as session:
-            live = leases.unfinished_digests(session, digests)
+            live = leases.adoptable_digests(session, digests)
         for digest in live:
             self.running.add(digests[digest].key)
         return [ti for digest, ti in digests.items() if digest not in live]

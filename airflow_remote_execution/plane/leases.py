@@ -221,15 +221,19 @@ def mark_reported(session: Session, item: WorkItemModel, state: str) -> None:
     )
 
 
-def unfinished_digests(session: Session, digests: Iterable[str]) -> set[str]:
-    """Which of these keys still have live work (used to adopt tasks after a scheduler restart)."""
+def adoptable_digests(session: Session, digests: Iterable[str]) -> set[str]:
+    """Which of these keys a scheduler adopting a dead (or restarted) scheduler's task instances must keep:
+    live work (queued, leased, running), and finished work whose outcome no scheduler was told yet (the
+    adopter reports it; resetting would run a try that ended, e.g. whose process died, once more outside
+    its retries)."""
     digests = list(digests)
     if not digests:
         return set()
+    unreported = WorkItemModel.report_pending.is_(True) & WorkItemModel.state.in_(REPORTABLE)
     return set(
         session.scalars(
             select(WorkItemModel.key_digest).where(
-                WorkItemModel.key_digest.in_(digests), WorkItemModel.state.in_(UNFINISHED)
+                WorkItemModel.key_digest.in_(digests), or_(WorkItemModel.state.in_(UNFINISHED), unreported)
             )
         )
     )

@@ -319,28 +319,34 @@ def test_revoke_task(executor):
 
 
 def test_try_adopt_task_instances(executor):
-    live_queued, live_running, finished, unknown = (task_workload(n) for n in ("q", "r", "f", "u"))
+    live_queued, live_running, crashed, reported, unknown = (task_workload(n) for n in ("q", "r", "c", "f", "u"))
     previous_scheduler = RemoteExecutor()
-    queue(previous_scheduler, live_queued, live_running, finished)
+    queue(previous_scheduler, live_queued, live_running, crashed, reported)
     agent = FakeAgentViaLeases()
     leased = dict(agent.lease())
-    ids = {row_for(w.key).id: w for w in (live_queued, live_running, finished)}
+    ids = {row_for(w.key).id: w for w in (live_queued, live_running, crashed, reported)}
     for work_id, fence in leased.items():
         if ids[work_id] is live_queued:
             continue
         agent.start(work_id, fence)
-        if ids[work_id] is finished:
+        if ids[work_id] is reported:
             agent.finish(work_id, fence, WorkState.SUCCESS)
+    previous_scheduler.sync()  # the previous scheduler is told that one finished, then dies
+    # The task process of another dies before the task reports; the agent reports it failed, to nobody.
+    agent.finish(row_for(crashed.key).id, leased[row_for(crashed.key).id], WorkState.FAILED, "exit code -9")
 
-    tis = [orm_ti(w) for w in (live_queued, live_running, finished, unknown)]
+    tis = [orm_ti(w) for w in (live_queued, live_running, crashed, reported, unknown)]
     not_adopted = executor.try_adopt_task_instances(tis)
-    assert [ti.key for ti in not_adopted] == [finished.key, unknown.key]
-    assert executor.running == {live_queued.key, live_running.key}
-    # The adopting executor now reports their outcome.
+    assert [ti.key for ti in not_adopted] == [reported.key, unknown.key]
+    assert executor.running == {live_queued.key, live_running.key, crashed.key}
+    # The adopting executor now reports their outcome: the crash fails the try (retries apply), not a reset.
     work_id = row_for(live_running.key).id
     agent.finish(work_id, leased[work_id], WorkState.SUCCESS)
     executor.sync()
-    assert executor.get_event_buffer() == {live_running.key: (TaskInstanceState.SUCCESS, "agent-1")}
+    assert executor.get_event_buffer() == {
+        live_running.key: (TaskInstanceState.SUCCESS, "agent-1"),
+        crashed.key: (TaskInstanceState.FAILED, "exit code -9"),
+    }
     assert executor.try_adopt_task_instances([]) == []
 
 

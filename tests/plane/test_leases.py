@@ -336,23 +336,28 @@ def test_pending_reports_and_mark_reported(db):
     assert get(db, other.id).reported_state is None
 
 
-def test_unfinished_digests(db):
+def test_adoptable_digests(db):
+    """Live work, and finished work whose outcome was never reported; not reported or revoked work."""
     agent = make_agent(db, "a", ["default"])
-    keys = {name: ti_key(name) for name in ("queued", "leased", "running", "done", "revoked", "absent")}
+    names = ("queued", "leased", "running", "done", "failed-reported", "revoked", "absent")
+    keys = {name: ti_key(name) for name in names}
     digest = {name: leases.key_digest(leases.key_to_json(k)) for name, k in keys.items()}
-    for name in ("leased", "running", "done"):
+    for name in ("leased", "running", "done", "failed-reported"):
         enqueue(db, keys[name], priority=1)
-    lease(db, agent, slots=3)
-    for name in ("running", "done"):
+    lease(db, agent, slots=4)
+    for name in ("running", "done", "failed-reported"):
         call(db, leases.confirm_start, agent, item_for(db, keys[name]).id, 1)
     call(db, leases.finish, agent, item_for(db, keys["done"]).id, 1, WorkState.SUCCESS, None)
+    call(db, leases.finish, agent, item_for(db, keys["failed-reported"]).id, 1, WorkState.FAILED, None)
+    with db.session() as s:
+        leases.mark_reported(s, get(db, item_for(db, keys["failed-reported"]).id), "failed")
     enqueue(db, keys["queued"])
     enqueue(db, keys["revoked"])
     with db.session() as s:
         leases.revoke(s, keys["revoked"])
-        assert leases.unfinished_digests(s, digest.values()) == {digest[n] for n in ("queued", "leased", "running")}
-        assert leases.unfinished_digests(s, []) == set()
-        assert leases.unfinished_digests(s, iter([digest["absent"]])) == set()
+        assert leases.adoptable_digests(s, digest.values()) == {digest[n] for n in ("queued", "leased", "running", "done")}
+        assert leases.adoptable_digests(s, []) == set()
+        assert leases.adoptable_digests(s, iter([digest["absent"]])) == set()
 
 
 def test_purge_finished(db):
