@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from airflow.sdk import timezone
@@ -106,20 +106,34 @@ class Beat:
     received_at: datetime
 
 
-_ROWS_PER_UPDATE = 200  # 4 bound values a row: within every database's limit
+class _HeartbeatStatements:
+    """Built once: a statement built per batch leaves a dozen objects in reference cycles for the garbage
+    collector (SQLAlchemy's bound-parameter clones), at hundreds of batches a second."""
+
+    def __init__(self) -> None:
+        table = AgentModel.__table__
+        at, ids = bindparam("at", type_=table.c.last_heartbeat_at.type), bindparam("ids", expanding=True)
+        latest = case(
+            (or_(table.c.last_heartbeat_at.is_(None), table.c.last_heartbeat_at < at), at),
+            else_=table.c.last_heartbeat_at,
+        )
+        self.agents = select(
+            table.c.id, table.c.name, table.c.state, table.c.drained, table.c.last_heartbeat_at
+        ).where(table.c.name.in_(bindparam("names", expanding=True)))
+        self.seen = update(table).where(table.c.id.in_(ids)).values(last_heartbeat_at=latest)
+        self.beat = update(table).where(table.c.id.in_(ids)).values(
+            last_heartbeat_at=latest, free_slots=bindparam("slots"), state=bindparam("state")
+        )
+
+
+_HEARTBEAT_STATEMENTS = _HeartbeatStatements()
 
 
 def record_heartbeats(session: Session, beats: Sequence[Beat]) -> list[HeartbeatResponse | Exception | None]:
     """Record many agents' heartbeats with a few statements, whatever their number: one read of the agents,
     one of the work they say they run, one bulk update. Answers in the order of ``beats``."""
     names = sorted({b.agent_name for b in beats})
-    rows = {
-        r.name: r
-        for r in session.execute(
-            select(AgentModel.id, AgentModel.name, AgentModel.state, AgentModel.drained, AgentModel.last_heartbeat_at)
-            .where(AgentModel.name.in_(names))
-        )
-    }
+    rows = {r.name: r for r in session.execute(_HEARTBEAT_STATEMENTS.agents, {"names": names})}
     held = leases.owned(session, [w for b in beats if b.req and b.agent_name in rows for w in b.req.running])
     interval = heartbeat_interval(session)
     changes: dict[int, dict] = {}
@@ -152,33 +166,21 @@ not_registered(beat.agent_name) if beat.req else None
                 drain=row.drained,
             )
         )
-    # Core statements by primary key, each covering many agents (an executemany is a round trip per row, and
-    # a round trip of a thread that waits for the GIL each time the event loop is busy), in id order: concurrent
-    # batches never deadlock.
-    table = AgentModel.__table__
-    full = [(i, c) for i, c in sorted(changes.items()) if "state" in c]
-    seen = [{"b_id": i, "b_at": c["last_heartbeat_at"]} for i, c in sorted(changes.items()) if "state" not in c]
-    for start in range(0, len(full), _ROWS_PER_UPDATE):
-        part = dict(full[start:start + _ROWS_PER_UPDATE])
-        session.execute(
-            update(table)
-            .where(table.c.id.in_(list(part)))
-            .values(
-                last_heartbeat_at=case({i: c["last_heartbeat_at"] for i, c in part.items()}, value=table.c.id),
-                free_slots=case({i: c["free_slots"] for i, c in part.items()}, value=table.c.id),
-                state=case({i: c["state"] for i, c in part.items()}, value=table.c.id),
-            )
-        )
-    # A batch gathers what arrived within a moment (plane/heartbeats.py): its signs of life are stamped with
-    # the latest of them.
-    if seen:  # signs of life only (held lease requests): one statement for all, however many
-        at = max(c["b_at"] for c in seen)
-        session.execute(
-            update(table)
-            .where(table.c.id.in_([c["b_id"] for c in seen]))
-            .where(or_(table.c.last_heartbeat_at.is_(None), table.c.last_heartbeat_at < at))
-            .values(last_heartbeat_at=at)
-        )
+    # A batch gathers what arrived within a moment (plane/heartbeats.py): its agents are stamped with the latest
+    # arrival, and written with one statement per distinct (free slots, state) - a few, however many agents:
+    # an executemany is a round trip per row, each one of a thread waiting for the GIL while the event loop is
+    # busy, and statements with a bound value per agent leave thousands of objects for the garbage collector.
+    if not changes:
+        return answers
+    at = max(c["last_heartbeat_at"] for c in changes.values())
+    groups: dict[tuple, list[int]] = {}
+    for agent_id, c in sorted(changes.items()):  # by primary key: concurrent batches never deadlock
+        groups.setdefault((c.get("free_slots"), c.get("state")), []).append(agent_id)
+    for (free_slots, state), ids in groups.items():
+        if state is None:  # only signs of life (held lease requests)
+            session.execute(_HEARTBEAT_STATEMENTS.seen, {"ids": ids, "at": at})
+        else:
+            session.execute(_HEARTBEAT_STATEMENTS.beat, {"ids": ids, "at": at, "slots": free_slots, "state": state})
     return answers
 
 

@@ -74,7 +74,7 @@ def test_a_parked_long_poll_is_answered_with_work_queued_while_it_waits(root):
 
 
 def test_an_error_while_parked_is_the_apis_own_answer(root):
-    token = new_token("fast-never-registered", ("fast-q",))
+    token = new_token("fast-never-registered", ("fast-unregistered",))
     r = root.post("/remote_execution/v1/leases", json={"slots": 1, "wait": 1}, headers=auth(token))
     assert r.status_code == 409, r.text
     assert "register" in r.json()["detail"]
