@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -219,4 +220,7 @@ def serve_prometheus(host: str, port: int) -> tuple[str, int]:
 
     registry = prometheus()
     server, _thread = start_http_server(port, addr=host, registry=registry.registry)
+    # Processes forked from here (the worker's runners, tasks) do not serve it: without this they kept the
+    # port bound after the worker died, until the last of them ended.
+    os.register_at_fork(after_in_child=server.socket.close)
     return server.server_address[:2]

@@ -68,3 +68,45 @@ def test_nothing_is_recorded_without_the_endpoint(monkeypatch):
     monkeypatch.setattr(stats, "_prom", None)
     stats.incr("agent.plane_errors", operation="lease", agent="a")
     assert stats._prom is None
+
+
+def test_a_process_forked_after_the_endpoint_started_does_not_hold_its_port(monkeypatch):
+    """The worker forks its runners after it starts the endpoint: a runner outliving a dead worker must not
+    keep the port bound (the restarted worker could not serve it)."""
+    import os
+    import socket
+
+    monkeypatch.setattr(stats, "_prom", None)
+    host, port = stats.serve_prometheus("127.0.0.1", 0)
+    read, write = os.pipe()
+    ready_read, ready_write = os.pipe()
+    child = os.fork()
+    if child == 0:  # a runner (its fork handlers ran before fork() returned here): says so, waits to end
+        os.write(ready_write, b"r")
+        os.read(read, 1)
+        os._exit(0)
+    os.close(read)
+    try:
+        assert os.read(ready_read, 1) == b"r"
+        listening = [fd for fd in os.listdir(f"/proc/{child}/fd") if _is_listening_on(child, fd, port)]
+        assert not listening, "the forked process kept the endpoint's listening socket"
+    finally:
+        os.write(write, b"x")
+        os.waitpid(child, 0)
+    with socket.create_connection((host, port), timeout=5):  # the parent still serves it
+        pass
+
+
+def _is_listening_on(pid: int, fd: str, port: int) -> bool:
+    import os
+
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return False
+    if not target.startswith("socket:["):
+        return False
+    inode = target[len("socket:["):-1]
+    with open(f"/proc/{pid}/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return any(r[9] == inode and r[3] == "0A" and int(r[1].split(":")[1], 16) == port for r in rows)
