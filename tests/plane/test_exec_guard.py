@@ -90,3 +90,22 @@ def test_the_guard_names_the_task_instance_an_unbound_state_report_is_for():
         asyncio.run(guard({"type": "http", "method": method, "path": path, "headers": []}, None, None))
     assert seen == [TI, None, None, None]
     assert exec_guard._SERVING_TI.get() is None
+
+
+@pytest.mark.parametrize("config, plane", [
+    ('[{"name": "mine", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle", "kwargs": {}}]', {"mine"}),
+    ("[]", set()),
+    ("{not json", set()),  # unreadable: the plane parses nothing we could trust, every trigger is parked
+])
+def test_the_planes_bundles_are_what_airflows_bundle_manager_reads(monkeypatch, config, plane):
+    from airflow_remote_execution.plane import tokens
+
+    monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", config)
+    monkeypatch.setattr(tokens, "_parsed_by_agents", (float("inf"), frozenset()))  # no agent token names any
+    exec_guard.plane_bundles.cache_clear()
+    try:
+        assert exec_guard.plane_bundles() == plane
+        assert exec_guard.parks("mine", None) is ("mine" not in plane)
+        assert exec_guard.parks(None, None) and exec_guard.parks("elsewhere", None)
+    finally:
+        exec_guard.plane_bundles.cache_clear()
