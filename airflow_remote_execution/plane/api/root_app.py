@@ -7,7 +7,8 @@
   alive, and at 2,000 idle agents garbage collections over them were the slowest heartbeats. A
   dispatcher in front of the root app's middleware stack hands these two paths straight to the mounted
   Remote Execution API; everything else goes through Airflow's stack as before. The access log does not
-  list these two routes (the ``remote_execution.api.*`` metrics count them).
+  list these two routes (the ``remote_execution.heartbeat.duration`` and ``lease.long_polls`` metrics
+  cover them).
 * **A long-poll waits outside the request machinery.** A lease request that has to wait hands its
   waiting to the dispatcher (:class:`Parking`) and returns; FastAPI's and Starlette's frames unwind, and
   the dispatcher waits with only the connection and the wait itself, then answers. Errors in the wait are
