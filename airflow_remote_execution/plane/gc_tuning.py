@@ -6,12 +6,13 @@ from __future__ import annotations
 def freeze_startup_heap() -> None:
     """Make Python's garbage collector cheap for a process holding thousands of parked long-polls.
 
-    Airflow's api-server holds ~700k long-lived objects (modules, ORM mappers, pydantic schemas), and every
-    parked lease request holds ~400 more (~50 coroutines through Airflow's middleware stack): at 1,000 idle
-    agents ~380k. Full collections walked all of them every second or two, 200-700 ms each (measured with gc
-    callbacks): the heartbeats' slowest answers. So what is loaded at start is frozen out of collections
-    (``gc.freeze``), and collections run less often (``gc.set_threshold``): garbage cycles are freed later,
-    a few MB at most. Called when the app is made and again on the first agent request (what loaded late)."""
+    Airflow's api-server holds ~1M long-lived objects once warm (modules, ORM mappers, pydantic schemas, the
+    execution API's versioned routes), and each idle agent ~150 more (its two connections and its parked
+    long-poll: plane/api/root_app.py). Full collections walked all of them every second or two, 200-700 ms
+    each at 1,000 agents (measured with gc callbacks), the heartbeats' slowest answers. So what is loaded at
+    start is frozen out of collections (``gc.freeze``) and collections run less often
+    (``gc.set_threshold``): garbage cycles are freed later, a few MB at most. Called when the app is made,
+    after the api-server's start-up (plane/api/root_app.py) and on the first agent request."""
     import gc
 
     gc.freeze()
