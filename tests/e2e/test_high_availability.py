@@ -114,6 +114,9 @@ def test_two_api_servers_and_two_schedulers_lose_nothing_while_an_api_server_res
         assert {w["agent_name"] for w in items} == {a.name for a in agents}, "all three agents worked"
         states = {a["name"]: a["state"] for a in plane.api("GET", "/remote_execution/v1/admin/agents").json()}
         assert states == {a.name: "active" for a in agents}
+        with db.connect() as conn:  # the plane's cluster-wide event counters: no agent ever lost, no lease requeued
+            events = dict(conn.execute(text("SELECT name, SUM(value) FROM remote_event_count GROUP BY name")).all())
+        assert {n: events.get(n, 0) for n in ("agent_lost", "work_requeued")} == {"agent_lost": 0, "work_requeued": 0}
         assert len(proxy.relayed) == 2 and min(proxy.relayed.values()) > 50, proxy.relayed  # both served agents
     finally:
         for proc in extra:
