@@ -110,6 +110,7 @@ def test_the_worker_endpoint_follows_the_option(monkeypatch):
     from localplane import free_port
 
     monkeypatch.setattr(stats, "_prom", None)
+    monkeypatch.setattr(metrics, "_agent", "unregistered")  # whatever an earlier test of this process registered
     monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__AGENT_METRICS_PORT", "0")
     assert metrics.serve_from_config() is None and stats._prom is None  # off: nothing recorded either
     port = free_port()
@@ -132,6 +133,7 @@ def test_the_sentinel_serves_its_checks_on_its_probe_port(monkeypatch, tmp_path)
     from localplane import wait_for
 
     monkeypatch.setattr(stats, "_prom", None)
+    monkeypatch.setattr(metrics, "_agent", "unregistered")  # whatever an earlier test of this process registered
     monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__STATUS_FILE", str(tmp_path / "status.json"))
     monkeypatch.setenv("AIRFLOW__REMOTE_EXECUTION__AGENT_METRICS_PORT", "9")
     monkeypatch.setattr(Sentinel, "integration_names", lambda self: [])
