@@ -243,7 +243,7 @@ class _LaterCounts:
         self._wake.set()
 
     def _run(self) -> None:
-        from airflow.utils.session import create_session
+        from airflow_remote_execution.plane.own_connections import own_session
 
         while True:
             self._wake.wait()
@@ -251,7 +251,7 @@ class _LaterCounts:
             with self._lock:
                 pending, self._pending = self._pending, Counter()
             try:
-                with create_session() as session:
+                with own_session() as session:  # a background thread: never waits behind requests' pool
                     for (name, queue, reason), n in pending.items():
                         count_event(session, name, n, queue, reason)
             except Exception:  # noqa: BLE001 - a lost count costs a log line, never a request

@@ -1,6 +1,6 @@
 """
-Database connections of the plane's own background threads (heartbeat writer, token re-reader), apart
-from the api-server's shared pool.
+Database connections of the plane's own background threads (heartbeat writer, token re-reader, the
+counts of refused reports), apart from the api-server's shared pool.
 
 Under load every pooled connection can be held by request threads (lease queries, registrations); a
 heartbeat batch waiting for one of them would make live agents look silent. So these threads get a
