@@ -145,7 +145,7 @@ def record_heartbeats(session: Session, beats: Sequence[Beat]) -> list[Heartbeat
 not_registered(beat.agent_name) if beat.req else None
             )
             continue
-        change = changes.setdefault(row.id, {"id": row.id, "last_heartbeat_at": row.last_heartbeat_at})
+        change = changes.setdefault(row.id, {"last_heartbeat_at": row.last_heartbeat_at})
         if change["last_heartbeat_at"] is None or beat.received_at > change["last_heartbeat_at"]:
             change["last_heartbeat_at"] = beat.received_at
         req = beat.req
