@@ -137,6 +137,7 @@ def timing(name: str, seconds: float, **tags: object) -> None:
 
 # ---------------------------------------------------------------- Prometheus text of this process
 
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # every Prometheus text we serve
 # Seconds: lease->start and plane backoff run from milliseconds to minutes.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, float("inf"))
 MAX_SERIES = 2_000  # label sets per metric: tag values come from queue and agent names, bounded anyway

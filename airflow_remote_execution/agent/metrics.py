@@ -52,9 +52,6 @@ def serve_from_config() -> tuple[str, int] | None:
     return bound
 
 
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
 def sentinel_prometheus() -> stats.PrometheusRegistry | None:
     """The sentinel is a process (often a container) of its own: when the agent's endpoint is on
     (``agent_metrics_port``), its probe server answers ``/metrics`` with its checks from this registry."""

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import psutil
 
+from airflow_remote_execution import stats
 from airflow_remote_execution.agent import metrics
 from airflow_remote_execution.agent.client import PlaneClient, PlaneError
 from airflow_remote_execution.agent.status import AgentStatus, read_status, status_path
@@ -404,7 +405,7 @@ def _handler(sentinel: Sentinel) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             path = self.path.split("?", 1)[0].rstrip("/") or "/"
             if path == "/metrics" and getattr(sentinel, "prometheus", None) is not None:
-                return self._send(200, sentinel.prometheus.text(), metrics.PROMETHEUS_CONTENT_TYPE)
+                return self._send(200, sentinel.prometheus.text(), stats.PROMETHEUS_CONTENT_TYPE)
             if path == "/livez":
                 result = sentinel._self_check()
                 code, body = (200 if result.ok else 503), {"status": "ok" if result.ok else "failing",

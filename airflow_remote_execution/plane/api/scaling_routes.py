@@ -129,7 +129,7 @@ async def prometheus(
     """The fleet gauges in Prometheus' text exposition format (0.0.4)."""
     snap = await run_in_threadpool(_read, authorization, _client(request))
     return PlainTextResponse(
-        metrics.prometheus_text(snap, slots_per_agent), media_type="text/plain; version=0.0.4; charset=utf-8"
+        metrics.prometheus_text(snap, slots_per_agent), media_type=stats.PROMETHEUS_CONTENT_TYPE
     )
 
 
