@@ -11,8 +11,8 @@ def freeze_startup_heap() -> None:
     long-poll: plane/api/root_app.py). Full collections walked all of them every second or two, 200-700 ms
     each at 1,000 agents (measured with gc callbacks), the heartbeats' slowest answers. So what is loaded at
     start is frozen out of collections (``gc.freeze``) and collections run less often
-    (``gc.set_threshold``): garbage cycles are freed later, a few MB at most. Called when the app is made,
-    after the api-server's start-up (plane/api/root_app.py) and on the first agent request."""
+    (``gc.set_threshold``): garbage cycles are freed later, a few MB at most. Called at the end of the
+    api-server's start-up (plane/api/root_app.py) and on the first agent request (what loaded lazily)."""
     import gc
 
     gc.freeze()

@@ -9,7 +9,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from airflow_remote_execution import __version__
-from airflow_remote_execution.plane import gc_tuning
 from airflow_remote_execution.plane.agents import AgentForbidden, AgentNotRegistered
 from airflow_remote_execution.plane.leases import LeaseConflict
 from airflow_remote_execution.plane.tokens import TokenError
@@ -66,7 +65,6 @@ def create_app() -> FastAPI:
     app.add_exception_handler(OperationalError, _database_busy)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     _warn_if_sqlite_with_workers()
-    gc_tuning.freeze_startup_heap()
     return app
 
 
